@@ -1,0 +1,1 @@
+"""absign_jax: block-coordinate sign descent for JAX/Flax."""
