@@ -1,1 +1,36 @@
-"""absign_jax: block-coordinate sign descent for JAX/Flax."""
+"""absign_jax: memory-efficient full-parameter fine-tuning with block sign descent.
+
+The public API is flat: ``import absign_jax`` and use ``absign_jax.absignsgd(...)``.
+Data flows one way: partition -> selection -> block_coordinate -> optimizers ->
+training step.
+"""
+
+from absign_jax import selection
+from absign_jax.block_coordinate import (
+    BlockCoordinateState,
+    active_block,
+    block_coordinate,
+    find_state,
+)
+from absign_jax.optimizers import absignsgd, block_adam, check_hyperparams, sign_sgd
+from absign_jax.partition import BlockSpec, LeafBlock, block_spec
+from absign_jax.selection import (
+    BlockSelection,
+    SelectionState,
+    costs,
+    cyclic,
+    depth_biased,
+    fixed_order,
+    random_reshuffle,
+    uniform,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockCoordinateState", "BlockSelection", "BlockSpec", "LeafBlock",
+    "SelectionState", "absignsgd", "active_block", "block_adam", "block_coordinate",
+    "block_spec", "check_hyperparams", "costs", "cyclic", "depth_biased",
+    "find_state", "fixed_order", "random_reshuffle", "selection", "sign_sgd",
+    "uniform",
+]
