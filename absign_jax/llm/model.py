@@ -1,0 +1,696 @@
+"""A Llama-family decoder-only transformer in Flax NNX.
+
+The model covers the architectures the fine-tuning experiments need (SmolLM2,
+GPT-2-sized and Qwen3-sized shape presets): grouped-query attention with rotary
+position embeddings (rotate-half convention, as in Hugging Face Llama), RMSNorm,
+a SwiGLU MLP, optional per-head QK-norm (Qwen3), and a tied or untied output head.
+
+Parameter layout
+----------------
+The block partition of :mod:`absign_jax` finds the transformer layers by name,
+so these attribute names are part of the API::
+
+    model.embed_tokens   nnx.Embed, param ``embedding`` [vocab, dim]
+    model.layers         nnx.List of LlamaBlock            (default), or
+                         one LlamaBlock built with nnx.vmap  (scan_layers=True):
+                         every leaf has a leading axis of length n_layers
+    model.norm           final RMSNorm, param ``scale`` [dim]
+    model.lm_head        nnx.Linear [dim, vocab], only when the head is untied
+
+Inside a block: ``input_layernorm``, ``self_attn.{q,k,v,o}_proj`` (plus
+``self_attn.{q,k}_norm`` with QK-norm), ``post_attention_layernorm`` and
+``mlp.{gate,up,down}_proj``. Linear kernels are stored ``[in, out]``.
+
+Layered model protocol
+----------------------
+The partial-backprop training step runs the model piece by piece:
+
+* ``h = model.embed(inputs)`` -- int32 ``[B, T]`` to ``[B, T, D]``.
+* List layout (``model.stacked`` is False): ``h = model.layers[i](h)``.
+* Stacked layout (``model.stacked`` is True): ``layer_state =
+  model.layer_state(i)`` (or slice ``nnx.state(model.layers)`` yourself with a
+  traced index) and ``h = apply_layer(model.layers_graphdef, layer_state, h)``,
+  a pure function; ``model.apply_stacked_layer(layer_state, h)`` is the same
+  call bound to the model.
+* ``model.run_layers(h, start, stop)`` runs layers ``[start, stop)`` in either
+  layout (a Python loop or a ``lax.scan``).
+* ``loss = model.head_loss(h, targets, mask)`` -- final norm, head and a
+  (chunked) float32 cross-entropy averaged over the tokens with ``mask > 0``.
+
+``model(inputs)`` returns float32 logits and ``model.loss(batch)`` equals
+``head_loss(run_layers(embed(inputs)), targets, mask)``.
+
+Precision: matmuls run in the parameter dtype (float32 or bfloat16) with float32
+accumulation for attention scores and logits; RMSNorm statistics, softmax and the
+loss are computed in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = [
+    "LlamaConfig",
+    "PRESETS",
+    "RMSNorm",
+    "Attention",
+    "MLP",
+    "LlamaBlock",
+    "Llama",
+    "apply_layer",
+    "rope_tables",
+    "apply_rope",
+    "generate",
+    "eval_loss",
+]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_ATTN_IMPLS = ("einsum", "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Shape and numerics of a :class:`Llama` model.
+
+  Attributes:
+    vocab_size: Number of token ids.
+    dim: Residual stream width.
+    n_layers: Number of transformer blocks.
+    n_heads: Number of query heads.
+    n_kv_heads: Number of key/value heads (grouped-query attention); must
+      divide ``n_heads``.
+    hidden_dim: Width of the SwiGLU MLP.
+    rope_theta: RoPE base frequency.
+    norm_eps: RMSNorm epsilon.
+    max_seq_len: Context length the model supports.
+    tie_embeddings: Use the token embedding as the output head.
+    dtype: Parameter (and compute) dtype: ``"float32"`` or ``"bfloat16"``
+      (``jnp`` dtypes are accepted and normalised to their name).
+    remat: Wrap every block in ``jax.checkpoint`` (recompute activations in the
+      backward pass instead of storing them).
+    scan_layers: Stacked layout: one ``nnx.vmap``-created block whose leaves
+      have a leading ``n_layers`` axis, applied with ``lax.scan``.
+    loss_chunk: Tokens per chunk of the cross-entropy, so the full
+      ``[tokens, vocab]`` logits never materialise; 0 disables chunking.
+    head_dim: Per-head width; ``None`` means ``dim // n_heads``.
+    qk_norm: Per-head RMSNorm on queries and keys before RoPE (Qwen3).
+    attn_impl: ``"einsum"`` (explicit, float32 softmax), ``"xla"`` or
+      ``"cudnn"`` (``jax.nn.dot_product_attention``; cuDNN needs a GPU and
+      bfloat16).
+  """
+
+  vocab_size: int
+  dim: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  hidden_dim: int
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  max_seq_len: int = 2048
+  tie_embeddings: bool = False
+  dtype: str = "float32"
+  remat: bool = False
+  scan_layers: bool = False
+  loss_chunk: int = 0
+  head_dim: int | None = None
+  qk_norm: bool = False
+  attn_impl: str = "einsum"
+
+  def __post_init__(self):
+    name = jnp.dtype(self.dtype).name
+    if name not in _DTYPES:
+      raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+    object.__setattr__(self, "dtype", name)
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(
+          f"n_heads={self.n_heads} is not a multiple of"
+          f" n_kv_heads={self.n_kv_heads}"
+      )
+    if self.head_dim is None and self.dim % self.n_heads:
+      raise ValueError(
+          f"dim={self.dim} is not a multiple of n_heads={self.n_heads};"
+          " set head_dim explicitly"
+      )
+    if self.attn_impl not in _ATTN_IMPLS:
+      raise ValueError(
+          f"attn_impl must be one of {_ATTN_IMPLS}, got {self.attn_impl!r}"
+      )
+    if self.loss_chunk < 0:
+      raise ValueError(f"loss_chunk must be >= 0, got {self.loss_chunk}")
+
+  @property
+  def param_dtype(self) -> jnp.dtype:
+    return jnp.dtype(_DTYPES[self.dtype])
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
+
+  def replace(self, **changes: Any) -> "LlamaConfig":
+    """Returns a copy with ``changes`` applied."""
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def preset(cls, name: str, **overrides: Any) -> "LlamaConfig":
+    """Returns the named entry of :data:`PRESETS`, with ``overrides`` applied."""
+    if name not in PRESETS:
+      raise KeyError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+  def num_params(self) -> int:
+    """Number of parameters of the model this config describes."""
+    hd = self.head_size
+    attn = self.dim * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
+    layer = attn + 3 * self.dim * self.hidden_dim + 2 * self.dim
+    layer += 2 * hd if self.qk_norm else 0
+    emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+    return self.n_layers * layer + emb + self.dim
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    # Runs a train step on a laptop CPU in milliseconds; for tests.
+    "tiny": LlamaConfig(
+        vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2,
+        hidden_dim=128, max_seq_len=64,
+    ),
+    # GPT-2 small's shape in the Llama architecture (tied head, MHA).
+    "gpt2-small": LlamaConfig(
+        vocab_size=50257, dim=768, n_layers=12, n_heads=12, n_kv_heads=12,
+        hidden_dim=3072, max_seq_len=1024, tie_embeddings=True,
+    ),
+    "smollm2-135m": LlamaConfig(
+        vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+        hidden_dim=1536, rope_theta=1e5, norm_eps=1e-5, max_seq_len=2048,
+        tie_embeddings=True,
+    ),
+    # Qwen3-8B's shape (8.19B parameters), set up for memory-bound training.
+    "qwen3-8b": LlamaConfig(
+        vocab_size=151936, dim=4096, n_layers=36, n_heads=32, n_kv_heads=8,
+        head_dim=128, hidden_dim=12288, rope_theta=1e6, norm_eps=1e-6,
+        max_seq_len=40960, tie_embeddings=False, dtype="bfloat16", remat=True,
+        loss_chunk=1024, qk_norm=True,
+    ),
+}
+
+
+def _normal(stddev: float = 0.02):
+  return nnx.initializers.normal(stddev)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm with float32 statistics; the output has the input's dtype."""
+
+  def __init__(self, dim: int, *, eps: float, param_dtype: Any):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(var + self.eps)
+    # HF Llama casts back before the scale; keeps bf16 numerics identical.
+    return y.astype(x.dtype) * self.scale[...].astype(x.dtype)
+
+
+def rope_tables(
+    positions: jax.Array, head_dim: int, theta: float
+) -> tuple[jax.Array, jax.Array]:
+  """Returns float32 ``(cos, sin)`` of shape ``[T, head_dim]`` (halves repeated)."""
+  inv_freq = 1.0 / (
+      theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  )
+  angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotate-half RoPE on ``x`` of shape ``[B, T, H, head_dim]``."""
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+  return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
+
+
+def _linear(din: int, dout: int, cfg: LlamaConfig, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(
+      din, dout, use_bias=False, dtype=cfg.param_dtype,
+      param_dtype=cfg.param_dtype, kernel_init=_normal(), rngs=rngs,
+  )
+
+
+class Attention(nnx.Module):
+  """Causal grouped-query self-attention with rotary embeddings."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    hd = cfg.head_size
+    self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
+    self.rope_theta = cfg.rope_theta
+    self.attn_impl = cfg.attn_impl
+    self.q_proj = _linear(cfg.dim, cfg.n_heads * hd, cfg, rngs)
+    self.k_proj = _linear(cfg.dim, cfg.n_kv_heads * hd, cfg, rngs)
+    self.v_proj = _linear(cfg.dim, cfg.n_kv_heads * hd, cfg, rngs)
+    self.o_proj = _linear(cfg.n_heads * hd, cfg.dim, cfg, rngs)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(hd, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+      self.k_norm = RMSNorm(hd, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+    else:
+      self.q_norm = self.k_norm = None
+
+  def _qkv(self, x: jax.Array, positions: jax.Array):
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+  def _attend(self, q, k, v, mask):
+    """Einsum attention; ``mask`` is bool ``[T, S]`` (True = attend)."""
+    b, t, _, hd = q.shape
+    groups = self.n_heads // self.n_kv_heads
+    q = q.reshape(b, t, self.n_kv_heads, groups, hd)
+    scores = jnp.einsum(
+        "btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32
+    ) / math.sqrt(hd)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, self.n_heads * hd)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, t, _ = x.shape
+    q, k, v = self._qkv(x, jnp.arange(t))
+    if self.attn_impl == "einsum":
+      out = self._attend(q, k, v, jnp.tril(jnp.ones((t, t), bool)))
+    else:
+      out = jax.nn.dot_product_attention(
+          q, k, v, is_causal=True, implementation=self.attn_impl
+      ).reshape(b, t, self.n_heads * self.head_dim)
+    return self.o_proj(out)
+
+  def decode(
+      self, x: jax.Array, start: jax.Array, cache: tuple[jax.Array, jax.Array]
+  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Attends ``x`` (positions ``start + arange(T)``) to a key/value cache.
+
+    Args:
+      x: ``[B, T, D]`` new tokens' hidden states.
+      start: Scalar position of ``x[:, 0]``.
+      cache: ``(k, v)``, each ``[B, S, n_kv_heads, head_dim]``; positions
+        ``>= start`` may hold anything.
+
+    Returns:
+      The attention output and the cache with the new keys/values written.
+    """
+    t = x.shape[1]
+    positions = start + jnp.arange(t)
+    q, k, v = self._qkv(x, positions)
+    k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k, start, axis=1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v, start, axis=1)
+    mask = jnp.arange(k_cache.shape[1])[None, :] <= positions[:, None]
+    return self.o_proj(self._attend(q, k_cache, v_cache, mask)), (k_cache, v_cache)
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.gate_proj = _linear(cfg.dim, cfg.hidden_dim, cfg, rngs)
+    self.up_proj = _linear(cfg.dim, cfg.hidden_dim, cfg, rngs)
+    self.down_proj = _linear(cfg.hidden_dim, cfg.dim, cfg, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nnx.Module):
+  """One pre-norm transformer layer: ``h + attn(norm(h))``, then ``+ mlp(norm(h))``.
+
+  Calling the block applies ``jax.checkpoint`` when the config asks for remat,
+  so callers that run layers one at a time get it too.
+  """
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.remat = cfg.remat
+    self.input_layernorm = RMSNorm(
+        cfg.dim, eps=cfg.norm_eps, param_dtype=cfg.param_dtype
+    )
+    self.self_attn = Attention(cfg, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(
+        cfg.dim, eps=cfg.norm_eps, param_dtype=cfg.param_dtype
+    )
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def forward(self, h: jax.Array) -> jax.Array:
+    """The layer without remat."""
+    h = h + self.self_attn(self.input_layernorm(h))
+    return h + self.mlp(self.post_attention_layernorm(h))
+
+  def __call__(self, h: jax.Array) -> jax.Array:
+    if not self.remat:
+      return self.forward(h)
+    graphdef, state = nnx.split(self)
+    # Pure function of the block's state, so jax.checkpoint sees plain arrays.
+    run = jax.checkpoint(lambda s, x: nnx.merge(graphdef, s).forward(x))
+    return run(state, h)
+
+  def decode(self, h, start, cache):
+    """Incremental forward with a key/value cache (see :meth:`Attention.decode`)."""
+    a, cache = self.self_attn.decode(self.input_layernorm(h), start, cache)
+    h = h + a
+    return h + self.mlp(self.post_attention_layernorm(h)), cache
+
+
+def apply_layer(graphdef: nnx.GraphDef, layer_state: Any, h: jax.Array) -> jax.Array:
+  """Runs one block given its graphdef and (unstacked) state; pure.
+
+  For the stacked layout pass ``model.layers_graphdef`` and one slice of
+  ``nnx.state(model.layers)`` along the leading axis.
+  """
+  return nnx.merge(graphdef, layer_state)(h)
+
+
+class Llama(nnx.Module):
+  """Llama-family causal language model (see the module docstring)."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    cfg = self.config = config
+    self.embed_tokens = nnx.Embed(
+        cfg.vocab_size, cfg.dim, dtype=cfg.param_dtype,
+        param_dtype=cfg.param_dtype, embedding_init=_normal(), rngs=rngs,
+    )
+    if cfg.scan_layers:
+
+      @nnx.split_rngs(splits=cfg.n_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.n_layers)
+      def make_stack(r: nnx.Rngs) -> LlamaBlock:
+        return LlamaBlock(cfg, rngs=r)
+
+      self.layers = make_stack(rngs)
+    else:
+      self.layers = nnx.List(
+          [LlamaBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)]
+      )
+    self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+    if cfg.tie_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = _linear(cfg.dim, cfg.vocab_size, cfg, rngs)
+
+  # -- layered model protocol ------------------------------------------------
+
+  @property
+  def n_layers(self) -> int:
+    return self.config.n_layers
+
+  @property
+  def stacked(self) -> bool:
+    """Whether ``layers`` is one block with stacked (leading-axis) leaves."""
+    return self.config.scan_layers
+
+  @property
+  def layers_graphdef(self) -> nnx.GraphDef:
+    """Graphdef of ``model.layers``; merge it with one layer's state slice."""
+    return nnx.graphdef(self.layers)
+
+  def layer_state(self, i: int | jax.Array) -> nnx.State:
+    """State of layer ``i`` (a slice of the stacked state, or the list entry)."""
+    if self.stacked:
+      return jax.tree.map(lambda x: x[i], nnx.state(self.layers))
+    return nnx.state(self.layers[i])
+
+  def apply_stacked_layer(self, layer_state: Any, h: jax.Array) -> jax.Array:
+    """Runs one layer of the stacked layout given its state slice."""
+    return apply_layer(self.layers_graphdef, layer_state, h)
+
+  def embed(self, inputs: jax.Array) -> jax.Array:
+    """Token ids ``[B, T]`` to hidden states ``[B, T, D]`` (param dtype)."""
+    return self.embed_tokens(inputs)
+
+  def run_layers(
+      self, h: jax.Array, start: int = 0, stop: int | None = None
+  ) -> jax.Array:
+    """Runs layers ``start .. stop-1`` (static bounds) on ``h``."""
+    stop = self.n_layers if stop is None else stop
+    if start >= stop:
+      return h
+    if not self.stacked:
+      for i in range(start, stop):
+        h = self.layers[i](h)
+      return h
+    graphdef, state = nnx.split(self.layers)
+    if (start, stop) != (0, self.n_layers):
+      state = jax.tree.map(lambda x: x[start:stop], state)
+
+    def body(carry, layer_state):
+      return apply_layer(graphdef, layer_state, carry), None
+
+    h, _ = jax.lax.scan(body, h, state)
+    return h
+
+  def _head_weight(self) -> jax.Array:
+    """Output projection as ``[D, V]``."""
+    if self.lm_head is None:
+      return self.embed_tokens.embedding[...].T
+    return self.lm_head.kernel[...]
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """Final norm and head; float32 logits ``[..., V]``."""
+    w = self._head_weight()
+    x = self.norm(h).astype(w.dtype)
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+
+  def head_loss(
+      self, h: jax.Array, targets: jax.Array, mask: jax.Array | None = None
+  ) -> jax.Array:
+    """Mean float32 cross-entropy of the head applied to ``h``.
+
+    Args:
+      h: ``[B, T, D]`` output of the last layer.
+      targets: int32 ``[B, T]`` next-token ids.
+      mask: ``[B, T]`` per-token weights (usually 0/1); ``None`` means ones.
+
+    Returns:
+      ``sum(nll * mask) / sum(mask)`` (0 when the mask is empty). With
+      ``config.loss_chunk > 0`` the tokens are processed in rematerialised
+      chunks, so only ``[chunk, V]`` logits exist at a time, in the forward
+      and in the backward pass.
+    """
+    d = h.shape[-1]
+    h = h.reshape(-1, d)
+    targets = targets.reshape(-1).astype(jnp.int32)
+    mask = (
+        jnp.ones(targets.shape, jnp.float32)
+        if mask is None
+        else mask.reshape(-1).astype(jnp.float32)
+    )
+    w = self._head_weight()
+    norm_graphdef, norm_state = nnx.split(self.norm)
+
+    def chunk_nll_sum(w, norm_state, h, targets, mask):
+      x = nnx.merge(norm_graphdef, norm_state)(h).astype(w.dtype)
+      logits = jnp.matmul(x, w, preferred_element_type=jnp.float32)
+      logz = jax.nn.logsumexp(logits, axis=-1)
+      tgt = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+      return jnp.sum((logz - tgt) * mask)
+
+    n, chunk = h.shape[0], self.config.loss_chunk
+    if chunk <= 0 or chunk >= n:
+      total = chunk_nll_sum(w, norm_state, h, targets, mask)
+    else:
+      pad = (-n) % chunk
+      h = jnp.pad(h, ((0, pad), (0, 0)))
+      targets = jnp.pad(targets, (0, pad))
+      mask_p = jnp.pad(mask, (0, pad))  # padded tokens carry zero weight
+      xs = (
+          h.reshape(-1, chunk, d),
+          targets.reshape(-1, chunk),
+          mask_p.reshape(-1, chunk),
+      )
+      step = jax.checkpoint(chunk_nll_sum)
+
+      def body(acc, x):
+        return acc + step(w, norm_state, *x), None
+
+      total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    return total / jnp.maximum(jnp.sum(mask), 1e-9)
+
+  # -- whole-model API ---------------------------------------------------------
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    """Token ids ``[B, T]`` to float32 logits ``[B, T, V]``."""
+    return self.logits(self.run_layers(self.embed(inputs)))
+
+  def loss(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Mean cross-entropy of ``batch = {"inputs", "targets", "mask"}``."""
+    h = self.run_layers(self.embed(batch["inputs"]))
+    return self.head_loss(h, batch["targets"], batch.get("mask"))
+
+  def decode(
+      self, inputs: jax.Array, start: jax.Array, caches: Any
+  ) -> tuple[jax.Array, Any]:
+    """Incremental forward: float32 logits of ``inputs`` and updated caches.
+
+    ``caches`` comes from :meth:`init_cache`; ``inputs`` sit at positions
+    ``start .. start + T - 1``.
+    """
+    h = self.embed(inputs)
+    if self.stacked:
+      graphdef, state = nnx.split(self.layers)
+
+      def body(carry, xs):
+        layer_state, cache = xs
+        carry, cache = nnx.merge(graphdef, layer_state).decode(carry, start, cache)
+        return carry, cache
+
+      h, caches = jax.lax.scan(body, h, (state, caches))
+    else:
+      new = []
+      for layer, cache in zip(self.layers, caches):
+        h, cache = layer.decode(h, start, cache)
+        new.append(cache)
+      caches = new
+    return self.logits(h), caches
+
+  def init_cache(self, batch: int, length: int) -> Any:
+    """Zeroed key/value caches for :meth:`decode`."""
+    cfg = self.config
+    shape = (batch, length, cfg.n_kv_heads, cfg.head_size)
+    if self.stacked:
+      z = jnp.zeros((cfg.n_layers, *shape), cfg.param_dtype)
+      return (z, z)
+    z = jnp.zeros(shape, cfg.param_dtype)
+    return [(z, z) for _ in range(cfg.n_layers)]
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "greedy")
+)
+def _generate(graphdef, state, prompt, key, temperature, eos_id, *,
+              max_new_tokens, top_k, greedy):
+  model = nnx.merge(graphdef, state)
+  b, t0 = prompt.shape
+  caches = model.init_cache(b, t0 + max_new_tokens)
+
+  def pick(logits, key):
+    if greedy:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k:
+      kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+      logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+  logits, caches = model.decode(prompt, jnp.int32(0), caches)
+  key, sub = jax.random.split(key)
+  tok = pick(logits[:, -1], sub)
+  out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(tok)
+  done = tok == eos_id
+
+  def cond(c):
+    i, _, _, _, done, _ = c
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(c):
+    i, tok, caches, out, done, key = c
+    logits, caches = model.decode(tok[:, None], t0 + i - 1, caches)
+    key, sub = jax.random.split(key)
+    nxt = pick(logits[:, -1], sub)
+    nxt = jnp.where(done, eos_id, nxt)  # finished rows keep emitting eos
+    out = out.at[:, i].set(nxt)
+    return i + 1, nxt, caches, out, done | (nxt == eos_id), key
+
+  _, _, _, out, _, _ = jax.lax.while_loop(
+      cond, body, (jnp.int32(1), tok, caches, out, done, key)
+  )
+  return out
+
+
+def generate(
+    model: Llama,
+    tokens: Iterable[int] | np.ndarray | jax.Array,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    eos_id: int | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+  """Autoregressive generation with a key/value cache (jitted loop).
+
+  Args:
+    model: The language model.
+    tokens: Prompt ids, ``[T]`` or ``[B, T]`` (rows of equal length).
+    max_new_tokens: Number of tokens to generate.
+    temperature: 0 for greedy decoding, otherwise the sampling temperature.
+    top_k: With sampling, keep only the ``top_k`` most likely tokens (0 = all).
+    eos_id: Stop once every row produced this id; the output is cut after the
+      first ``eos_id`` of a 1-D prompt.
+    seed: PRNG seed for sampling.
+
+  Returns:
+    The generated ids (without the prompt): ``[N]`` for a 1-D prompt,
+    ``[B, max_new_tokens]`` (eos-padded) for a batch.
+  """
+  prompt = jnp.asarray(np.asarray(tokens, dtype=np.int32))
+  squeeze = prompt.ndim == 1
+  if squeeze:
+    prompt = prompt[None]
+  if max_new_tokens <= 0:
+    return np.zeros((0,) if squeeze else (prompt.shape[0], 0), np.int32)
+  total = prompt.shape[1] + max_new_tokens
+  if total > model.config.max_seq_len:
+    raise ValueError(
+        f"prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) ="
+        f" {total} exceeds the model context {model.config.max_seq_len}"
+    )
+  graphdef, state = nnx.split(model)
+  out = _generate(
+      graphdef, state, prompt, jax.random.key(seed),
+      jnp.float32(max(temperature, 1e-6)),
+      jnp.int32(-1 if eos_id is None else eos_id),
+      max_new_tokens=max_new_tokens, top_k=int(top_k), greedy=temperature <= 0,
+  )
+  out = np.asarray(out)
+  if squeeze:
+    out = out[0]
+    if eos_id is not None and (hits := np.flatnonzero(out == eos_id)).size:
+      out = out[: hits[0] + 1]
+  return out
+
+
+def eval_loss(
+    model: Llama, batches: Iterable[Mapping[str, Any]]
+) -> float:
+  """Token-weighted mean loss of ``model`` over ``batches`` (jitted per shape).
+
+  ``exp`` of the result is the perplexity.
+  """
+  graphdef, state = nnx.split(model)
+  total, weight = 0.0, 0.0
+  for batch in batches:
+    w = float(np.sum(batch["mask"]))
+    if w == 0:
+      continue
+    total += float(_eval_step(graphdef, state, dict(batch))) * w
+    weight += w
+  if weight == 0:
+    raise ValueError("no tokens with mask > 0 to evaluate")
+  return total / weight
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _eval_step(graphdef, state, batch):
+  return nnx.merge(graphdef, state).loss(batch)
