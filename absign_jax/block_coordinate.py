@@ -42,6 +42,44 @@ from absign_jax import selection as selection_lib
 PyTree = Any
 
 
+@jax.tree_util.register_static
+class PartitionOptions:
+  """How a block-coordinate optimizer partitions parameters (static, no arrays).
+
+  It rides in the optimizer state so that a training step can find the same blocks
+  as the optimizer without being told twice.
+  """
+
+  def __init__(self, include_embedding: bool = False, include_head: bool = False,
+               partition=None):
+    if partition is not None and not callable(partition):
+      # A labels tree becomes a hashable tuple of (path, label) pairs.
+      paths, labels = partition_lib.leaf_paths(partition)
+      partition = tuple((".".join(k), int(v)) for k, v in zip(paths, labels))
+    self.include_embedding = bool(include_embedding)
+    self.include_head = bool(include_head)
+    self.partition = partition
+
+  def _key(self):
+    return (self.include_embedding, self.include_head, self.partition)
+
+  def __eq__(self, other):
+    return isinstance(other, PartitionOptions) and self._key() == other._key()
+
+  def __hash__(self):
+    return hash(self._key())
+
+  def spec(self, params) -> partition_lib.BlockSpec:
+    """The :class:`~absign_jax.partition.BlockSpec` of ``params``."""
+    partition = self.partition
+    if isinstance(partition, tuple):
+      labels = dict(partition)
+      partition = lambda path, leaf: labels.get(path, -1)
+    return partition_lib.block_spec(
+        params, include_embedding=self.include_embedding,
+        include_head=self.include_head, partition=partition)
+
+
 class BlockCoordinateState(NamedTuple):
   """State of :func:`block_coordinate`.
 
@@ -50,12 +88,14 @@ class BlockCoordinateState(NamedTuple):
     steps_in_block: updates already applied to the active block.
     selection: the selection scheme's state (counters, clock, key).
     inner: the inner transformation's state, one per group of equally shaped blocks.
+    partition: the static partition options (no arrays).
   """
 
   active: jax.Array
   steps_in_block: jax.Array
   selection: selection_lib.SelectionState
   inner: tuple
+  partition: PartitionOptions
 
 
 def _is_none(x):
@@ -129,10 +169,8 @@ def block_coordinate(
   scheme = selection_lib.resolve(selection, depth_bias=depth_bias, seed=seed)
   inner = optax.with_extra_args_support(inner)
 
-  def spec_of(params):
-    return partition_lib.block_spec(
-        params, include_embedding=include_embedding, include_head=include_head,
-        partition=partition)
+  options = PartitionOptions(include_embedding, include_head, partition)
+  spec_of = options.spec
 
   def init(params):
     spec = spec_of(params)
@@ -146,7 +184,7 @@ def block_coordinate(
     active, sel = scheme.select(sel)
     return BlockCoordinateState(
         active=active, steps_in_block=jnp.zeros((), jnp.int32), selection=sel,
-        inner=inner_states)
+        inner=inner_states, partition=options)
 
   def run_inner(gid, grads, block_params, state, extra):
     inner_state = state.inner[gid]
@@ -258,7 +296,8 @@ def block_coordinate(
         active=jnp.where(switch, nxt, state.active),
         steps_in_block=jnp.where(switch, 0, steps).astype(jnp.int32),
         selection=sel,
-        inner=inner_states)
+        inner=inner_states,
+        partition=state.partition)
 
   return optax.GradientTransformationExtraArgs(init, update)
 

@@ -1,0 +1,295 @@
+"""The partial-backprop training step (SPEC §4).
+
+A block-coordinate optimizer changes one block per step, so the step differentiates
+with respect to that block's parameters only. Everything else is a constant to
+``jax.value_and_grad``: layers below the active block run forward only (JAX's partial
+evaluation keeps no residuals for them), layers above it get activation gradients but
+no weight-gradient products, and frozen embeddings/head get no gradient at all.
+
+Dispatch — how the active block, which lives in the optimizer state on the device,
+selects the program that runs:
+
+* ``"per_block"``: one executable per block, compiled lazily the first time the block
+  is active (JAX's persistent compilation cache applies). The host reads the active
+  block (one int32 scalar) before each step: that read is what dispatch needs.
+* ``"switch"``: one executable holding every block's program in a ``lax.switch`` on the
+  active block: no host read, all compilation up front.
+* Stacked layers (one leaf with a leading layer axis, applied with a scan) have one
+  program for all layers with a *dynamic* block index: layers below run in a
+  ``fori_loop`` (forward only), the active layer is differentiated, layers above run
+  in a ``scan`` whose body skips the layers at or below the active one. This needs
+  the model's pieces (:class:`LayeredLoss`); with a plain loss function, stacked
+  blocks fall back to differentiating through the whole scan (correct, not faster).
+
+``"auto"`` picks ``"per_block"`` when no block is stacked and the dynamic program for
+stacked blocks (measured choices: see BENCHMARKS.md).
+
+A step whose block gradient or loss is not finite changes nothing: parameters and
+optimizer state are returned as they were (the block keeps its turn) and
+``metrics["skipped"]`` is 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from absign_jax import partition as partition_lib
+from absign_jax.block_coordinate import active_block, find_state
+
+PyTree = Any
+Batch = Any
+LossFn = Callable[[PyTree, Batch], jax.Array]
+
+
+class LayeredLoss(NamedTuple):
+  """A model cut at its stacked layers, as pure functions of the parameter tree.
+
+  Attributes:
+    embed: ``(params, batch) -> h``, everything before the first layer.
+    layer: ``(layer_params, h) -> h``, one layer given its slice of the stacked tree.
+    head_loss: ``(params, h, batch) -> loss``, everything after the last layer.
+    stack_path: keys from the root of ``params`` to the stacked layer subtree.
+  """
+
+  embed: Callable[[PyTree, Batch], jax.Array]
+  layer: Callable[[PyTree, jax.Array], jax.Array]
+  head_loss: Callable[[PyTree, jax.Array, Batch], jax.Array]
+  stack_path: tuple
+
+  def loss(self, params: PyTree, batch: Batch) -> jax.Array:
+    """The full loss (all layers), as a plain loss function."""
+    h = self.embed(params, batch)
+    h, _ = jax.lax.scan(lambda h, w: (self.layer(w, h), None), h,
+                        _subtree(params, self.stack_path))
+    return self.head_loss(params, h, batch)
+
+
+def _subtree(params, path):
+  for key in path:
+    params = params[key]
+  return params
+
+
+def _block_norm(grads) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in grads))
+
+
+def _all_finite(loss, grads) -> jax.Array:
+  ok = jnp.isfinite(loss)
+  for g in grads:
+    ok &= jnp.all(jnp.isfinite(g))
+  return ok
+
+
+class BlockTrainStep:
+  """A jit-compiled training step that backpropagates to the active block only.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar``.
+    tx: an optimizer built on :func:`absign_jax.block_coordinate` (``absignsgd``,
+      ``block_adam``, ...), possibly inside ``optax.chain`` or
+      ``optax.inject_hyperparams``. Transformations chained outside the block wrapper
+      must be stateless per leaf (scaling, clipping): they see only the block.
+    layered: the model's pieces, needed for fast stacked-layer blocks.
+    dispatch: ``"auto"``, ``"per_block"`` or ``"switch"``.
+    donate: donate parameter and optimizer-state buffers (updated in place).
+
+  Call it as ``params, opt_state, metrics = step(params, opt_state, batch)``;
+  ``metrics`` holds ``loss``, ``block``, ``grad_norm`` (of the block) and ``skipped``.
+
+  Example:
+    >>> import jax.numpy as jnp, absign_jax
+    >>> params = {"layers": [{"w": jnp.ones(2)} for _ in range(3)]}
+    >>> loss = lambda p, x: sum(jnp.sum(l["w"] * x) for l in p["layers"])
+    >>> tx = absign_jax.absignsgd(0.5)
+    >>> step = absign_jax.BlockTrainStep(loss, tx)
+    >>> params, state, metrics = step(params, tx.init(params), jnp.ones(2))
+    >>> int(metrics["block"]), params["layers"][2]["w"].tolist()
+    (2, [0.5, 0.5])
+  """
+
+  def __init__(self, loss_fn: LossFn, tx: optax.GradientTransformation, *,
+               layered: LayeredLoss | None = None, dispatch: str = "auto",
+               donate: bool = True):
+    if dispatch not in ("auto", "per_block", "switch"):
+      raise ValueError(f"dispatch must be 'auto', 'per_block' or 'switch', got "
+                       f"{dispatch!r}.")
+    self.loss_fn = loss_fn
+    self.tx = tx
+    self.layered = layered
+    self.dispatch = dispatch
+    donate_argnums = (0, 1) if donate else ()
+    self._per_block = jax.jit(self._static_block_step, static_argnums=0,
+                              donate_argnums=tuple(d + 1 for d in donate_argnums))
+    self._switch = jax.jit(self._switch_step, donate_argnums=donate_argnums)
+    self._stacked = jax.jit(self._stacked_step, donate_argnums=donate_argnums)
+
+  # -- public -----------------------------------------------------------------------
+
+  def __call__(self, params, opt_state, batch):
+    return self._select(params, opt_state)(params, opt_state, batch)
+
+  def lower(self, params, opt_state, batch, block: int | None = None):
+    """The lowered program that would run (``.compile().memory_analysis()`` sizes it).
+
+    With per-block dispatch, ``block`` picks the variant (default: the active one).
+    """
+    mode, spec = self._mode(params, opt_state)
+    if mode == "switch":
+      return self._switch.lower(params, opt_state, batch)
+    b = int(active_block(opt_state)) if block is None else block
+    if self._is_stacked(spec, b):
+      return self._stacked.lower(params, opt_state, batch)
+    return self._per_block.lower(b, params, opt_state, batch)
+
+  # -- dispatch ---------------------------------------------------------------------
+
+  def _mode(self, params, opt_state):
+    spec = find_state(opt_state).partition.spec(params)
+    mode = self.dispatch
+    if mode == "auto":
+      mode = "per_block"
+    return mode, spec
+
+  def _is_stacked(self, spec, b):
+    rng = spec.stacked_range()
+    return self.layered is not None and rng is not None and rng[0] <= b < rng[1]
+
+  def _select(self, params, opt_state):
+    mode, spec = self._mode(params, opt_state)
+    if mode == "switch":
+      return self._switch
+    rng = spec.stacked_range()
+    if self.layered is not None and rng is not None and rng == (0, spec.num_blocks):
+      return self._stacked  # every block is a stacked layer: one program, no host read
+    b = int(active_block(opt_state))  # the one host read dispatch needs
+    if self._is_stacked(spec, b):
+      return self._stacked
+    return lambda p, s, x: self._per_block(b, p, s, x)
+
+  # -- programs ---------------------------------------------------------------------
+
+  def _finish(self, spec, flat, treedef, b, grads, loss, params, opt_state, j=None):
+    """Optimizer update for block ``b`` (or the stacked slice ``j``) and the apply."""
+    if j is None:
+      members = spec.members[b]
+    else:
+      members = [(i, j) for i, _ in spec.members[spec.stacked_range()[0]]]
+    sparse = [None] * len(flat)
+    for (i, _), g in zip(members, grads):
+      sparse[i] = g
+    sparse_tree = jax.tree.unflatten(treedef, sparse)
+    updates, new_state = self.tx.update(
+        sparse_tree, opt_state, params, block=b if j is None else j + spec.stacked_range()[0])
+    upd = jax.tree.flatten(updates, is_leaf=lambda x: x is None)[0]
+    finite = _all_finite(loss, grads)
+    new_flat = list(flat)
+    for i, s in members:
+      p = flat[i]
+      if s is None:
+        new_flat[i] = jnp.where(finite, (p + upd[i]).astype(p.dtype), p)
+      else:
+        old = jax.lax.dynamic_index_in_dim(p, s, 0, keepdims=False)
+        new = jnp.where(finite, (old + upd[i]).astype(p.dtype), old)
+        new_flat[i] = jax.lax.dynamic_update_index_in_dim(p, new, s, 0)
+    new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, opt_state)
+    metrics = {
+        "loss": loss,
+        "block": find_state(opt_state).active,
+        "grad_norm": _block_norm(grads),
+        "skipped": jnp.logical_not(finite).astype(jnp.int32),
+    }
+    return jax.tree.unflatten(treedef, new_flat), new_state, metrics
+
+  def _static_block_step(self, b, params, opt_state, batch):
+    spec = find_state(opt_state).partition.spec(params)
+    flat, treedef = jax.tree.flatten(params)
+    members = spec.members[b]
+
+    def block_loss(block_leaves):
+      leaves = list(flat)
+      for (i, s), v in zip(members, block_leaves):
+        leaves[i] = v if s is None else leaves[i].at[s].set(v)
+      return self.loss_fn(jax.tree.unflatten(treedef, leaves), batch)
+
+    loss, grads = jax.value_and_grad(block_loss)(
+        partition_lib.gather_block(spec, flat, b))
+    return self._finish(spec, flat, treedef, b, grads, loss, params, opt_state)
+
+  def _stacked_step(self, params, opt_state, batch):
+    lay = self.layered
+    spec = find_state(opt_state).partition.spec(params)
+    lo, hi = spec.stacked_range()
+    flat, treedef = jax.tree.flatten(params)
+    j = find_state(opt_state).active - lo
+    stack = _subtree(params, lay.stack_path)
+    n = hi - lo
+
+    h = lay.embed(params, batch)
+    take = lambda i: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, False),
+                                  stack)
+    h = jax.lax.fori_loop(0, j, lambda i, h: lay.layer(take(i), h), h)  # forward only
+
+    def loss_from_active(w):
+      out = lay.layer(w, h)
+
+      def above(h, xs):
+        w_i, i = xs
+        return jax.lax.cond(i > j, lambda h: lay.layer(w_i, h), lambda h: h, h), None
+
+      out, _ = jax.lax.scan(above, out, (stack, jnp.arange(n)))
+      return lay.head_loss(params, out, batch)
+
+    loss, g_tree = jax.value_and_grad(loss_from_active)(take(j))
+    grads = jax.tree.leaves(g_tree)
+    if len(grads) != len(spec.members[lo]):
+      raise ValueError("LayeredLoss.stack_path does not point at the stacked layers "
+                       "the block partition found.")
+    return self._finish(spec, flat, treedef, None, grads, loss, params, opt_state, j=j)
+
+  def _switch_step(self, params, opt_state, batch):
+    spec = find_state(opt_state).partition.spec(params)
+    rng = spec.stacked_range()
+    branches, table = [], []
+    for b in range(spec.num_blocks):
+      if self._is_stacked(spec, b):
+        if b == rng[0]:
+          branches.append(self._stacked_step)
+        table.append(len(branches) - 1)
+      else:
+        branches.append(lambda p, s, x, b=b: self._static_block_step(b, p, s, x))
+        table.append(len(branches) - 1)
+    index = jnp.asarray(np.asarray(table, np.int32))[find_state(opt_state).active]
+    return jax.lax.switch(index, branches, params, opt_state, batch)
+
+
+class FullTrainStep:
+  """The ordinary step: full backprop, any optax optimizer (the baseline).
+
+  Call it as ``params, opt_state, metrics = step(params, opt_state, batch)``.
+  """
+
+  def __init__(self, loss_fn: LossFn, tx: optax.GradientTransformation, *,
+               donate: bool = True):
+    self.loss_fn = loss_fn
+    self.tx = tx
+
+    def step(params, opt_state, batch):
+      loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    self._step = jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+  def __call__(self, params, opt_state, batch):
+    return self._step(params, opt_state, batch)
+
+  def lower(self, params, opt_state, batch, block=None):
+    return self._step.lower(params, opt_state, batch)
