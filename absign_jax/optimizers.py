@@ -37,7 +37,10 @@ def check_hyperparams(learning_rate: ScalarOrSchedule, weight_decay: float = 0.0
   lr = None
   if _is_concrete_number(learning_rate):
     lr = float(learning_rate)
-    if not (math.isfinite(lr) and lr > 0):
+    # An array is a value injected by optax.inject_hyperparams, often a schedule's
+    # value, where 0 is legitimate (warm-up start, end of a decay to 0).
+    zero_ok = isinstance(learning_rate, (np.ndarray, jax.Array))
+    if not (math.isfinite(lr) and (lr > 0 or (zero_ok and lr == 0))):
       raise ValueError(f"{name}: learning_rate must be a finite number > 0, got {lr}.")
   elif not callable(learning_rate) and not isinstance(learning_rate, jax.core.Tracer):
     raise TypeError(f"{name}: learning_rate must be a number or an optax schedule, "
@@ -101,9 +104,9 @@ def absignsgd(
     [1.100000023841858, 1.100000023841858, 1.100000023841858]
   """
   check_hyperparams(learning_rate, weight_decay, "absignsgd")
-  inner = optax.scale_by_sign()
-  if not (_is_concrete_number(weight_decay) and float(weight_decay) == 0.0):
-    inner = optax.chain(inner, optax.add_decayed_weights(weight_decay))
+  # Always the same chain, so the state has one structure whether weight_decay is a
+  # Python 0 (optax skips the decay) or an array injected by inject_hyperparams.
+  inner = optax.chain(optax.scale_by_sign(), optax.add_decayed_weights(weight_decay))
   return optax.chain(
       block_coordinate(
           inner, selection=selection, depth_bias=depth_bias, seed=seed,

@@ -121,8 +121,9 @@ def _cost_scheme(costs_fn: Callable[[int], Sequence[float]], name: str) -> Block
 
 def _check_depth_bias(depth_bias) -> None:
   if isinstance(depth_bias, jax.core.Tracer):
-    raise TypeError("depth_bias must be a static number (it fixes the integer cost "
-                    "table); with optax.inject_hyperparams pass "
+    raise TypeError("depth_bias must be a concrete number when the selection state "
+                    "is initialised (it fixes the integer cost table); with "
+                    "optax.inject_hyperparams, call init outside jit or pass "
                     "static_args=('depth_bias',).")
   if not (np.isfinite(depth_bias) and depth_bias >= 0):
     raise ValueError(f"depth_bias must be finite and >= 0, got {depth_bias}. Use 0 for "
@@ -138,6 +139,13 @@ def depth_biased(depth_bias: float = 10.0) -> BlockSelection:
   Args:
     depth_bias: ``c >= 0``; 0 visits all blocks equally often (in round-robin order).
   """
+  if isinstance(depth_bias, jax.core.Tracer):
+    # optax.inject_hyperparams rebuilds the optimizer inside jit with every numeric
+    # argument traced. select() never reads depth_bias (the integer cost table lives
+    # in the state), so only init() needs a concrete value.
+    def traced_costs(num_blocks):
+      _check_depth_bias(depth_bias)  # raises the TypeError that explains the fix
+    return _cost_scheme(traced_costs, "depth_biased")
   _check_depth_bias(depth_bias)
   depth_bias = float(depth_bias)
   return _cost_scheme(lambda n: depth_biased_costs(n, depth_bias), "depth_biased")
