@@ -14,7 +14,7 @@ from absign_jax.block_coordinate import (
 )
 from absign_jax.optimizers import absignsgd, block_adam, check_hyperparams, sign_sgd
 from absign_jax.partition import BlockSpec, LeafBlock, block_spec
-from absign_jax.step import BlockTrainStep, FullTrainStep, LayeredLoss
+from absign_jax.step import BlockTrainStep, FullTrainStep, LayeredLoss, NnxParts, split_nnx
 from absign_jax.selection import (
     BlockSelection,
     SelectionState,
@@ -29,7 +29,7 @@ from absign_jax.selection import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "BlockCoordinateState", "BlockSelection", "BlockTrainStep", "FullTrainStep", "LayeredLoss", "BlockSpec", "LeafBlock",
+    "BlockCoordinateState", "BlockSelection", "BlockTrainStep", "FullTrainStep", "LayeredLoss", "NnxParts", "split_nnx", "BlockSpec", "LeafBlock",
     "SelectionState", "absignsgd", "active_block", "block_adam", "block_coordinate",
     "block_spec", "check_hyperparams", "costs", "cyclic", "depth_biased",
     "find_state", "fixed_order", "random_reshuffle", "selection", "sign_sgd",

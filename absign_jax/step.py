@@ -293,3 +293,51 @@ class FullTrainStep:
 
   def lower(self, params, opt_state, batch, block=None):
     return self._step.lower(params, opt_state, batch)
+
+
+class NnxParts(NamedTuple):
+  """A Flax NNX model taken apart for the functional training steps.
+
+  Attributes:
+    graphdef: the model's graph definition.
+    params: its ``nnx.Param`` state (what the optimizer updates).
+    rest: all other state (kept constant by the step).
+    loss_fn: ``(params, batch) -> model.loss(batch)``.
+    layered: the :class:`LayeredLoss` of a stacked-layer model, else None.
+  """
+
+  graphdef: Any
+  params: Any
+  rest: Any
+  loss_fn: LossFn
+  layered: LayeredLoss | None
+
+  def merge(self, params) -> Any:
+    """The model with ``params`` put back (e.g. after training)."""
+    from flax import nnx
+    return nnx.merge(self.graphdef, params, self.rest)
+
+
+def split_nnx(model) -> NnxParts:
+  """Splits an NNX model that follows the layered protocol into pure functions.
+
+  The model provides ``loss(batch)``; for stacked layers (``model.stacked``) also
+  ``embed(inputs)``, ``layers_graphdef`` and ``head_loss(h, targets, mask)`` with its
+  stacked layers at ``model.layers`` (see :mod:`absign_jax.llm.model`).
+  """
+  from flax import nnx
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  merge = lambda p: nnx.merge(graphdef, p, rest)
+  loss_fn = lambda p, batch: merge(p).loss(batch)
+  layered = None
+  if getattr(model, "stacked", False):
+    layer_graphdef = model.layers_graphdef
+    layered = LayeredLoss(
+        embed=lambda p, batch: merge(p).embed(batch["inputs"]),
+        layer=lambda w, h: nnx.merge(layer_graphdef, w)(h),
+        head_loss=lambda p, h, batch: merge(p).head_loss(
+            h, batch["targets"], batch.get("mask")),
+        stack_path=("layers",),
+    )
+  return NnxParts(graphdef, params, rest, loss_fn, layered)
