@@ -1,0 +1,3 @@
+from absign_jax.llm.finetune import main
+
+main()

