@@ -323,4 +323,6 @@ def active_block(opt_state: PyTree) -> jax.Array:
   """
   opt_state = getattr(opt_state, "opt_state", opt_state)
   active = find_state(opt_state).active
-  return jnp.asarray(getattr(active, "value", active))
+  if hasattr(active, "get_value"):  # an nnx.Variable (nnx.Optimizer's opt_state)
+    active = active.get_value()  # (`.value` is deprecated in flax.nnx)
+  return jnp.asarray(active)
