@@ -235,8 +235,8 @@ def scale_by_alias(
     >>> params = jnp.array([1.0, -2.0])
     >>> state = tx.init(params)
     >>> u, state = tx.update(jnp.array([0.5, -3.0]), state)
-    >>> u.tolist()  # gamma_0 = sqrt(d0 / L0) = 0.01
-    [0.009999999776482582, -0.009999999776482582]
+    >>> [round(v, 6) for v in u.tolist()]  # gamma_0 = sqrt(d0 / L0) = 0.01
+    [0.01, -0.01]
   """
   _check_alias_args(d0, l0, f_low, clamp, update_gap, warmup_steps,
                     warmup_learning_rate, momentum, weight_decay)
@@ -723,7 +723,9 @@ def alias_absignsgd(
   It is ``chain(block_coordinate(scale_by_alias(...)), scale(-1))``, with the
   first-step-of-visit flag passed to the inner transformation as the
   ``new_block`` extra argument. The lower-bound form (``f_low``) needs
-  ``value=loss`` in every ``update`` call.
+  ``value=loss`` in every ``update`` call. With
+  ``optax.inject_hyperparams``, name ``steps_per_block`` and ``seed`` (and
+  ``partition``) in ``static_args``.
 
   Args:
     d0: initial gap estimate (> 0).
@@ -774,10 +776,15 @@ def alias_absignsgd(
   """
   from absign_jax.block_coordinate import block_coordinate  # no import cycle
 
-  if (not isinstance(steps_per_block, int) or isinstance(steps_per_block, bool)
-      or steps_per_block < 2):
+  if not isinstance(steps_per_block, int) or isinstance(steps_per_block, bool):
     raise ValueError(
-        "alias_absignsgd: steps_per_block must be an int >= 2, got "
+        "alias_absignsgd: steps_per_block must be a Python int (with "
+        "optax.inject_hyperparams, name it in static_args), got "
+        f"{steps_per_block!r}."
+    )
+  if steps_per_block < 2:
+    raise ValueError(
+        "alias_absignsgd: steps_per_block must be >= 2, got "
         f"{steps_per_block!r}: ALIAS estimates come from consecutive steps on "
         "the same block, and with one step per block there are none."
     )

@@ -538,3 +538,17 @@ def test_alias_absignsgd_bad_inputs():
       alias_absignsgd(steps_per_block=k)
   with pytest.raises(ValueError, match="clamp"):
     alias_absignsgd(clamp=0.0)
+
+
+def test_alias_absignsgd_inject_hyperparams():
+  params, grads = _layer_trees(13, 3, 4)
+  tx = optax.inject_hyperparams(
+      alias_absignsgd, static_args=("steps_per_block", "seed"))(momentum=0.5)
+  p = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  state = tx.init(p)
+  for g in grads:
+    u, state = jax.jit(tx.update)(jax.tree.map(jnp.asarray, g), state, p)
+    p = optax.apply_updates(p, u)
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(p))
+  with pytest.raises(ValueError, match="static_args"):
+    optax.inject_hyperparams(alias_absignsgd)().init(p)
