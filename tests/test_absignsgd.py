@@ -392,6 +392,62 @@ def test_nnx_optimizer():
   assert len(traces) == 1
 
 
+class StackedModel(nnx.Module):
+  """Layers stacked by nnx.vmap (one leaf per parameter with a leading layer axis)."""
+
+  def __init__(self, n, rngs, d=4):
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return Block(d, rngs)
+
+    self.layers = make(rngs)
+    self.head = nnx.Linear(d, 1, rngs=rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def run(x, layer):
+      return layer(x)
+
+    return self.head(run(x, self.layers))
+
+
+def test_nnx_optimizer_stacked_layers_and_injected_depth_bias():
+  n = 3
+  model = StackedModel(n, nnx.Rngs(0))
+  # depth_bias = 0 through inject_hyperparams: equal costs, so round robin 0, 1, 2, ...
+  tx = optax.inject_hyperparams(absign_jax.absignsgd)(learning_rate=0.01, depth_bias=0.0)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jnp.linspace(-1, 1, 8).reshape(2, 4)
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+
+  actives = []
+  for _ in range(5):
+    active = int(absign_jax.active_block(optimizer))
+    actives.append(active)
+    before = np.array(model.layers.lin.kernel[...])
+    head = np.array(model.head.kernel[...])
+    train_step(model, optimizer)
+    after = np.array(model.layers.lin.kernel[...])
+    changed = [j for j in range(n) if not np.array_equal(bits(before[j]), bits(after[j]))]
+    assert changed == [active]
+    np.testing.assert_array_equal(bits(head), bits(model.head.kernel[...]))
+  assert actives == [0, 1, 2, 0, 1]
+
+
+def test_inject_hyperparams_bad_values():
+  params = make_params()
+  with pytest.raises(ValueError, match="learning_rate"):
+    optax.inject_hyperparams(absign_jax.absignsgd)(learning_rate=-1.0).init(params)
+  with pytest.raises(ValueError, match="depth_bias"):
+    optax.inject_hyperparams(absign_jax.absignsgd)(learning_rate=0.1,
+                                                   depth_bias=-1.0).init(params)
+
+
 # ---------------------------------------------------------------------------------
 # Dtypes and stacked layers
 # ---------------------------------------------------------------------------------
