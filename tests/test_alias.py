@@ -310,11 +310,12 @@ def test_sos_stochastic_batches_and_lower_bound_form():
   b = (a @ rng.normal(size=8)).astype(np.float32)
   loss = lambda x, batch: 0.5 * jnp.mean((batch[0] @ x - batch[1]) ** 2)
   batches = (jnp.asarray(a), jnp.asarray(b))  # one stacked pytree, T = 40
+  grad = jax.jit(jax.grad(loss))
   for f_low in (None, 0.0):
     gamma = sos_step_size(loss, jnp.zeros(8), batches, f_low=f_low)
     x = jnp.zeros(8)
     for t in range(40):
-      x = x - gamma * jnp.sign(jax.grad(loss)(x, (a[t], b[t])))
+      x = x - gamma * jnp.sign(grad(x, (a[t], b[t])))
     full = lambda x: 0.5 * jnp.mean((a.reshape(-1, 8) @ x - b.ravel()) ** 2)
     assert float(full(x)) < 0.1 * float(full(jnp.zeros(8)))
 
