@@ -12,6 +12,16 @@ from absign_jax.block_coordinate import (
     block_coordinate,
     find_state,
 )
+from absign_jax.alias import (
+    ScaleByAliasState,
+    SignSGDEstimates,
+    alias_absignsgd,
+    alias_sign_sgd,
+    scale_by_alias,
+    sign_sgd_estimates,
+    sos_step_size,
+)
+from absign_jax.sgd_sai import ScaleBySaiState, scale_by_sai, sgd_sai
 from absign_jax.optimizers import absignsgd, block_adam, check_hyperparams, sign_sgd
 from absign_jax.partition import BlockSpec, LeafBlock, block_spec
 from absign_jax.step import BlockTrainStep, FullTrainStep, LayeredLoss, NnxParts, split_nnx
@@ -29,6 +39,9 @@ from absign_jax.selection import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ScaleByAliasState", "ScaleBySaiState", "SignSGDEstimates", "alias_absignsgd",
+    "alias_sign_sgd", "scale_by_alias", "scale_by_sai", "sgd_sai", "sign_sgd_estimates",
+    "sos_step_size",
     "BlockCoordinateState", "BlockSelection", "BlockTrainStep", "FullTrainStep", "LayeredLoss", "NnxParts", "split_nnx", "BlockSpec", "LeafBlock",
     "SelectionState", "absignsgd", "active_block", "block_adam", "block_coordinate",
     "block_spec", "check_hyperparams", "costs", "cyclic", "depth_biased",

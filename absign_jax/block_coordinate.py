@@ -164,8 +164,12 @@ def block_coordinate(
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
-  if not isinstance(steps_per_block, (int, np.integer)) or steps_per_block < 1:
-    raise ValueError(f"steps_per_block must be an int >= 1, got {steps_per_block!r}.")
+  # optax.inject_hyperparams hands numeric arguments over as (possibly traced)
+  # arrays; the count only enters a comparison, so any integer array works.
+  if not isinstance(steps_per_block, jax.core.Tracer):
+    k = np.asarray(steps_per_block)
+    if k.ndim or not np.issubdtype(k.dtype, np.integer) or int(k) < 1:
+      raise ValueError(f"steps_per_block must be an int >= 1, got {steps_per_block!r}.")
   scheme = selection_lib.resolve(selection, depth_bias=depth_bias, seed=seed)
   inner = optax.with_extra_args_support(inner)
 

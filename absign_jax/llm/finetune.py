@@ -33,12 +33,14 @@ from absign_jax.llm import gguf as gguf_lib
 from absign_jax.llm import model as model_lib
 from absign_jax.llm.tokenizer import Tokenizer
 
-BLOCK_OPTIMIZERS = ("absignsgd", "absignsgd_uniform", "block_adam")
-FULL_OPTIMIZERS = ("adamw", "sign_sgd")
+BLOCK_OPTIMIZERS = ("absignsgd", "absignsgd_uniform", "block_adam", "alias_absignsgd")
+FULL_OPTIMIZERS = ("adamw", "sign_sgd", "sgd_sai", "alias_sign_sgd")
+PARAMETER_FREE = ("alias_absignsgd", "alias_sign_sgd")
 OPTIMIZERS = BLOCK_OPTIMIZERS + FULL_OPTIMIZERS
 # Learning rates that work for each optimizer on SmolLM2-135M (see README, "Defaults").
 DEFAULT_LR = {"absignsgd": 1e-3, "absignsgd_uniform": 1e-3, "block_adam": 1e-4,
-              "adamw": 1e-5, "sign_sgd": 1e-5}
+              "adamw": 1e-5, "sign_sgd": 1e-5, "sgd_sai": 1e-3,
+              "alias_absignsgd": None, "alias_sign_sgd": None}
 CHAT_PROMPTS = ("What is the capital of France?",
                 "Explain in one sentence what a Python list is.")
 
@@ -79,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--remat", action="store_true", help="rematerialise each layer")
   p.add_argument("--generate", default=None, metavar="PROMPT",
                  help="after training, answer this prompt with the chat template")
+  p.add_argument("--forgetting", action="store_true",
+                 help="also measure perplexity on a second text the tuning never sees, "
+                 "and chat answers to fixed prompts, before and after")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = p.parse_args(argv)
   if args.steps < 1:
@@ -99,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def learning_rate(args, name: str) -> optax.Schedule | float:
   peak = args.lr if args.lr is not None else DEFAULT_LR[name]
+  if peak is None:  # parameter-free: no learning rate at all
+    return None
   if args.schedule == "constant":
     return peak
   warmup = min(args.warmup, args.steps - 1)
@@ -121,12 +128,30 @@ def make_optimizer(args, name: str) -> optax.GradientTransformation:
     return optax.adamw(lr, weight_decay=args.weight_decay)
   if name == "sign_sgd":
     return absign_jax.sign_sgd(lr, weight_decay=args.weight_decay)
+  if name == "sgd_sai":
+    return absign_jax.sgd_sai(lr, weight_decay=args.weight_decay)
+  if name in PARAMETER_FREE and args.lr is not None:
+    raise ValueError(f"{name} is parameter-free: drop --lr")
+  if name == "alias_absignsgd":
+    return absign_jax.alias_absignsgd(depth_bias=args.depth_bias, seed=args.seed)
+  if name == "alias_sign_sgd":
+    return absign_jax.alias_sign_sgd()
   raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
 
 def tree_bytes(tree: Any) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)
                  if hasattr(x, "dtype")))
+
+
+def step_memory_bytes(step, params, opt_state, batch) -> int:
+  """Bytes the compiled step needs: arguments + outputs + temporaries - aliased.
+
+  The step is already compiled, so lowering it again hits JAX's cache.
+  """
+  m = step.lower(params, opt_state, batch).compile().memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
 
 
 def peak_device_bytes() -> int | None:
@@ -144,6 +169,12 @@ def evaluate(parts, params, sequences: data_lib.SequenceSet, batch: int,
   n = len(sequences) if limit is None else min(limit, len(sequences))
   batches = (sequences.batch(np.arange(i, min(i + batch, n))) for i in range(0, n, batch))
   return model_lib.eval_loss(model, batches)
+
+
+def second_text_set(tokenizer: Tokenizer, seq: int) -> data_lib.SequenceSet:
+  """Sequences of a text the tuning never sees (see data_lib.second_text)."""
+  ids = tokenizer.encode(data_lib.second_text())
+  return data_lib.pack_sequences([(ids, np.ones(len(ids)))], seq)
 
 
 def chat(parts, params, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 48) -> str:
@@ -183,6 +214,12 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
   batches = data_lib.Batches(train_set, args.batch, seed=args.seed)
 
   ppl_before = math.exp(evaluate(parts, params, heldout, args.batch))
+  forgetting = {}
+  if args.forgetting:
+    second = second_text_set(tokenizer, args.seq)
+    forgetting["second_text_ppl_before"] = math.exp(
+        evaluate(parts, params, second, args.batch))
+    forgetting["chat_before"] = {q: chat(parts, params, tokenizer, q) for q in CHAT_PROMPTS}
   log = open(os.path.join(out_dir, "metrics.jsonl"), "w")
   curve, eval_curve = [], [(0.0, ppl_before)]
   print(f"[{name}] held-out perplexity before: {ppl_before:.3f}", flush=True)
@@ -191,7 +228,8 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
   if not args.no_progress:
     from tqdm import tqdm
     bar = tqdm(total=args.steps, desc=name, dynamic_ncols=True, file=sys.stdout)
-  wall = 0.0  # training wall-clock, evaluations excluded
+  wall = 0.0  # training wall-clock: evaluations and the first (compiling) step excluded
+  first_step_s = 0.0
   tokens = 0
   losses = []
   step_idx = 0
@@ -200,7 +238,10 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
     t0 = time.perf_counter()
     params, opt_state, metrics = step(params, opt_state, batch)
     loss = float(metrics["loss"])  # waits for the step: the clock covers its compute
-    wall += time.perf_counter() - t0
+    if step_idx == 1:  # compilation: reported apart, so budgets compare training speed
+      first_step_s = time.perf_counter() - t0
+    else:
+      wall += time.perf_counter() - t0
     tokens += int(batch["mask"].sum())
     losses.append(loss)
     curve.append((wall, loss))
@@ -208,7 +249,7 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
               "block": int(metrics["block"]) if "block" in metrics else None,
               "grad_norm": float(metrics["grad_norm"])}
     if bar is not None:
-      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / wall:.0f}",
+      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / max(wall, 1e-9):.0f}",
                       block=record["block"])
       bar.update(1)
     if step_idx % args.eval_every == 0 and step_idx < args.steps:
@@ -224,28 +265,36 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
 
   ppl_after = math.exp(evaluate(parts, params, heldout, args.batch))
   eval_curve.append((wall, ppl_after))
+  if args.forgetting:
+    forgetting["second_text_ppl_after"] = math.exp(
+        evaluate(parts, params, second, args.batch))
+    forgetting["chat_after"] = {q: chat(parts, params, tokenizer, q) for q in CHAT_PROMPTS}
   summary = {
       "optimizer": name,
-      "lr": args.lr if args.lr is not None else DEFAULT_LR[name],
+      "lr": args.lr if args.lr is not None else DEFAULT_LR[name],  # None: parameter-free
       "schedule": args.schedule,
       "ppl_before": ppl_before,
       "ppl_after": ppl_after,
       "train_loss": float(np.mean(losses[-10:])),
       "steps": step_idx,
       "wall_s": wall,
-      "tokens_per_s": tokens / wall,
+      "tokens_per_s": tokens / max(wall, 1e-9),
+      "first_step_s": first_step_s,
       "optimizer_state_bytes": tree_bytes(opt_state),
+      "step_memory_bytes": step_memory_bytes(step, params, opt_state, batch),
       "param_bytes": tree_bytes(params),
       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
       "peak_device_bytes": peak_device_bytes(),
       "batch": args.batch, "seq": args.seq, "precision": args.precision,
       "device": str(jax.devices()[0].device_kind),
+      **forgetting,
   }
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   plot_curves({name: curve}, os.path.join(out_dir, "loss.png"))
   print(f"[{name}] held-out perplexity {ppl_before:.3f} -> {ppl_after:.3f} in "
-        f"{step_idx} steps, {wall:.1f} s ({tokens / wall:.0f} tokens/s)", flush=True)
+        f"{step_idx} steps, {wall:.1f} s + {first_step_s:.1f} s first step "
+        f"({tokens / max(wall, 1e-9):.0f} tokens/s)", flush=True)
   if args.generate:
     print(f"[{name}] {args.generate!r} -> {chat(parts, params, tokenizer, args.generate)!r}")
   return RunResult(name, summary, curve, eval_curve)
@@ -276,12 +325,14 @@ def plot_curves(curves: dict[str, list[tuple[float, float]]], path: str,
 
 def compare_table(results: list[RunResult]) -> str:
   rows = ["| optimizer | lr | steps | held-out ppl before | after | train s | tokens/s "
-          "| optimizer state MB |", "|---|---|---|---|---|---|---|---|"]
+          "| optimizer state MB | step memory MB |", "|---|---|---|---|---|---|---|---|---|"]
   for r in results:
     s = r.summary
-    rows.append(f"| {s['optimizer']} | {s['lr']:g} | {s['steps']} | {s['ppl_before']:.3f} "
+    lr = "free" if s["lr"] is None else f"{s['lr']:g}"
+    rows.append(f"| {s['optimizer']} | {lr} | {s['steps']} | {s['ppl_before']:.3f} "
                 f"| {s['ppl_after']:.3f} | {s['wall_s']:.1f} | {s['tokens_per_s']:.0f} "
-                f"| {s['optimizer_state_bytes'] / 2**20:.1f} |")
+                f"| {s['optimizer_state_bytes'] / 2**20:.1f} "
+                f"| {s['step_memory_bytes'] / 2**20:.0f} |")
   return "\n".join(rows)
 
 
