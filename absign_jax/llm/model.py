@@ -66,6 +66,7 @@ __all__ = [
     "LlamaBlock",
     "Llama",
     "apply_layer",
+    "convert_layout",
     "rope_tables",
     "apply_rope",
     "generate",
@@ -546,6 +547,13 @@ class Llama(nnx.Module):
     ``caches`` comes from :meth:`init_cache`; ``inputs`` sit at positions
     ``start .. start + T - 1``.
     """
+    h, caches = self.decode_hidden(inputs, start, caches)
+    return self.logits(h), caches
+
+  def decode_hidden(
+      self, inputs: jax.Array, start: jax.Array, caches: Any
+  ) -> tuple[jax.Array, Any]:
+    """Like :meth:`decode` but returns the last layer's hidden states."""
     h = self.embed(inputs)
     if self.stacked:
       graphdef, state = nnx.split(self.layers)
@@ -555,14 +563,12 @@ class Llama(nnx.Module):
         carry, cache = nnx.merge(graphdef, layer_state).decode(carry, start, cache)
         return carry, cache
 
-      h, caches = jax.lax.scan(body, h, (state, caches))
-    else:
-      new = []
-      for layer, cache in zip(self.layers, caches):
-        h, cache = layer.decode(h, start, cache)
-        new.append(cache)
-      caches = new
-    return self.logits(h), caches
+      return jax.lax.scan(body, h, (state, caches))
+    new = []
+    for layer, cache in zip(self.layers, caches):
+      h, cache = layer.decode(h, start, cache)
+      new.append(cache)
+    return h, new
 
   def init_cache(self, batch: int, length: int) -> Any:
     """Zeroed key/value caches for :meth:`decode`."""
@@ -575,16 +581,44 @@ class Llama(nnx.Module):
     return [(z, z) for _ in range(cfg.n_layers)]
 
 
+def convert_layout(model: Llama, scan_layers: bool) -> Llama:
+  """Returns ``model`` with its layers in the list or the stacked layout.
+
+  The weights are copied (stacked or sliced); other parameters are shared.
+  Returns ``model`` itself when it already has the requested layout.
+  """
+  if model.stacked == scan_layers:
+    return model
+  cfg = model.config.replace(scan_layers=scan_layers)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+  pure = nnx.to_pure_dict(nnx.state(model))
+  layers = pure["layers"]
+  if scan_layers:
+    pure["layers"] = jax.tree.map(
+        lambda *xs: jnp.stack(xs), *[layers[i] for i in range(cfg.n_layers)]
+    )
+  else:
+    pure["layers"] = {
+        i: jax.tree.map(lambda x, i=i: x[i], layers) for i in range(cfg.n_layers)
+    }
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state)
+
+
+_PROMPT_BUCKET = 64
+
+
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "greedy")
 )
-def _generate(graphdef, state, prompt, key, temperature, eos_id, *,
+def _generate(graphdef, state, prompt, prompt_len, key, temperature, eos_id, *,
               max_new_tokens, top_k, greedy):
   model = nnx.merge(graphdef, state)
-  b, t0 = prompt.shape
-  caches = model.init_cache(b, t0 + max_new_tokens)
+  b, padded_len = prompt.shape
+  caches = model.init_cache(b, padded_len + max_new_tokens)
 
-  def pick(logits, key):
+  def pick(h, key):
+    logits = model.logits(h)
     if greedy:
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
@@ -593,9 +627,12 @@ def _generate(graphdef, state, prompt, key, temperature, eos_id, *,
       logits = jnp.where(logits < kth, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
-  logits, caches = model.decode(prompt, jnp.int32(0), caches)
+  # The prompt is right-padded to a bucket length so one compilation serves
+  # many prompt lengths. Cache slots past the prompt hold padding garbage, but
+  # decoding overwrites slot p before any query at position >= p reads it.
+  h, caches = model.decode_hidden(prompt, jnp.int32(0), caches)
   key, sub = jax.random.split(key)
-  tok = pick(logits[:, -1], sub)
+  tok = pick(jax.lax.dynamic_index_in_dim(h, prompt_len - 1, 1, False), sub)
   out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(tok)
   done = tok == eos_id
 
@@ -605,9 +642,9 @@ def _generate(graphdef, state, prompt, key, temperature, eos_id, *,
 
   def body(c):
     i, tok, caches, out, done, key = c
-    logits, caches = model.decode(tok[:, None], t0 + i - 1, caches)
+    h, caches = model.decode_hidden(tok[:, None], prompt_len + i - 1, caches)
     key, sub = jax.random.split(key)
-    nxt = pick(logits[:, -1], sub)
+    nxt = pick(h[:, -1], sub)
     nxt = jnp.where(done, eos_id, nxt)  # finished rows keep emitting eos
     out = out.at[:, i].set(nxt)
     return i + 1, nxt, caches, out, done | (nxt == eos_id), key
@@ -630,6 +667,9 @@ def generate(
 ) -> np.ndarray:
   """Autoregressive generation with a key/value cache (jitted loop).
 
+  Prompts are padded to a multiple of 64 tokens internally, so prompts of
+  similar length share one compilation (per ``max_new_tokens``).
+
   Args:
     model: The language model.
     tokens: Prompt ids, ``[T]`` or ``[B, T]`` (rows of equal length).
@@ -644,21 +684,26 @@ def generate(
     The generated ids (without the prompt): ``[N]`` for a 1-D prompt,
     ``[B, max_new_tokens]`` (eos-padded) for a batch.
   """
-  prompt = jnp.asarray(np.asarray(tokens, dtype=np.int32))
+  prompt = np.asarray(tokens, dtype=np.int32)
   squeeze = prompt.ndim == 1
   if squeeze:
     prompt = prompt[None]
+  b, t0 = prompt.shape
+  if t0 == 0:
+    raise ValueError("generate needs a non-empty prompt")
   if max_new_tokens <= 0:
-    return np.zeros((0,) if squeeze else (prompt.shape[0], 0), np.int32)
-  total = prompt.shape[1] + max_new_tokens
-  if total > model.config.max_seq_len:
+    return np.zeros((0,) if squeeze else (b, 0), np.int32)
+  if t0 + max_new_tokens > model.config.max_seq_len:
     raise ValueError(
-        f"prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) ="
-        f" {total} exceeds the model context {model.config.max_seq_len}"
+        f"prompt ({t0}) + max_new_tokens ({max_new_tokens}) ="
+        f" {t0 + max_new_tokens} exceeds the model context"
+        f" {model.config.max_seq_len}"
     )
+  padded = -(-t0 // _PROMPT_BUCKET) * _PROMPT_BUCKET
+  prompt = np.pad(prompt, ((0, 0), (0, padded - t0)))
   graphdef, state = nnx.split(model)
   out = _generate(
-      graphdef, state, prompt, jax.random.key(seed),
+      graphdef, state, jnp.asarray(prompt), jnp.int32(t0), jax.random.key(seed),
       jnp.float32(max(temperature, 1e-6)),
       jnp.int32(-1 if eos_id is None else eos_id),
       max_new_tokens=max_new_tokens, top_k=int(top_k), greedy=temperature <= 0,
