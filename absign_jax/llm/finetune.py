@@ -198,7 +198,7 @@ class RunResult:
 
 def train(args, name: str, loaded, out_dir: str) -> RunResult:
   """Trains one optimizer from the pretrained weights; writes its outputs."""
-  cfg, tokenizer, train_set, heldout = loaded
+  tokenizer, train_set, heldout = loaded.tokenizer, loaded.train, loaded.heldout
   os.makedirs(out_dir, exist_ok=True)
   _, model, _ = gguf_lib.load_gguf(
       args.gguf, dtype="bfloat16" if args.precision == "bf16" else "float32",
@@ -213,13 +213,17 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
     step = absign_jax.FullTrainStep(parts.loss_fn, tx)
   batches = data_lib.Batches(train_set, args.batch, seed=args.seed)
 
-  ppl_before = math.exp(evaluate(parts, params, heldout, args.batch))
-  forgetting = {}
-  if args.forgetting:
-    second = second_text_set(tokenizer, args.seq)
-    forgetting["second_text_ppl_before"] = math.exp(
-        evaluate(parts, params, second, args.batch))
-    forgetting["chat_before"] = {q: chat(parts, params, tokenizer, q) for q in CHAT_PROMPTS}
+  # The pretrained model's figures are the same for every run: computed once.
+  before = loaded.cache.setdefault((args.precision, args.forgetting), {})
+  if not before:
+    before["ppl_before"] = math.exp(evaluate(parts, params, heldout, args.batch))
+    if args.forgetting:
+      second = second_text_set(tokenizer, args.seq)
+      before["second_text_ppl_before"] = math.exp(
+          evaluate(parts, params, second, args.batch))
+      before["chat_before"] = {q: chat(parts, params, tokenizer, q) for q in CHAT_PROMPTS}
+  ppl_before = before["ppl_before"]
+  forgetting = {k: v for k, v in before.items() if k != "ppl_before"}
   log = open(os.path.join(out_dir, "metrics.jsonl"), "w")
   curve, eval_curve = [], [(0.0, ppl_before)]
   print(f"[{name}] held-out perplexity before: {ppl_before:.3f}", flush=True)
@@ -267,7 +271,7 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
   eval_curve.append((wall, ppl_after))
   if args.forgetting:
     forgetting["second_text_ppl_after"] = math.exp(
-        evaluate(parts, params, second, args.batch))
+        evaluate(parts, params, second_text_set(tokenizer, args.seq), args.batch))
     forgetting["chat_after"] = {q: chat(parts, params, tokenizer, q) for q in CHAT_PROMPTS}
   summary = {
       "optimizer": name,
@@ -336,7 +340,17 @@ def compare_table(results: list[RunResult]) -> str:
   return "\n".join(rows)
 
 
-def load(args):
+@dataclasses.dataclass
+class Loaded:
+  """What every run shares: config, tokenizer, data, and the pretrained figures."""
+  config: model_lib.LlamaConfig
+  tokenizer: Tokenizer
+  train: data_lib.SequenceSet
+  heldout: data_lib.SequenceSet
+  cache: dict = dataclasses.field(default_factory=dict)
+
+
+def load(args) -> Loaded:
   """Model config, tokenizer and data, shared by every run."""
   meta = gguf_lib.read_metadata(args.gguf)
   cfg = gguf_lib.config_from_metadata(meta)
@@ -347,7 +361,7 @@ def load(args):
     raise ValueError("the held-out split is empty: give --data a longer file")
   print(f"model: {cfg.n_layers} layers, d {cfg.dim}; data: {len(train_set)} train / "
         f"{len(heldout)} held-out sequences of {args.seq} tokens", flush=True)
-  return cfg, tokenizer, train_set, heldout
+  return Loaded(cfg, tokenizer, train_set, heldout)
 
 
 def main(argv: list[str] | None = None) -> list[RunResult]:
