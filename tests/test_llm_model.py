@@ -307,13 +307,15 @@ def test_generate_matches_uncached_greedy(scan):
 def test_generate_batch_sampling_and_eos():
   m = make(seed=3)
   greedy = M.generate(m, PROMPT, NEW)
-  batched = M.generate(m, np.stack([PROMPT, PROMPT[::-1]]), NEW)
+  prompts = np.stack([PROMPT, PROMPT[::-1]])
+  batched = M.generate(m, prompts, NEW)
   assert batched.shape == (2, NEW) and (batched[0] == greedy).all()
-  a = M.generate(m, PROMPT, NEW, temperature=1.0, seed=1)
-  b = M.generate(m, PROMPT, NEW, temperature=1.0, seed=1)
-  assert (a == b).all() and a.min() >= 0 and a.max() < 256
-  top1 = M.generate(m, PROMPT, NEW, temperature=1.0, top_k=1, seed=5)
-  assert (top1 == greedy).all()  # top-1 sampling is greedy
+  a = M.generate(m, prompts, NEW, temperature=1.0, seed=1)
+  b = M.generate(m, prompts, NEW, temperature=1.0, seed=1)
+  c = M.generate(m, prompts, NEW, temperature=1.0, seed=2)
+  assert (a == b).all() and not (a == c).all() and a.min() >= 0 and a.max() < 256
+  top1 = M.generate(m, prompts, NEW, temperature=1.0, top_k=1, seed=5)
+  assert (top1 == batched).all()  # top-1 sampling is greedy
   cut = M.generate(m, PROMPT, NEW, eos_id=int(greedy[3]))
   assert cut.tolist() == greedy[: greedy.tolist().index(greedy[3]) + 1].tolist()
   with pytest.raises(ValueError, match="exceeds the model context"):

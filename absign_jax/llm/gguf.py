@@ -98,6 +98,12 @@ def _check_llama(meta: dict[str, Any], path: str) -> None:
     )
 
 
+def _f32(value: float) -> float:
+  """GGUF stores float32: 1e-5 reads back as 9.99999974e-06; take the shortest
+  decimal that rounds to the same float32."""
+  return float(str(np.float32(value)))
+
+
 def config_from_metadata(meta: dict[str, Any], **overrides: Any) -> LlamaConfig:
   """Builds a :class:`LlamaConfig` from ``llama.*`` GGUF metadata."""
   if meta.get("general.architecture") != "llama":
@@ -131,8 +137,8 @@ def config_from_metadata(meta: dict[str, Any], **overrides: Any) -> LlamaConfig:
       n_heads=n_heads,
       n_kv_heads=int(get("attention.head_count_kv", n_heads)),
       hidden_dim=int(get("feed_forward_length")),
-      rope_theta=float(get("rope.freq_base", 10000.0)),
-      norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+      rope_theta=_f32(get("rope.freq_base", 10000.0)),
+      norm_eps=_f32(get("attention.layer_norm_rms_epsilon")),
       max_seq_len=int(get("context_length")),
   )
   cfg.update(overrides)

@@ -608,11 +608,9 @@ def convert_layout(model: Llama, scan_layers: bool) -> Llama:
 _PROMPT_BUCKET = 64
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "greedy")
-)
-def _generate(graphdef, state, prompt, prompt_len, key, temperature, eos_id, *,
-              max_new_tokens, top_k, greedy):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy"))
+def _generate(graphdef, state, prompt, prompt_len, key, temperature, top_k,
+              eos_id, *, max_new_tokens, greedy):
   model = nnx.merge(graphdef, state)
   b, padded_len = prompt.shape
   caches = model.init_cache(b, padded_len + max_new_tokens)
@@ -622,9 +620,9 @@ def _generate(graphdef, state, prompt, prompt_len, key, temperature, eos_id, *,
     if greedy:
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
-    if top_k:
-      kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-      logits = jnp.where(logits < kth, -jnp.inf, logits)
+    # top_k is traced (0 = off), so every sampling setting shares one compile.
+    kth = jnp.take(jnp.sort(logits, axis=-1), -jnp.maximum(top_k, 1), axis=-1)
+    logits = jnp.where((top_k > 0) & (logits < kth[:, None]), -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
   # The prompt is right-padded to a bucket length so one compilation serves
@@ -704,9 +702,9 @@ def generate(
   graphdef, state = nnx.split(model)
   out = _generate(
       graphdef, state, jnp.asarray(prompt), jnp.int32(t0), jax.random.key(seed),
-      jnp.float32(max(temperature, 1e-6)),
+      jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k),
       jnp.int32(-1 if eos_id is None else eos_id),
-      max_new_tokens=max_new_tokens, top_k=int(top_k), greedy=temperature <= 0,
+      max_new_tokens=max_new_tokens, greedy=temperature <= 0,
   )
   out = np.asarray(out)
   if squeeze:
