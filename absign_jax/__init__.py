@@ -5,7 +5,7 @@ Data flows one way: partition -> selection -> block_coordinate -> optimizers ->
 training step.
 """
 
-from absign_jax import selection
+from absign_jax import distributed, selection
 from absign_jax.block_coordinate import (
     BlockCoordinateState,
     active_block,
@@ -20,6 +20,11 @@ from absign_jax.alias import (
     scale_by_alias,
     sign_sgd_estimates,
     sos_step_size,
+)
+from absign_jax.distributed import (
+    DataParallelBlockStep,
+    DataParallelFullStep,
+    collective_bytes,
 )
 from absign_jax.sgd_sai import ScaleBySaiState, scale_by_sai, sgd_sai
 from absign_jax.optimizers import absignsgd, block_adam, check_hyperparams, sign_sgd
@@ -39,6 +44,7 @@ from absign_jax.selection import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DataParallelBlockStep", "DataParallelFullStep", "collective_bytes", "distributed",
     "ScaleByAliasState", "ScaleBySaiState", "SignSGDEstimates", "alias_absignsgd",
     "alias_sign_sgd", "scale_by_alias", "scale_by_sai", "sgd_sai", "sign_sgd_estimates",
     "sos_step_size",
