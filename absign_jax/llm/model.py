@@ -38,7 +38,12 @@ The partial-backprop training step runs the model piece by piece:
   (chunked) float32 cross-entropy averaged over the tokens with ``mask > 0``.
 
 ``model(inputs)`` returns float32 logits and ``model.loss(batch)`` equals
-``head_loss(run_layers(embed(inputs)), targets, mask)``.
+``head_loss(run_layers(embed(inputs)), targets, mask)``, i.e.
+``sum(nll * mask) / sum(mask)``.
+
+Also here: :func:`generate` (greedy or sampled, with a key/value cache, in one
+jitted ``while_loop``), :func:`eval_loss` (token-weighted loss over batches)
+and :func:`convert_layout` (list <-> stacked copy of the same weights).
 
 Precision: matmuls run in the parameter dtype (float32 or bfloat16) with float32
 accumulation for attention scores and logits; RMSNorm statistics, softmax and the
