@@ -31,7 +31,8 @@ def loss_fell(out: str) -> tuple[float, float]:
 
 
 def test_every_example_is_tested():
-  tested = {"quickstart_optax.py", "nnx_training_loop.py", "inspect_schedule.py"}
+  tested = {"quickstart_optax.py", "nnx_training_loop.py", "inspect_schedule.py",
+            "multiprocess_launch.py"}  # the last one runs in tests/test_distributed.py
   assert {p.name for p in EXAMPLES.glob("*.py")} <= tested
 
 
