@@ -27,6 +27,23 @@ stacked blocks (measured choices: see BENCHMARKS.md).
 A step whose block gradient or loss is not finite changes nothing: parameters and
 optimizer state are returned as they were (the block keeps its turn) and
 ``metrics["skipped"]`` is 1.
+
+Two calling forms:
+
+* ``params, opt_state, metrics = step(params, opt_state, batch)``: the plain step
+  (the update is computed in the gradient's dtype and cast to the parameter dtype).
+* ``state, metrics = step(state, batch)`` with ``state = step.init(params, opt_state)``,
+  a :class:`TrainState`: the step also carries a
+  :class:`~absign_jax.precision.PrecisionState` (SPEC §5): a dynamic loss scale
+  (``loss_scale=``), stochastic rounding of low-precision weights
+  (``rounding="stochastic"``), a float32 master copy of the active block
+  (``master_copy=True``) and the skip counters (``consecutive_skips``,
+  ``skipped_total``, also in the metrics). The block gradient is unscaled and the
+  update computed in float32, then rounded once to the parameter dtype. Too many
+  non-finite steps in a row (``max_consecutive_skips``) or a loss scale below its
+  minimum raise ``FloatingPointError`` at the next call, before anything is donated.
+  The options that need the state (loss scale, stochastic rounding, master copy)
+  are refused by the plain form.
 """
 
 from __future__ import annotations
@@ -40,6 +57,7 @@ import numpy as np
 import optax
 
 from absign_jax import partition as partition_lib
+from absign_jax import precision as precision_lib
 from absign_jax.block_coordinate import active_block, find_state
 
 PyTree = Any
@@ -68,6 +86,22 @@ class LayeredLoss(NamedTuple):
     h, _ = jax.lax.scan(lambda h, w: (self.layer(w, h), None), h,
                         _subtree(params, self.stack_path))
     return self.head_loss(params, h, batch)
+
+
+class TrainState(NamedTuple):
+  """Everything a :class:`BlockTrainStep` in state form reads and writes.
+
+  A plain pytree (checkpoint it whole, see :mod:`absign_jax.checkpoint`).
+
+  Attributes:
+    params: the parameter tree.
+    opt_state: the optimizer state (block selection included).
+    precision: the :class:`~absign_jax.precision.PrecisionState`.
+  """
+
+  params: PyTree
+  opt_state: PyTree
+  precision: precision_lib.PrecisionState
 
 
 def _subtree(params, path):
@@ -99,9 +133,20 @@ class BlockTrainStep:
     layered: the model's pieces, needed for fast stacked-layer blocks.
     dispatch: ``"auto"``, ``"per_block"`` or ``"switch"``.
     donate: donate parameter and optimizer-state buffers (updated in place).
+    loss_scale: state form only: ``None`` (off), ``"dynamic"`` or a
+      :class:`~absign_jax.precision.DynamicLossScale`, or a number (a static scale).
+    rounding: how updated weights are cast to their dtype, ``"nearest"`` or
+      ``"stochastic"`` (state form; keyed by ``seed`` and the step count).
+    master_copy: state form: keep a float32 copy of the active block (see
+      :mod:`absign_jax.precision` for its memory cost).
+    seed: seed of the stochastic rounding (stored in the state by :meth:`init`).
+    max_consecutive_skips: state form: raise ``FloatingPointError`` once this many
+      steps in a row had a non-finite gradient or loss (None: never).
 
-  Call it as ``params, opt_state, metrics = step(params, opt_state, batch)``;
-  ``metrics`` holds ``loss``, ``block``, ``grad_norm`` (of the block) and ``skipped``.
+  Call it as ``params, opt_state, metrics = step(params, opt_state, batch)`` or, in
+  state form, ``state, metrics = step(state, batch)``. ``metrics`` holds ``loss``,
+  ``block``, ``grad_norm`` (of the block) and ``skipped``; the state form adds
+  ``loss_scale``, ``consecutive_skips`` and ``skipped_total``.
 
   Example:
     >>> import jax.numpy as jnp, absign_jax
@@ -116,15 +161,31 @@ class BlockTrainStep:
 
   def __init__(self, loss_fn: LossFn, tx: optax.GradientTransformation, *,
                layered: LayeredLoss | None = None, dispatch: str = "auto",
-               donate: bool = True):
+               donate: bool = True,
+               loss_scale: precision_lib.DynamicLossScale | str | float | None = None,
+               rounding: str = "nearest", master_copy: bool = False, seed: int = 0,
+               max_consecutive_skips: int | None = 20):
     if dispatch not in ("auto", "per_block", "switch"):
       raise ValueError(f"dispatch must be 'auto', 'per_block' or 'switch', got "
                        f"{dispatch!r}.")
+    if rounding not in precision_lib.ROUNDINGS:
+      raise ValueError(f"rounding must be one of {precision_lib.ROUNDINGS}, got "
+                       f"{rounding!r}.")
+    if max_consecutive_skips is not None and (
+        not isinstance(max_consecutive_skips, (int, np.integer))
+        or max_consecutive_skips < 1):
+      raise ValueError(f"max_consecutive_skips must be an int >= 1 or None, got "
+                       f"{max_consecutive_skips!r}.")
     self.loss_fn = loss_fn
     self.tx = tx
     self.layered = layered
     self.dispatch = dispatch
-    donate_argnums = (0, 1) if donate else ()
+    self.loss_scale = precision_lib.resolve_loss_scale(loss_scale)
+    self.rounding = rounding
+    self.master_copy = bool(master_copy)
+    self.seed = int(seed)
+    self.max_consecutive_skips = max_consecutive_skips
+    donate_argnums = (0, 1, 2) if donate else ()
     self._per_block = jax.jit(self._static_block_step, static_argnums=0,
                               donate_argnums=tuple(d + 1 for d in donate_argnums))
     self._switch = jax.jit(self._switch_step, donate_argnums=donate_argnums)
@@ -132,21 +193,96 @@ class BlockTrainStep:
 
   # -- public -----------------------------------------------------------------------
 
-  def __call__(self, params, opt_state, batch):
-    return self._select(params, opt_state)(params, opt_state, batch)
+  @property
+  def needs_state(self) -> bool:
+    """Whether the options need the state form (:meth:`init`)."""
+    return (self.loss_scale is not None or self.rounding != "nearest"
+            or self.master_copy)
 
-  def lower(self, params, opt_state, batch, block: int | None = None):
+  def init(self, params: PyTree, opt_state: PyTree | None = None) -> TrainState:
+    """The :class:`TrainState` to start from (``opt_state`` defaults to ``tx.init``)."""
+    if opt_state is None:
+      opt_state = self.tx.init(params)
+    # The step returns strongly typed state (jnp.where); a weakly typed input leaf
+    # (optax.inject_hyperparams keeps Python ints weak) would retrace the second step.
+    opt_state = jax.tree.map(
+        lambda x: jnp.asarray(x, x.dtype) if getattr(x, "weak_type", False) else x,
+        opt_state)
+    spec = find_state(opt_state).partition.spec(params) if self.master_copy else None
+    prec = precision_lib.init_precision_state(
+        spec, jax.tree.leaves(params), loss_scale=self.loss_scale,
+        master_copy=self.master_copy, seed=self.seed)
+    return TrainState(params, opt_state, prec)
+
+  def check(self, state: TrainState) -> None:
+    """Raises ``FloatingPointError`` if training cannot make progress any more.
+
+    That is: ``max_consecutive_skips`` steps in a row had a non-finite gradient or
+    loss, or the dynamic loss scale fell below its ``min_scale``. Called by every
+    state-form step on its input (one scalar read).
+    """
+    prec = state.precision
+    limit = self.max_consecutive_skips
+    if limit is not None:
+      skips = int(prec.consecutive_skips)
+      if skips >= limit:
+        raise FloatingPointError(
+            f"{skips} training steps in a row had a non-finite (inf/NaN) block "
+            f"gradient or loss (limit max_consecutive_skips={limit}); parameters have "
+            f"not changed since. Loss scale {float(prec.loss_scale.scale):g}. Check "
+            "the data and the learning rate, or train in bf16/fp32 instead of fp16.")
+    if self.loss_scale is not None:
+      scale = float(prec.loss_scale.scale)
+      if scale < self.loss_scale.min_scale:
+        raise FloatingPointError(
+            f"the loss scale underflowed to {scale:g} (< min_scale "
+            f"{self.loss_scale.min_scale:g}): gradients overflow float16 even "
+            "unscaled. Check the loss for inf/NaN, or train in bf16/fp32.")
+
+  def __call__(self, *args):
+    """``step(params, opt_state, batch)`` or ``step(state, batch)`` (see the class)."""
+    if len(args) == 2 and isinstance(args[0], TrainState):
+      state, batch = args
+      self.check(state)
+      fn = self._select(state.params, state.opt_state)
+      params, opt_state, prec, metrics = fn(state.params, state.opt_state,
+                                            state.precision, batch)
+      return TrainState(params, opt_state, prec), metrics
+    if len(args) != 3 or isinstance(args[0], TrainState):
+      raise TypeError("call the step as step(params, opt_state, batch) or "
+                      "step(state, batch) with state = step.init(params, opt_state).")
+    if self.needs_state:
+      raise ValueError(
+          "this step has loss scaling, stochastic rounding or a master copy, which "
+          "keep state: call it as state, metrics = step(state, batch) with "
+          "state = step.init(params, opt_state).")
+    params, opt_state, batch = args
+    params, opt_state, _, metrics = self._select(params, opt_state)(
+        params, opt_state, None, batch)
+    return params, opt_state, metrics
+
+  def lower(self, *args, block: int | None = None):
     """The lowered program that would run (``.compile().memory_analysis()`` sizes it).
 
-    With per-block dispatch, ``block`` picks the variant (default: the active one).
+    Takes the arguments of a call: ``(params, opt_state, batch)`` or
+    ``(state, batch)``. With per-block dispatch, ``block`` picks the variant
+    (default: the active one); it may also be given positionally after the batch.
     """
+    if isinstance(args[0], TrainState):
+      (state, batch), rest = args[:2], args[2:]
+      params, opt_state, prec = state
+    else:
+      (params, opt_state, batch), rest = args[:3], args[3:]
+      prec = None
+    if rest:
+      block, = rest
     mode, spec = self._mode(params, opt_state)
     if mode == "switch":
-      return self._switch.lower(params, opt_state, batch)
+      return self._switch.lower(params, opt_state, prec, batch)
     b = int(active_block(opt_state)) if block is None else block
     if self._is_stacked(spec, b):
-      return self._stacked.lower(params, opt_state, batch)
-    return self._per_block.lower(b, params, opt_state, batch)
+      return self._stacked.lower(params, opt_state, prec, batch)
+    return self._per_block.lower(b, params, opt_state, prec, batch)
 
   # -- dispatch ---------------------------------------------------------------------
 
@@ -171,43 +307,113 @@ class BlockTrainStep:
     b = int(active_block(opt_state))  # the one host read dispatch needs
     if self._is_stacked(spec, b):
       return self._stacked
-    return lambda p, s, x: self._per_block(b, p, s, x)
+    return lambda p, s, q, x: self._per_block(b, p, s, q, x)
 
   # -- programs ---------------------------------------------------------------------
 
-  def _finish(self, spec, flat, treedef, b, grads, loss, params, opt_state, j=None):
+  def _scaled(self, f, prec):
+    """``f`` returning ``(loss * scale, loss)`` for ``value_and_grad(has_aux=True)``."""
+    if prec is None or self.loss_scale is None:
+      return lambda *a: (lambda l: (l, l))(f(*a))
+    scale = prec.loss_scale.scale
+    return lambda *a: (lambda l: (l.astype(jnp.float32) * scale, l))(f(*a))
+
+  def _finish(self, spec, flat, treedef, b, grads, loss, params, opt_state, prec,
+              j=None):
     """Optimizer update for block ``b`` (or the stacked slice ``j``) and the apply."""
     if j is None:
       members = spec.members[b]
+      block_id = b
     else:
-      members = [(i, j) for i, _ in spec.members[spec.stacked_range()[0]]]
+      lo = spec.stacked_range()[0]
+      members = [(i, j) for i, _ in spec.members[lo]]
+      block_id = j + lo
+    finite = _all_finite(loss, grads)
+    if prec is not None:  # unscale, and compute the update in float32
+      grads = [g.astype(jnp.float32) for g in grads]
+      if self.loss_scale is not None:
+        grads = [g / prec.loss_scale.scale for g in grads]
     sparse = [None] * len(flat)
     for (i, _), g in zip(members, grads):
       sparse[i] = g
     sparse_tree = jax.tree.unflatten(treedef, sparse)
-    updates, new_state = self.tx.update(
-        sparse_tree, opt_state, params, block=b if j is None else j + spec.stacked_range()[0])
+    updates, new_state = self.tx.update(sparse_tree, opt_state, params, block=block_id)
     upd = jax.tree.flatten(updates, is_leaf=lambda x: x is None)[0]
-    finite = _all_finite(loss, grads)
     new_flat = list(flat)
-    for i, s in members:
-      p = flat[i]
-      if s is None:
-        new_flat[i] = jnp.where(finite, (p + upd[i]).astype(p.dtype), p)
-      else:
-        old = jax.lax.dynamic_index_in_dim(p, s, 0, keepdims=False)
-        new = jnp.where(finite, (old + upd[i]).astype(p.dtype), old)
-        new_flat[i] = jax.lax.dynamic_update_index_in_dim(p, new, s, 0)
-    new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, opt_state)
+    if prec is None:
+      for i, s in members:
+        p = flat[i]
+        if s is None:
+          new_flat[i] = jnp.where(finite, (p + upd[i]).astype(p.dtype), p)
+        else:
+          old = jax.lax.dynamic_index_in_dim(p, s, 0, keepdims=False)
+          new = jnp.where(finite, (old + upd[i]).astype(p.dtype), old)
+          new_flat[i] = jax.lax.dynamic_update_index_in_dim(p, new, s, 0)
+      new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state,
+                               opt_state)
+      new_prec = None
+    else:
+      new_flat, new_prec = self._apply_precise(
+          spec, flat, members, upd, finite, prec, block_id, b if j is None else lo)
+      # Float32 gradients must not change the dtype of a low-precision optimizer state.
+      new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o).astype(o.dtype),
+                               new_state, opt_state)
     metrics = {
         "loss": loss,
         "block": find_state(opt_state).active,
         "grad_norm": _block_norm(grads),
         "skipped": jnp.logical_not(finite).astype(jnp.int32),
     }
-    return jax.tree.unflatten(treedef, new_flat), new_state, metrics
+    if new_prec is not None:
+      metrics.update(loss_scale=prec.loss_scale.scale,
+                     consecutive_skips=new_prec.consecutive_skips,
+                     skipped_total=new_prec.skipped_total)
+    return jax.tree.unflatten(treedef, new_flat), new_state, new_prec, metrics
 
-  def _static_block_step(self, b, params, opt_state, batch):
+  def _apply_precise(self, spec, flat, members, upd, finite, prec, block_id,
+                     group_block):
+    """``p + u`` in float32, from the master copy if any, rounded once."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(prec.rng), prec.count)
+    master, master_block = prec.master, prec.master_block
+    if self.master_copy:
+      leaves = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in flat]
+      gid = int(precision_lib.block_groups(spec, leaves)[0][group_block])
+      slot = list(master[gid])
+      fresh = master_block[gid] != block_id  # a block switch: start from the weights
+    new_flat = list(flat)
+    for k, (i, s) in enumerate(members):
+      p = flat[i]
+      old = p if s is None else jax.lax.dynamic_index_in_dim(p, s, 0, keepdims=False)
+      base = old.astype(jnp.float32)
+      if self.master_copy:
+        base = jnp.where(fresh, base, slot[k])
+      new32 = base + upd[i].astype(jnp.float32)
+      new = precision_lib.round_to(new32, p.dtype, self.rounding,
+                                   jax.random.fold_in(key, k))
+      new = jnp.where(finite, new, old)
+      if self.master_copy:
+        slot[k] = jnp.where(finite, new32, slot[k])
+      new_flat[i] = new if s is None else jax.lax.dynamic_update_index_in_dim(
+          p, new, s, 0)
+    if self.master_copy:
+      master = tuple(tuple(slot) if g == gid else m for g, m in enumerate(master))
+      master_block = master_block.at[gid].set(
+          jnp.where(finite, block_id, master_block[gid]).astype(jnp.int32))
+    skipped = jnp.logical_not(finite).astype(jnp.int32)
+    new_prec = precision_lib.PrecisionState(
+        count=prec.count + 1,
+        rng=prec.rng,
+        loss_scale=precision_lib.update_loss_scale(self.loss_scale, prec.loss_scale,
+                                                   finite),
+        consecutive_skips=jnp.where(finite, 0, prec.consecutive_skips + 1
+                                    ).astype(jnp.int32),
+        skipped_total=prec.skipped_total + skipped,
+        master=master,
+        master_block=master_block,
+    )
+    return new_flat, new_prec
+
+  def _static_block_step(self, b, params, opt_state, prec, batch):
     spec = find_state(opt_state).partition.spec(params)
     flat, treedef = jax.tree.flatten(params)
     members = spec.members[b]
@@ -218,11 +424,11 @@ class BlockTrainStep:
         leaves[i] = v if s is None else leaves[i].at[s].set(v)
       return self.loss_fn(jax.tree.unflatten(treedef, leaves), batch)
 
-    loss, grads = jax.value_and_grad(block_loss)(
+    (_, loss), grads = jax.value_and_grad(self._scaled(block_loss, prec), has_aux=True)(
         partition_lib.gather_block(spec, flat, b))
-    return self._finish(spec, flat, treedef, b, grads, loss, params, opt_state)
+    return self._finish(spec, flat, treedef, b, grads, loss, params, opt_state, prec)
 
-  def _stacked_step(self, params, opt_state, batch):
+  def _stacked_step(self, params, opt_state, prec, batch):
     lay = self.layered
     spec = find_state(opt_state).partition.spec(params)
     lo, hi = spec.stacked_range()
@@ -246,14 +452,16 @@ class BlockTrainStep:
       out, _ = jax.lax.scan(above, out, (stack, jnp.arange(n)))
       return lay.head_loss(params, out, batch)
 
-    loss, g_tree = jax.value_and_grad(loss_from_active)(take(j))
+    (_, loss), g_tree = jax.value_and_grad(
+        self._scaled(loss_from_active, prec), has_aux=True)(take(j))
     grads = jax.tree.leaves(g_tree)
     if len(grads) != len(spec.members[lo]):
       raise ValueError("LayeredLoss.stack_path does not point at the stacked layers "
                        "the block partition found.")
-    return self._finish(spec, flat, treedef, None, grads, loss, params, opt_state, j=j)
+    return self._finish(spec, flat, treedef, None, grads, loss, params, opt_state, prec,
+                        j=j)
 
-  def _switch_step(self, params, opt_state, batch):
+  def _switch_step(self, params, opt_state, prec, batch):
     spec = find_state(opt_state).partition.spec(params)
     rng = spec.stacked_range()
     branches, table = [], []
@@ -263,10 +471,10 @@ class BlockTrainStep:
           branches.append(self._stacked_step)
         table.append(len(branches) - 1)
       else:
-        branches.append(lambda p, s, x, b=b: self._static_block_step(b, p, s, x))
+        branches.append(lambda p, s, q, x, b=b: self._static_block_step(b, p, s, q, x))
         table.append(len(branches) - 1)
     index = jnp.asarray(np.asarray(table, np.int32))[find_state(opt_state).active]
-    return jax.lax.switch(index, branches, params, opt_state, batch)
+    return jax.lax.switch(index, branches, params, opt_state, prec, batch)
 
 
 class FullTrainStep:
