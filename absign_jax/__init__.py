@@ -5,7 +5,16 @@ Data flows one way: partition -> selection -> block_coordinate -> optimizers ->
 training step.
 """
 
-from absign_jax import distributed, selection
+from absign_jax import checkpoint, distributed, precision, selection
+from absign_jax.checkpoint import Checkpointer, Restored
+from absign_jax.precision import (
+    DynamicLossScale,
+    LossScaleState,
+    Policy,
+    PrecisionState,
+    policy,
+    stochastic_round,
+)
 from absign_jax.block_coordinate import (
     BlockCoordinateState,
     active_block,
@@ -29,7 +38,14 @@ from absign_jax.distributed import (
 from absign_jax.sgd_sai import ScaleBySaiState, scale_by_sai, sgd_sai
 from absign_jax.optimizers import absignsgd, block_adam, check_hyperparams, sign_sgd
 from absign_jax.partition import BlockSpec, LeafBlock, block_spec
-from absign_jax.step import BlockTrainStep, FullTrainStep, LayeredLoss, NnxParts, split_nnx
+from absign_jax.step import (
+    BlockTrainStep,
+    FullTrainStep,
+    LayeredLoss,
+    NnxParts,
+    TrainState,
+    split_nnx,
+)
 from absign_jax.selection import (
     BlockSelection,
     SelectionState,
@@ -44,6 +60,8 @@ from absign_jax.selection import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Checkpointer", "DynamicLossScale", "LossScaleState", "Policy", "PrecisionState",
+    "Restored", "TrainState", "checkpoint", "policy", "precision", "stochastic_round",
     "DataParallelBlockStep", "DataParallelFullStep", "collective_bytes", "distributed",
     "ScaleByAliasState", "ScaleBySaiState", "SignSGDEstimates", "alias_absignsgd",
     "alias_sign_sgd", "scale_by_alias", "scale_by_sai", "sgd_sai", "sign_sgd_estimates",

@@ -102,36 +102,6 @@ def _is_none(x):
   return x is None
 
 
-def _groups(spec: partition_lib.BlockSpec, leaves) -> tuple[np.ndarray, list[int]]:
-  """Group id of every block (blocks with equal shapes and dtypes share one)."""
-  signatures: dict[tuple, int] = {}
-  group_of = []
-  first_block = []
-  for b in range(spec.num_blocks):
-    sig = tuple(
-        (x.shape, x.dtype.name)
-        for x in partition_lib.gather_block(spec, [_ShapeOnly(l) for l in leaves], b)
-    )
-    if sig not in signatures:
-      signatures[sig] = len(signatures)
-      first_block.append(b)
-    group_of.append(signatures[sig])
-  return np.asarray(group_of, np.int32), first_block
-
-
-class _ShapeOnly:
-  """Indexes like an array but only tracks shape and dtype (no data is touched)."""
-
-  def __init__(self, x):
-    self.shape = tuple(np.shape(x))
-    self.dtype = np.dtype(x.dtype)
-
-  def __getitem__(self, index):
-    out = _ShapeOnly.__new__(_ShapeOnly)
-    out.shape, out.dtype = self.shape[1:], self.dtype
-    return out
-
-
 def block_coordinate(
     inner: optax.GradientTransformation,
     *,
@@ -180,7 +150,7 @@ def block_coordinate(
     spec = spec_of(params)
     _, leaves = partition_lib.leaf_paths(params)
     leaves = [jnp.asarray(getattr(l, "value", l)) for l in leaves]
-    group_of, first_block = _groups(spec, leaves)
+    group_of, first_block = partition_lib.block_groups(spec, leaves)
     inner_states = tuple(
         inner.init(partition_lib.gather_block(spec, leaves, b)) for b in first_block
     )
@@ -207,7 +177,7 @@ def block_coordinate(
                        "is read from them): call tx.update(grads, state, params).")
     spec = spec_of(params)
     _, p_leaves = partition_lib.leaf_paths(params)
-    group_of, _ = _groups(spec, p_leaves)
+    group_of, _ = partition_lib.block_groups(spec, p_leaves)
     stacked = spec.stacked_range()
     if block is None:
       g_leaves, treedef = jax.tree.flatten(updates)

@@ -401,3 +401,31 @@ def scatter_block(
   for (i, s), v in zip(spec.members[block], values):
     out[i] = v if s is None else out[i].at[s].set(v)
   return out
+
+
+class ShapeOnly:
+  """Shape/dtype stand-in that slices like a stacked leaf (touches no data)."""
+
+  def __init__(self, shape, dtype):
+    self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+
+  def __getitem__(self, index):
+    return ShapeOnly(self.shape[1:], self.dtype)
+
+
+def block_groups(spec: BlockSpec, leaves: Sequence[Any]) -> tuple[np.ndarray, list[int]]:
+  """Group id of every block, and the first block of each group.
+
+  Blocks whose arrays have equal shapes and dtypes form one group: a stateful inner
+  transformation (or a master copy) needs one state per group, not per block.
+  """
+  signatures: dict[tuple, int] = {}
+  group_of, first = [], []
+  shaped = [ShapeOnly(np.shape(x), x.dtype) for x in leaves]
+  for b in range(spec.num_blocks):
+    sig = tuple((x.shape, x.dtype.name) for x in gather_block(spec, shaped, b))
+    if sig not in signatures:
+      signatures[sig] = len(signatures)
+      first.append(b)
+    group_of.append(signatures[sig])
+  return np.asarray(group_of, np.int32), first

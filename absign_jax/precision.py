@@ -284,32 +284,7 @@ class PrecisionState(NamedTuple):
   master_block: jax.Array
 
 
-class _ShapeOnly:
-  """Shape/dtype stand-in that slices like a stacked leaf (no data)."""
-
-  def __init__(self, shape, dtype):
-    self.shape, self.dtype = tuple(shape), jnp.dtype(dtype)
-
-  def __getitem__(self, index):
-    return _ShapeOnly(self.shape[1:], self.dtype)
-
-
-def block_groups(spec: partition_lib.BlockSpec, leaves) -> tuple[np.ndarray, list[int]]:
-  """Group id of every block and the first block of each group.
-
-  Blocks whose leaves have equal shapes and dtypes form one group (the grouping of
-  :func:`absign_jax.block_coordinate`'s inner state).
-  """
-  signatures: dict[tuple, int] = {}
-  group_of, first = [], []
-  shaped = [_ShapeOnly(np.shape(l), l.dtype) for l in leaves]
-  for b in range(spec.num_blocks):
-    sig = tuple((x.shape, x.dtype.name) for x in partition_lib.gather_block(spec, shaped, b))
-    if sig not in signatures:
-      signatures[sig] = len(signatures)
-      first.append(b)
-    group_of.append(signatures[sig])
-  return np.asarray(group_of, np.int32), first
+block_groups = partition_lib.block_groups
 
 
 def init_precision_state(spec: partition_lib.BlockSpec | None, leaves, *,
@@ -329,7 +304,7 @@ def init_precision_state(spec: partition_lib.BlockSpec | None, leaves, *,
     if spec is None:
       raise ValueError("master_copy needs the block partition.")
     _, first = block_groups(spec, leaves)
-    shaped = [_ShapeOnly(np.shape(l), l.dtype) for l in leaves]
+    shaped = [partition_lib.ShapeOnly(np.shape(l), l.dtype) for l in leaves]
     master = tuple(
         tuple(jnp.zeros(x.shape, jnp.float32)
               for x in partition_lib.gather_block(spec, shaped, b))
