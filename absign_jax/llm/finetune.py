@@ -63,21 +63,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="peak learning rate (default: per optimizer, see DEFAULT_LR)")
   p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"))
   p.add_argument("--warmup", type=int, default=5, help="warm-up steps")
-  p.add_argument("--steps", type=int, default=120)
+  p.add_argument("--steps", type=int, default=60)
   p.add_argument("--time-budget", type=float, default=None,
                  help="stop training after this many seconds (wall-clock)")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=128, help="sequence length")
-  p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+  p.add_argument("--precision", default="fp32", choices=absign_jax.precision.POLICIES,
+                 help="bf16-sr: bf16 weights with stochastic rounding; bf16-master: fp32 "
+                 "copy of the active block; fp16: dynamic loss scaling")
   p.add_argument("--depth-bias", type=float, default=10.0)
   p.add_argument("--selection", default="depth_biased",
                  choices=absign_jax.selection.SCHEMES)
   p.add_argument("--weight-decay", type=float, default=0.0)
-  p.add_argument("--eval-every", type=int, default=40)
+  p.add_argument("--eval-every", type=int, default=20)
   p.add_argument("--eval-seqs", type=int, default=16,
                  help="held-out sequences for the evaluations during training")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="output directory")
+  p.add_argument("--ckpt-every", type=int, default=50,
+                 help="save an orbax checkpoint every this many steps (0: only at the end)")
+  p.add_argument("--resume", action="store_true",
+                 help="continue from the latest complete checkpoint in --out")
   p.add_argument("--remat", action="store_true", help="rematerialise each layer")
   p.add_argument("--generate", default=None, metavar="PROMPT",
                  help="after training, answer this prompt with the chat template")
@@ -90,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.error(f"--steps must be >= 1, got {args.steps}")
   if args.batch < 1 or args.seq < 2:
     p.error("--batch must be >= 1 and --seq >= 2")
+  if args.resume and args.compare:
+    p.error("--resume continues one run: drop --compare")
   if args.compare:
     names = [n.strip() for n in args.compare.split(",") if n.strip()]
     bad = [n for n in names if n not in OPTIMIZERS]
@@ -200,49 +208,72 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
   """Trains one optimizer from the pretrained weights; writes its outputs."""
   tokenizer, train_set, heldout = loaded.tokenizer, loaded.train, loaded.heldout
   os.makedirs(out_dir, exist_ok=True)
+  policy = absign_jax.policy(args.precision)
   _, model, _ = gguf_lib.load_gguf(
-      args.gguf, dtype="bfloat16" if args.precision == "bf16" else "float32",
-      scan_layers=True, remat=args.remat, loss_chunk=512)
+      args.gguf, dtype=policy.config_dtype, scan_layers=True, remat=args.remat,
+      loss_chunk=512)
   parts = absign_jax.split_nnx(model)
-  params = parts.params
+  params = policy.cast_params(parts.params)
   tx = make_optimizer(args, name)
-  opt_state = tx.init(params)
   if name in BLOCK_OPTIMIZERS:
-    step = absign_jax.BlockTrainStep(parts.loss_fn, tx, layered=parts.layered)
+    block_step = absign_jax.BlockTrainStep(parts.loss_fn, tx, layered=parts.layered,
+                                           seed=args.seed, **policy.step_options())
+    state = block_step.init(params)
+    step, run_step = block_step, block_step
   else:
+    if policy.name not in ("fp32", "bf16"):
+      raise ValueError(f"--precision {policy.name} needs a block optimizer "
+                       f"({', '.join(BLOCK_OPTIMIZERS)}); {name} supports fp32 and bf16.")
     step = absign_jax.FullTrainStep(parts.loss_fn, tx)
+    state = absign_jax.TrainState(params, tx.init(params),
+                                  absign_jax.precision.init_precision_state(None, []))
+
+    def run_step(state, batch):
+      params, opt_state, metrics = step(state.params, state.opt_state, batch)
+      return state._replace(params=params, opt_state=opt_state), metrics
   batches = data_lib.Batches(train_set, args.batch, seed=args.seed)
 
   # The pretrained model's figures are the same for every run: computed once.
   before = loaded.cache.setdefault((args.precision, args.forgetting), {})
   if not before:
-    before["ppl_before"] = math.exp(evaluate(parts, params, heldout, args.batch))
+    before["ppl_before"] = math.exp(evaluate(parts, state.params, heldout, args.batch))
     if args.forgetting:
       second = second_text_set(tokenizer, args.seq)
       before["second_text_ppl_before"] = math.exp(
-          evaluate(parts, params, second, args.batch))
-      before["chat_before"] = {q: chat(parts, params, tokenizer, q) for q in CHAT_PROMPTS}
+          evaluate(parts, state.params, second, args.batch))
+      before["chat_before"] = {q: chat(parts, state.params, tokenizer, q)
+                               for q in CHAT_PROMPTS}
   ppl_before = before["ppl_before"]
   forgetting = {k: v for k, v in before.items() if k != "ppl_before"}
-  log = open(os.path.join(out_dir, "metrics.jsonl"), "w")
+  ckpt = absign_jax.Checkpointer(os.path.join(out_dir, "checkpoints"), max_to_keep=2,
+                                 metadata={"optimizer": name, "precision": args.precision})
+  start = 0
+  if args.resume:
+    restored = ckpt.restore_latest(state)
+    if restored is None:
+      raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt.directory}")
+    state, start = restored.state, restored.data_state["step"]
+    print(f"[{name}] resumed from step {start}", flush=True)
+  log = open(os.path.join(out_dir, "metrics.jsonl"), "a" if args.resume else "w")
   curve, eval_curve = [], [(0.0, ppl_before)]
   print(f"[{name}] held-out perplexity before: {ppl_before:.3f}", flush=True)
 
   bar = None
   if not args.no_progress:
     from tqdm import tqdm
-    bar = tqdm(total=args.steps, desc=name, dynamic_ncols=True, file=sys.stdout)
+    bar = tqdm(total=args.steps, initial=start, desc=name, dynamic_ncols=True,
+               file=sys.stdout)
   wall = 0.0  # training wall-clock: evaluations and the first (compiling) step excluded
   first_step_s = 0.0
   tokens = 0
   losses = []
-  step_idx = 0
-  for step_idx in range(1, args.steps + 1):
+  step_idx = start
+  for step_idx in range(start + 1, args.steps + 1):
     batch = {k: jnp.asarray(v) for k, v in batches.batch_at(step_idx - 1).items()}
     t0 = time.perf_counter()
-    params, opt_state, metrics = step(params, opt_state, batch)
+    state, metrics = run_step(state, batch)
     loss = float(metrics["loss"])  # waits for the step: the clock covers its compute
-    if step_idx == 1:  # compilation: reported apart, so budgets compare training speed
+    if step_idx == start + 1:  # compilation: reported apart, so budgets compare training speed
       first_step_s = time.perf_counter() - t0
     else:
       wall += time.perf_counter() - t0
@@ -257,15 +288,23 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
                       block=record["block"])
       bar.update(1)
     if step_idx % args.eval_every == 0 and step_idx < args.steps:
-      ppl = math.exp(evaluate(parts, params, heldout, args.batch, args.eval_seqs))
+      ppl = math.exp(evaluate(parts, state.params, heldout, args.batch, args.eval_seqs))
       record["heldout_ppl_subset"] = ppl
       eval_curve.append((wall, ppl))
+    if "skipped" in metrics:
+      record["skipped"] = int(metrics["skipped"])
     log.write(json.dumps(record) + "\n")
+    if args.ckpt_every and step_idx % args.ckpt_every == 0:
+      ckpt.save(step_idx, state, {"step": step_idx})  # asynchronous
     if args.time_budget is not None and wall >= args.time_budget:
       break
   if bar is not None:
     bar.close()
   log.close()
+  if step_idx > start and (not args.ckpt_every or step_idx % args.ckpt_every):
+    ckpt.save(step_idx, state, {"step": step_idx})
+  ckpt.close()
+  params, opt_state = state.params, state.opt_state
 
   ppl_after = math.exp(evaluate(parts, params, heldout, args.batch))
   eval_curve.append((wall, ppl_after))
@@ -283,9 +322,11 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
       "steps": step_idx,
       "wall_s": wall,
       "tokens_per_s": tokens / max(wall, 1e-9),
+      "skipped_steps": int(state.precision.skipped_total),
       "first_step_s": first_step_s,
       "optimizer_state_bytes": tree_bytes(opt_state),
-      "step_memory_bytes": step_memory_bytes(step, params, opt_state, batch),
+      "step_memory_bytes": step_memory_bytes(step, params, opt_state, batch)
+                           if step_idx > start else None,
       "param_bytes": tree_bytes(params),
       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
       "peak_device_bytes": peak_device_bytes(),
