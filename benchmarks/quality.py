@@ -34,6 +34,7 @@ SETTINGS = [
     ("adamw lr=1e-4", "adamw", {"lr": 1e-4}),
     ("block_adam lr=1e-5", "block_adam", {"lr": 1e-5}),
     ("block_adam lr=1e-4", "block_adam", {"lr": 1e-4}),
+    ("alias_absignsgd (no lr)", "alias_absignsgd", {}),
 ]
 
 
@@ -45,13 +46,17 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=128)
   p.add_argument("--eval-every", type=int, default=25)
-  p.add_argument("--only", default=None, help="comma-separated labels substrings to run")
+  p.add_argument("--only", default=None,
+                 help="comma-separated setting labels to run (exact labels from SETTINGS)")
   p.add_argument("--out", default="runs/quality")
   a = p.parse_args(argv)
   settings = SETTINGS
   if a.only:
     keys = [k.strip() for k in a.only.split(",")]
-    settings = [s for s in SETTINGS if any(k in s[0] for k in keys)]
+    unknown = [k for k in keys if k not in {s[0] for s in SETTINGS}]
+    if unknown:
+      p.error(f"--only: unknown settings {unknown}; known: {[s[0] for s in SETTINGS]}")
+    settings = [s for s in SETTINGS if s[0] in keys]
 
   base = finetune.parse_args([
       "--steps", str(a.max_steps), "--time-budget", str(a.budget), "--batch", str(a.batch),
