@@ -208,6 +208,17 @@ class BlockTrainStep:
     opt_state = jax.tree.map(
         lambda x: jnp.asarray(x, x.dtype) if getattr(x, "weak_type", False) else x,
         opt_state)
+    # Donation needs distinct buffers: an optimizer state may hold one array twice
+    # (e.g. two counters initialised from the same zeros).
+    seen: set[int] = set()
+
+    def distinct(x):
+      if isinstance(x, jax.Array) and id(x) in seen:
+        return jnp.copy(x)
+      seen.add(id(x))
+      return x
+
+    params, opt_state = jax.tree.map(distinct, (params, opt_state))
     spec = find_state(opt_state).partition.spec(params) if self.master_copy else None
     prec = precision_lib.init_precision_state(
         spec, jax.tree.leaves(params), loss_scale=self.loss_scale,
