@@ -56,7 +56,7 @@ def check_hyperparams(learning_rate: ScalarOrSchedule, weight_decay: float = 0.0
 
 
 def absignsgd(
-    learning_rate: ScalarOrSchedule = 1e-4,
+    learning_rate: ScalarOrSchedule = 3e-4,
     *,
     depth_bias: float = 10.0,
     selection: str | selection_lib.BlockSelection = "depth_biased",
@@ -77,7 +77,9 @@ def absignsgd(
   needed in front of this optimizer.
 
   Args:
-    learning_rate: a float or an optax schedule (counted in optimizer steps).
+    learning_rate: a float or an optax schedule (counted in optimizer steps). The
+      default, 3e-4, is the best of the README's sweep on SmolLM2-135M; at 1e-3 the
+      held-out loss still falls but the chat answers degrade.
     depth_bias: ``c`` in ``tau_i = N + c (N - i)``; 0 gives equal visit rates.
     selection: block selection scheme (see :mod:`absign_jax.selection`).
     weight_decay: decoupled decay, applied to the active block only.

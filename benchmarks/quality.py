@@ -49,7 +49,11 @@ def main(argv=None):
   p.add_argument("--only", default=None,
                  help="comma-separated setting labels to run (exact labels from SETTINGS)")
   p.add_argument("--out", default="runs/quality")
+  p.add_argument("--report", nargs="+", default=None, metavar="DIR",
+                 help="only rebuild the report from earlier sweeps' output directories")
   a = p.parse_args(argv)
+  if a.report:
+    return report(a.report, a.out, a.budget)
   settings = SETTINGS
   if a.only:
     keys = [k.strip() for k in a.only.split(",")]
@@ -66,18 +70,28 @@ def main(argv=None):
   rows, curves = [], {}
   for label, optimizer, overrides in settings:
     args = argparse.Namespace(**{**vars(base), **overrides})
-    result = finetune.train(args, optimizer, loaded,
-                            os.path.join(a.out, label.replace(" ", "_").replace("=", "")))
+    result = finetune.train(args, optimizer, loaded, run_dir(a.out, label))
     rows.append({"setting": label, **result.summary})
     curves[label] = result.eval_curve
 
-  os.makedirs(a.out, exist_ok=True)
-  with open(os.path.join(a.out, "quality.json"), "w") as f:
+  write_report(rows, curves, a.out, a.budget)
+
+
+def run_dir(out: str, label: str) -> str:
+  return os.path.join(out, label.replace(" ", "_").replace("=", ""))
+
+
+def write_report(rows, curves, out, budget) -> None:
+  """quality.json, quality.png and quality.md (printed) for finished settings."""
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "quality.json"), "w") as f:
     json.dump(rows, f, indent=2)
-  finetune.plot_curves(curves, os.path.join(a.out, "quality.png"),
-                       ylabel="held-out perplexity")
-  lines = [f"Budget {a.budget:g} s of training per setting, batch {a.batch} x seq {a.seq}, "
-           f"device {rows[0]['device']}.", "",
+  if curves:
+    finetune.plot_curves(curves, os.path.join(out, "quality.png"),
+                         ylabel="held-out perplexity")
+  r0 = rows[0]
+  lines = [f"Budget {budget:g} s of training per setting, batch {r0['batch']} x seq "
+           f"{r0['seq']}, device {r0['device']}.", "",
            "| setting | steps | held-out ppl before | at budget | second text before "
            "| after | optimizer state MB | step memory MB |",
            "|---|---|---|---|---|---|---|---|"]
@@ -92,9 +106,23 @@ def main(argv=None):
     for q, ans in r["chat_after"].items():
       lines.append(f"- {r['setting']}: {q} -> {ans!r}")
   table = "\n".join(lines)
-  with open(os.path.join(a.out, "quality.md"), "w") as f:
+  with open(os.path.join(out, "quality.md"), "w") as f:
     f.write(table + "\n")
   print(table)
+
+
+def report(dirs: list[str], out: str, budget: float) -> None:
+  """Rebuilds the report from the runs' summary.json files (e.g. of several sweeps)."""
+  rows = []
+  for label, _, _ in SETTINGS:
+    for d in dirs:
+      path = os.path.join(run_dir(d, label), "summary.json")
+      if os.path.exists(path):
+        with open(path) as f:
+          rows.append({"setting": label, **json.load(f)})
+  if not rows:
+    raise SystemExit(f"no summary.json of a known setting under {dirs}")
+  write_report(rows, {}, out, budget)
 
 
 if __name__ == "__main__":
