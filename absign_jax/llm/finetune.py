@@ -284,7 +284,7 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
               "block": int(metrics["block"]) if "block" in metrics else None,
               "grad_norm": float(metrics["grad_norm"])}
     if bar is not None:
-      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / max(wall, 1e-9):.0f}",
+      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / wall:.0f}" if wall else "-",
                       block=record["block"])
       bar.update(1)
     if step_idx % args.eval_every == 0 and step_idx < args.steps:
