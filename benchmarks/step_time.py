@@ -275,14 +275,32 @@ def programs_of(runner: Runner, n: int) -> list[int | None]:
 # ---------------------------------------------------------------------------------
 
 
-def measure_full(method, runner, steps, log):
-  first, _ = runner()
+def aot_compile(runner, prog) -> float:
+  """Seconds to trace, lower and compile one program ahead of time.
+
+  The executable lands in the jit's cache, so the first call that follows does not
+  compile again. Timed on its own, unlike "first call minus a step", so it does not
+  inherit the noise of step times on a shared machine.
+  """
+  t = time.perf_counter()
+  runner.lower(block=prog).compile()
+  return time.perf_counter() - t
+
+
+def measure_full(method, runner, steps, log, compiled_first=None):
+  compile_s = None
+  if compiled_first:  # the compile study paid the compile (lazily, in its first call)
+    first = compiled_first[None]
+  else:
+    compile_s = aot_compile(runner, None)
+    first, _ = runner()
   times = [runner()[0] for _ in range(max(steps, 1))]
   med = _median(times)
+  if compile_s is None:
+    compile_s = max(first - med, 0.0)
   return {"median_step_s": med, "mean_step_s": _mean(times),
           "sequence_mean_step_s": _mean(times), "timed_steps": len(times),
-          "compile_s": max(first - med, 0.0), "programs": 1,
-          "first_call_s": first}
+          "compile_s": compile_s, "programs": 1, "first_call_s": first}
 
 
 def measure_block(method, runner, n, steps, repeats, compiled_first, log):
@@ -292,9 +310,11 @@ def measure_block(method, runner, n, steps, repeats, compiled_first, log):
   """
   programs = programs_of(runner, n)
   first_calls = dict(compiled_first)
+  aot: dict = {}
   t0 = time.perf_counter()
-  for prog in programs:  # warm-up: compile every program once
+  for prog in programs:  # warm-up: compile every program once (ahead of time)
     if prog not in first_calls:
+      aot[prog] = aot_compile(runner, prog)
       first_calls[prog] = runner(block=prog if prog is not None else n - 1)[0]
   log(f"  {method}: {len(programs)} program(s) ready ({time.perf_counter() - t0:.1f} s "
       f"of warm-up here)")
@@ -312,7 +332,10 @@ def measure_block(method, runner, n, steps, repeats, compiled_first, log):
     seq_blocks.append(b)
   steady = {prog: (t_block[prog] if prog is not None else float(np.median(t_block)))
             for prog in first_calls}
-  compile_s = sum(max(first_calls[p] - steady[p], 0.0) for p in first_calls)
+  # Programs compiled here: their AOT time; compiled lazily by the compile study:
+  # first call minus the program's steady step time.
+  compile_s = sum(aot[p] if p in aot else max(first_calls[p] - steady[p], 0.0)
+                  for p in first_calls)
   log(f"  {method}: blocks {t_block.min():.4f}..{t_block.max():.4f} s, "
       f"schedule {seq_blocks[:12]}...")
   return {"median_step_s": _median(seq), "mean_step_s": float(np.sum(f * t_block)),
@@ -404,6 +427,7 @@ def main(argv=None):
     raise SystemExit("qwen3-8b needs an accelerator (about 16 GB of bf16 weights, "
                      "65 GB for adamw); pass --allow-big-cpu to run it on the CPU anyway.")
   jax.config.update("jax_enable_compilation_cache", False)  # honest compile times
+  load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
 
   layout = args.layout or ("stacked" if args.preset == "qwen3-8b" else "list")
   overrides: dict[str, Any] = {"max_seq_len": max(args.seq, 8)}
@@ -452,10 +476,7 @@ def main(argv=None):
       row.update(measure_block(method, runner, n, args.steps, args.block_repeats,
                                compiled_first, log))
     else:
-      row.update(measure_full(method, runner, args.steps, log))
-      if compiled_first:  # the compile study paid the compile: use its first call
-        row["first_call_s"] = compiled_first[None]
-        row["compile_s"] = max(compiled_first[None] - row["median_step_s"], 0.0)
+      row.update(measure_full(method, runner, args.steps, log, compiled_first))
     mem = program_memory(runner, n)
     row["memory_bytes"] = mem["total"]
     row["memory_detail"] = mem
@@ -492,7 +513,7 @@ def main(argv=None):
       "remat": base_cfg.remat, "loss_chunk": base_cfg.loss_chunk, "layout": layout,
       "dispatch": args.dispatch, "steps": args.steps,
       "block_repeats": args.block_repeats,
-      "machine": machine_info(),
+      "machine": dict(machine_info(), load_avg_start=load_start),
       "command": "python benchmarks/step_time.py " + " ".join(
           sys.argv[1:] if argv is None else argv),
       "rows": [rows[m] for m in methods if m in rows],
@@ -609,8 +630,9 @@ def markdown(r: dict) -> str:
       "",
       f"Machine: {mi['backend']} / {mi.get('cpu', mi['device'])} ({mi['cpu_count']} "
       f"cores), jax {mi['jax']}, flax {mi['flax']}, optax {mi['optax']}"
-      + (f"; load average at the end {mi['load_avg'][0]:.1f}"
-         if "load_avg" in mi else "") + ".",
+      + (f"; 1-min load average {mi['load_avg_start'][0]:.1f} at the start, "
+         f"{mi['load_avg'][0]:.1f} at the end"
+         if mi.get("load_avg_start") and "load_avg" in mi else "") + ".",
       f"Command: `{r['command']}`",
       "",
       "| method | median step (s) | mean step (s) | speed-up vs adamw | cost model | "
