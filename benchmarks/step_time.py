@@ -287,53 +287,40 @@ def aot_compile(runner, prog) -> float:
   return time.perf_counter() - t
 
 
-def measure_full(method, runner, steps, log, compiled_first=None):
-  compile_s = None
-  if compiled_first:  # the compile study paid the compile (lazily, in its first call)
-    first = compiled_first[None]
-  else:
-    compile_s = aot_compile(runner, None)
-    first, _ = runner()
-  times = [runner()[0] for _ in range(max(steps, 1))]
-  med = _median(times)
-  if compile_s is None:
-    compile_s = max(first - med, 0.0)
-  return {"median_step_s": med, "mean_step_s": _mean(times),
-          "sequence_mean_step_s": _mean(times), "timed_steps": len(times),
-          "compile_s": compile_s, "programs": 1, "first_call_s": first}
+def warm_up(runner, n, compiled_first) -> dict:
+  """Compiles every program of the step once (ahead of time) and runs it once.
 
-
-def measure_block(method, runner, n, steps, repeats, compiled_first, log):
-  """Per-block times (forced), then a scheduled sequence.
-
-  ``compiled_first``: {block or None: first-call seconds} already paid (compile study).
+  ``compiled_first``: {program: first-call seconds} already paid lazily (compile
+  study). Returns the programs, their first-call times and AOT compile times.
   """
   programs = programs_of(runner, n)
-  first_calls = dict(compiled_first)
+  first_calls = dict(compiled_first or {})
   aot: dict = {}
-  t0 = time.perf_counter()
-  for prog in programs:  # warm-up: compile every program once (ahead of time)
+  for prog in programs:
     if prog not in first_calls:
       aot[prog] = aot_compile(runner, prog)
-      first_calls[prog] = runner(block=prog if prog is not None else n - 1)[0]
-  log(f"  {method}: {len(programs)} program(s) ready ({time.perf_counter() - t0:.1f} s "
-      f"of warm-up here)")
-  per_block: dict[int, list[float]] = {b: [] for b in range(n)}
-  for _ in range(repeats):  # interleaved, so that drift hits every block alike
-    for b in range(n):
-      per_block[b].append(runner(block=b)[0])
+      first_calls[prog] = runner(block=prog)[0] if prog is not None else runner()[0]
+  return {"programs": programs, "first_calls": first_calls, "aot": aot}
+
+
+def summarize_full(times, warm) -> dict:
+  med = _median(times)
+  (prog,) = warm["first_calls"]
+  compile_s = warm["aot"].get(prog, max(warm["first_calls"][prog] - med, 0.0))
+  return {"median_step_s": med, "mean_step_s": _mean(times),
+          "sequence_mean_step_s": _mean(times), "timed_steps": len(times),
+          "compile_s": compile_s, "programs": 1,
+          "first_call_s": warm["first_calls"][prog]}
+
+
+def summarize_block(method, n, per_block, seq, seq_blocks, warm, log) -> dict:
   t_block = np.array([statistics.median(per_block[b]) for b in range(n)])
   f = visit_frequencies(method, n)
-  seq_len = max(steps, 2 * n)
-  seq, seq_blocks = [], []
-  for _ in range(seq_len):
-    dt, b = runner()
-    seq.append(dt)
-    seq_blocks.append(b)
+  first_calls, aot = warm["first_calls"], warm["aot"]
   steady = {prog: (t_block[prog] if prog is not None else float(np.median(t_block)))
             for prog in first_calls}
-  # Programs compiled here: their AOT time; compiled lazily by the compile study:
-  # first call minus the program's steady step time.
+  # Programs compiled ahead of time: their AOT time; compiled lazily by the compile
+  # study: first call minus the program's steady step time.
   compile_s = sum(aot[p] if p in aot else max(first_calls[p] - steady[p], 0.0)
                   for p in first_calls)
   log(f"  {method}: blocks {t_block.min():.4f}..{t_block.max():.4f} s, "
@@ -343,8 +330,51 @@ def measure_block(method, runner, n, steps, repeats, compiled_first, log):
           "block_median_s": [float(x) for x in t_block],
           "visit_frequency": [float(x) for x in f],
           "sequence_blocks": seq_blocks,
-          "compile_s": compile_s, "programs": len(programs),
+          "compile_s": compile_s, "programs": len(warm["programs"]),
           "first_call_s": float(sum(first_calls.values()))}
+
+
+def time_methods(runners: dict, n: int, steps: int, repeats: int) -> tuple:
+  """Times every method, interleaved step by step so that all see the same load.
+
+  Rounds of ``for b in blocks: for method: one step`` (block methods: block ``b``
+  forced active; full backprop: a plain step), ``repeats`` rounds; then the block
+  methods' scheduled sequences, also interleaved. With one runner this is the
+  sequential measurement.
+  """
+  blocky = [m for m in runners if m in BLOCK_METHODS]
+  full = [m for m in runners if m not in BLOCK_METHODS]
+  per_block = {m: {b: [] for b in range(n)} for m in blocky}
+  full_times: dict[str, list[float]] = {m: [] for m in full}
+  for _ in range(repeats):
+    for b in range(n):
+      for m, r in runners.items():
+        if m in blocky:
+          per_block[m][b].append(r(block=b)[0])
+        else:
+          full_times[m].append(r()[0])
+  while full and len(full_times[full[0]]) < max(steps, 1):
+    for m in full:
+      full_times[m].append(runners[m]()[0])
+  seq = {m: [] for m in blocky}
+  seq_blocks = {m: [] for m in blocky}
+  for _ in range(max(steps, 2 * n) if blocky else 0):
+    for m in blocky:
+      dt, b = runners[m]()
+      seq[m].append(dt)
+      seq_blocks[m].append(b)
+  return per_block, full_times, seq, seq_blocks
+
+
+def measure(method, runner, n, steps, repeats, compiled_first, log) -> dict:
+  """Warm-up and timings of one method on its own (the sequential measurement)."""
+  warm = warm_up(runner, n, compiled_first)
+  per_block, full_times, seq, seq_blocks = time_methods({method: runner}, n, steps,
+                                                        repeats)
+  if method in BLOCK_METHODS:
+    return summarize_block(method, n, per_block[method], seq[method],
+                           seq_blocks[method], warm, log)
+  return summarize_full(full_times[method], warm)
 
 
 def program_memory(runner, n):
@@ -400,6 +430,10 @@ def parse_args(argv=None):
   p.add_argument("--layout", default=None, choices=["list", "stacked"],
                  help="default: stacked for qwen3-8b, list otherwise")
   p.add_argument("--dispatch", default="auto", choices=["auto", "per_block", "switch"])
+  p.add_argument("--interleave", default="auto", choices=["auto", "on", "off"],
+                 help="time all methods interleaved step by step, so that they see "
+                      "the same machine load (all stay in memory at once); auto: on "
+                      "for the CPU, off on accelerators")
   p.add_argument("--compile-steps", type=int, default=100,
                  help="compile study: steps of absignsgd vs adamw from empty caches "
                       "(0: skip)")
@@ -461,6 +495,9 @@ def main(argv=None):
   rows: dict[str, dict] = {}
   compile_study: dict[str, dict] = {}
   order = [m for m in RUN_ORDER if m in methods]
+  interleave = (args.interleave == "on"
+                or (args.interleave == "auto" and backend == "cpu"))
+  runners, warms = {}, {}
   for method in order:
     log(f"[{method}]")
     runner, tx = make_runner(method, model, batch, model, args.dispatch)
@@ -472,11 +509,14 @@ def main(argv=None):
       log(f"  compile study: {cs['steps']} steps from empty caches in "
           f"{cs['wall_s']:.2f} s ({cs['programs_compiled']} programs compiled)")
       compiled_first = cs["first_calls"]
-    if method in BLOCK_METHODS:
-      row.update(measure_block(method, runner, n, args.steps, args.block_repeats,
-                               compiled_first, log))
+    if interleave:
+      t0 = time.perf_counter()
+      warms[method] = warm_up(runner, n, compiled_first)
+      log(f"  {len(warms[method]['programs'])} program(s) ready "
+          f"({time.perf_counter() - t0:.1f} s of warm-up here)")
     else:
-      row.update(measure_full(method, runner, args.steps, log, compiled_first))
+      row.update(measure(method, runner, n, args.steps, args.block_repeats,
+                         compiled_first, log))
     mem = program_memory(runner, n)
     row["memory_bytes"] = mem["total"]
     row["memory_detail"] = mem
@@ -487,9 +527,27 @@ def main(argv=None):
     row["device_memory"] = device_memory()
     row["model_speedup"] = model_speedup(method, n)
     rows[method] = row
-    log(f"  median {row['median_step_s']:.4f} s, mean {row['mean_step_s']:.4f} s, "
-        f"memory {fmt_mb(row['memory_bytes'])} MB, compile {row['compile_s']:.2f} s")
+    if interleave:
+      runners[method] = runner
+    else:
+      log(f"  median {row['median_step_s']:.4f} s, mean {row['mean_step_s']:.4f} s, "
+          f"memory {fmt_mb(row['memory_bytes'])} MB, compile {row['compile_s']:.2f} s")
     del runner
+    gc.collect()
+  if interleave:
+    log(f"[timing {', '.join(runners)}, interleaved step by step]")
+    per_block, full_times, seq, seq_blocks = time_methods(
+        runners, n, args.steps, args.block_repeats)
+    for method in runners:
+      if method in BLOCK_METHODS:
+        rows[method].update(summarize_block(method, n, per_block[method], seq[method],
+                                            seq_blocks[method], warms[method], log))
+      else:
+        rows[method].update(summarize_full(full_times[method], warms[method]))
+      row = rows[method]
+      log(f"  {method}: median {row['median_step_s']:.4f} s, mean "
+          f"{row['mean_step_s']:.4f} s, compile {row['compile_s']:.2f} s")
+    runners.clear()
     gc.collect()
 
   # speed-ups and memory ratios against adamw
@@ -511,7 +569,7 @@ def main(argv=None):
       "preset": args.preset, "n_layers": n, "num_params": base_cfg.num_params(),
       "batch": args.batch, "seq": args.seq, "dtype": base_cfg.dtype,
       "remat": base_cfg.remat, "loss_chunk": base_cfg.loss_chunk, "layout": layout,
-      "dispatch": args.dispatch, "steps": args.steps,
+      "dispatch": args.dispatch, "steps": args.steps, "interleaved": interleave,
       "block_repeats": args.block_repeats,
       "machine": dict(machine_info(), load_avg_start=load_start),
       "command": "python benchmarks/step_time.py " + " ".join(
@@ -570,7 +628,7 @@ def dispatch_study(args, n, model_for, batch, layout, rows, log) -> list[dict] |
     else:
       m = model_for(lay)
       runner, _ = make_runner("absignsgd", m, batch, m, disp)
-      r = measure_block("absignsgd", runner, n, 0, args.block_repeats, {}, log)
+      r = measure("absignsgd", runner, n, 0, args.block_repeats, {}, log)
       entry = {k: r[k] for k in ("compile_s", "programs", "mean_step_s",
                                  "median_step_s")}
       entry["memory_bytes"] = program_memory(runner, n)["total"]
