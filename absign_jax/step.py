@@ -560,3 +560,23 @@ def split_nnx(model) -> NnxParts:
         stack_path=("layers",),
     )
   return NnxParts(graphdef, params, rest, loss_fn, layered)
+
+
+def tree_bytes(tree: PyTree) -> int:
+  """Bytes held by the arrays of ``tree`` (e.g. an optimizer state)."""
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)
+                 if hasattr(x, "dtype")))
+
+
+def program_memory(compiled) -> dict[str, int | None]:
+  """Sizes from XLA's ``memory_analysis()`` of a compiled step.
+
+  ``total`` = argument + output + temp - alias bytes (donated buffers count once).
+  """
+  m = compiled.memory_analysis()
+  if m is None:
+    return {"total": None}
+  out = {k: int(getattr(m, f"{k}_size_in_bytes"))
+         for k in ("argument", "output", "temp", "alias")}
+  out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+  return out

@@ -149,7 +149,7 @@ def make_tx(method: str):
 def visit_frequencies(method: str, n: int) -> np.ndarray:
   """Long-run visit frequency of each block under the method's selection scheme."""
   if method == "absignsgd":
-    tau = np.array([n + DEPTH_BIAS * (n - i) for i in range(n)], np.float64)
+    tau = np.array(absign_jax.selection.depth_biased_costs(n, DEPTH_BIAS), np.float64)
     f = 1.0 / tau
   else:  # uniform, cyclic
     f = np.ones(n)
@@ -172,20 +172,8 @@ def model_speedup(method: str, n: int) -> float:
 # ---------------------------------------------------------------------------------
 
 
-def tree_bytes(tree) -> int:
-  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)
-                 if hasattr(x, "dtype")))
-
-
-def program_bytes(compiled) -> dict:
-  """Sizes from XLA's ``memory_analysis()``; ``total`` = argument + output + temp - alias."""
-  m = compiled.memory_analysis()
-  if m is None:
-    return {"total": None}
-  out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in
-         ("argument", "output", "temp", "alias")}
-  out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
-  return out
+tree_bytes = absign_jax.step.tree_bytes
+program_bytes = absign_jax.step.program_memory
 
 
 def device_memory() -> dict | None:

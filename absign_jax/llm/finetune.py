@@ -147,19 +147,10 @@ def make_optimizer(args, name: str) -> optax.GradientTransformation:
   raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
 
-def tree_bytes(tree: Any) -> int:
-  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)
-                 if hasattr(x, "dtype")))
-
-
-def step_memory_bytes(step, params, opt_state, batch) -> int:
-  """Bytes the compiled step needs: arguments + outputs + temporaries - aliased.
-
-  The step is already compiled, so lowering it again hits JAX's cache.
-  """
-  m = step.lower(params, opt_state, batch).compile().memory_analysis()
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
+def step_memory_bytes(step, params, opt_state, batch) -> int | None:
+  """Bytes the compiled step needs (already compiled: lowering again hits the cache)."""
+  compiled = step.lower(params, opt_state, batch).compile()
+  return absign_jax.step.program_memory(compiled)["total"]
 
 
 def peak_device_bytes() -> int | None:
@@ -324,10 +315,10 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
       "tokens_per_s": tokens / max(wall, 1e-9),
       "skipped_steps": int(state.precision.skipped_total),
       "first_step_s": first_step_s,
-      "optimizer_state_bytes": tree_bytes(opt_state),
+      "optimizer_state_bytes": absign_jax.step.tree_bytes(opt_state),
       "step_memory_bytes": step_memory_bytes(step, params, opt_state, batch)
                            if step_idx > start else None,
-      "param_bytes": tree_bytes(params),
+      "param_bytes": absign_jax.step.tree_bytes(params),
       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
       "peak_device_bytes": peak_device_bytes(),
       "batch": args.batch, "seq": args.seq, "precision": args.precision,
