@@ -17,7 +17,9 @@ selects the program that runs:
 * Stacked layers (one leaf with a leading layer axis, applied with a scan) have one
   program for all layers with a *dynamic* block index: layers below run in a
   ``fori_loop`` (forward only), the active layer is differentiated, layers above run
-  in a ``scan`` whose body skips the layers at or below the active one. This needs
+  in a ``scan`` whose body skips the layers at or below the active one, with a custom
+  backward that saves only each layer's input and recomputes the layers above (no
+  copy of the stacked weights, no backward work below the active layer). This needs
   the model's pieces (:class:`LayeredLoss`); with a plain loss function, stacked
   blocks fall back to differentiating through the whole scan (correct, not faster).
 
@@ -119,6 +121,55 @@ def _all_finite(loss, grads) -> jax.Array:
   for g in grads:
     ok &= jnp.all(jnp.isfinite(g))
   return ok
+
+
+def _take(stack, i):
+  """Layer ``i`` of a stacked layer tree (``i`` may be traced)."""
+  return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, False), stack)
+
+
+def _layers_above(layer, stack, j, h):
+  """Layers ``j+1 .. n-1`` of ``stack`` applied to ``h``; differentiable in ``h`` only.
+
+  The stacked program's memory and speed hinge on this: autodiff of a plain scan
+  over the stack would save every layer's weights as residuals (a second copy of
+  the stack) and run the backward of the skipped layers too. Here the forward saves
+  only each layer's input, and the backward recomputes layer ``i``'s vector-Jacobian
+  product from ``stack[i]`` for ``i > j`` (a ``cond`` skips the others), so the
+  layers above the active one cost one extra forward each and no weight copy.
+  """
+  n = jax.tree.leaves(stack)[0].shape[0]
+
+  def apply(h, stack, j):
+    def body(h, i):
+      return jax.lax.cond(i > j, lambda h: layer(_take(stack, i), h), lambda h: h, h), h
+    return jax.lax.scan(body, h, jnp.arange(n))
+
+  @jax.custom_vjp
+  def run(h, stack, j):
+    return apply(h, stack, j)[0]
+
+  def fwd(h, stack, j):
+    out, inputs = apply(h, stack, j)
+    return out, (inputs, stack, j)
+
+  def bwd(res, ct):
+    inputs, stack, j = res
+
+    def body(ct, xs):
+      h_i, i = xs
+
+      def back(ct):
+        _, vjp = jax.vjp(lambda x: layer(_take(stack, i), x), h_i)
+        return vjp(ct)[0]
+
+      return jax.lax.cond(i > j, back, lambda ct: ct, ct), None
+
+    ct, _ = jax.lax.scan(body, ct, (inputs, jnp.arange(n)), reverse=True)
+    return ct, None, None  # stack and j: constants of the step, no cotangent
+
+  run.defvjp(fwd, bwd)
+  return run(h, stack, j)
 
 
 class BlockTrainStep:
@@ -446,25 +497,16 @@ class BlockTrainStep:
     flat, treedef = jax.tree.flatten(params)
     j = find_state(opt_state).active - lo
     stack = _subtree(params, lay.stack_path)
-    n = hi - lo
 
     h = lay.embed(params, batch)
-    take = lambda i: jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, False),
-                                  stack)
-    h = jax.lax.fori_loop(0, j, lambda i, h: lay.layer(take(i), h), h)  # forward only
+    h = jax.lax.fori_loop(0, j, lambda i, h: lay.layer(_take(stack, i), h), h)
 
     def loss_from_active(w):
-      out = lay.layer(w, h)
-
-      def above(h, xs):
-        w_i, i = xs
-        return jax.lax.cond(i > j, lambda h: lay.layer(w_i, h), lambda h: h, h), None
-
-      out, _ = jax.lax.scan(above, out, (stack, jnp.arange(n)))
+      out = _layers_above(lay.layer, stack, j, lay.layer(w, h))
       return lay.head_loss(params, out, batch)
 
     (_, loss), g_tree = jax.value_and_grad(
-        self._scaled(loss_from_active, prec), has_aux=True)(take(j))
+        self._scaled(loss_from_active, prec), has_aux=True)(_take(stack, j))
     grads = jax.tree.leaves(g_tree)
     if len(grads) != len(spec.members[lo]):
       raise ValueError("LayeredLoss.stack_path does not point at the stacked layers "
@@ -542,7 +584,10 @@ def split_nnx(model) -> NnxParts:
 
   The model provides ``loss(batch)``; for stacked layers (``model.stacked``) also
   ``embed(inputs)``, ``layers_graphdef`` and ``head_loss(h, targets, mask)`` with its
-  stacked layers at ``model.layers`` (see :mod:`absign_jax.llm.model`).
+  stacked layers at ``model.layers`` (see :mod:`absign_jax.llm.model`). A layer's
+  ``forward(h)``, when it has one, is its call without remat: the stacked program
+  recomputes the layers above the active one itself, so per-layer remat would only
+  add a third forward.
   """
   from flax import nnx
 
@@ -554,12 +599,16 @@ def split_nnx(model) -> NnxParts:
     layer_graphdef = model.layers_graphdef
     layered = LayeredLoss(
         embed=lambda p, batch: merge(p).embed(batch["inputs"]),
-        layer=lambda w, h: nnx.merge(layer_graphdef, w)(h),
+        layer=lambda w, h: _forward(nnx.merge(layer_graphdef, w))(h),
         head_loss=lambda p, h, batch: merge(p).head_loss(
             h, batch["targets"], batch.get("mask")),
         stack_path=("layers",),
     )
   return NnxParts(graphdef, params, rest, loss_fn, layered)
+
+
+def _forward(layer):
+  return getattr(layer, "forward", layer)
 
 
 def tree_bytes(tree: PyTree) -> int:

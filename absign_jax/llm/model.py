@@ -477,17 +477,27 @@ class Llama(nnx.Module):
     return h
 
   def _head_weight(self) -> jax.Array:
-    """Output projection as ``[D, V]``."""
+    """The output projection as stored: ``[V, D]`` when tied, else ``[D, V]``."""
     if self.lm_head is None:
-      return self.embed_tokens.embedding[...].T
+      return self.embed_tokens.embedding[...]
     return self.lm_head.kernel[...]
+
+  def _project(self, x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x [N, D]`` times the head ``w`` (from ``_head_weight``): float32 ``[N, V]``.
+
+    A tied head contracts the embedding's D axis directly: a transpose would put a
+    ``V x D`` copy of the embedding into every program.
+    """
+    contract = 1 if self.lm_head is None else 0
+    return jax.lax.dot_general(x, w, (((1,), (contract,)), ((), ())),
+                               preferred_element_type=jnp.float32)
 
   def logits(self, h: jax.Array) -> jax.Array:
     """Final norm and head; float32 logits ``[..., V]``."""
     w = self._head_weight()
     x = self.norm(h).astype(w.dtype).reshape(-1, h.shape[-1])
-    logits = jnp.matmul(x, w, preferred_element_type=jnp.float32)
-    return logits.reshape(*h.shape[:-1], w.shape[-1])
+    logits = self._project(x, w)
+    return logits.reshape(*h.shape[:-1], logits.shape[-1])
 
   def head_loss(
       self, h: jax.Array, targets: jax.Array, mask: jax.Array | None = None
@@ -518,7 +528,7 @@ class Llama(nnx.Module):
 
     def chunk_nll_sum(w, norm_state, h, targets, mask):
       x = nnx.merge(norm_graphdef, norm_state)(h).astype(w.dtype)
-      logits = jnp.matmul(x, w, preferred_element_type=jnp.float32)
+      logits = self._project(x, w)
       logz = jax.nn.logsumexp(logits, axis=-1)
       tgt = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
       return jnp.sum((logz - tgt) * mask)
