@@ -61,6 +61,25 @@ def test_program_compare_writes_outputs(tmp_path):
   # ABSignSGD keeps no per-parameter state; AdamW keeps two moments of every parameter.
   sizes = {r.optimizer: r.summary["optimizer_state_bytes"] for r in results}
   assert sizes["absignsgd"] < 1e-3 * sizes["adamw"]
+  # The learning rate the loop set at each step: warm-up from peak/10 over 5 steps,
+  # times the cosine decay at progress (step-1)/steps.
+  peak = finetune.DEFAULT_LR["absignsgd"]
+  lrs = [json.loads(l)["lr"] for l in
+         (out / "absignsgd" / "metrics.jsonl").read_text().splitlines()]
+  expected = [peak * min(1.0, 0.1 + 0.9 * (k - 1) / 5)
+              * (0.1 + 0.45 * (1 + np.cos(np.pi * (k - 1) / 2))) for k in (1, 2)]
+  np.testing.assert_allclose(lrs, expected, rtol=1e-12)
+
+  # --resume continues from the last checkpoint (step 2) to step 3.
+  finetune.main([
+      "--data", str(text), "--optimizer", "absignsgd", "--steps", "3", "--batch", "2",
+      "--seq", "32", "--eval-every", "5", "--eval-seqs", "2",
+      "--out", str(out / "absignsgd"), "--no-progress", "--resume"])
+  resumed = [json.loads(l) for l in
+             (out / "absignsgd" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in resumed] == [1, 2, 3]
+  assert resumed[2]["wall_s"] >= resumed[1]["wall_s"]  # the clock carried over
+  assert json.loads((out / "absignsgd" / "summary.json").read_text())["steps"] == 3
   table = (out / "compare.md").read_text()
   assert "| absignsgd |" in table and "| adamw |" in table
   assert (out / "compare.png").stat().st_size > 0
@@ -73,3 +92,32 @@ def test_program_rejects_bad_options():
     finetune.parse_args(["--compare", "absignsgd,nope"])
   with pytest.raises(SystemExit):
     finetune.parse_args(["--steps", "0"])
+
+
+def test_injected_learning_rate_is_the_step_size():
+  """The loop's learning rate reaches the update: sign steps of exactly that size."""
+  from absign_jax.llm import finetune
+
+  args = finetune.parse_args(["--optimizer", "absignsgd"])
+  tx = finetune.make_optimizer(args, "absignsgd")
+  params = {"layers": [{"w": jnp.zeros(3)} for _ in range(2)]}
+  state = finetune.set_learning_rate(tx.init(params), 0.25)
+  grads = {"layers": [{"w": jnp.asarray([1.0, -2.0, 0.5])} for _ in range(2)]}
+  updates, _ = tx.update(grads, state, params)
+  active = [u["w"] for u in updates["layers"] if np.any(np.asarray(u["w"]))]
+  assert len(active) == 1
+  np.testing.assert_array_equal(active[0], [-0.25, 0.25, -0.25])
+
+
+def test_learning_rate_schedule_ends_at_the_budget():
+  from absign_jax.llm import finetune
+
+  args = finetune.parse_args(["--warmup", "4", "--schedule", "cosine"])
+  at = lambda step, progress: finetune.learning_rate_at(args, 1.0, step, progress)
+  assert at(1, 0.0) == pytest.approx(0.1)  # warm-up starts at peak / 10
+  assert at(3, 0.0) == pytest.approx(0.55)
+  assert at(5, 0.0) == pytest.approx(1.0)
+  assert at(50, 0.5) == pytest.approx(0.55)  # half-way through the cosine
+  assert at(50, 1.0) == pytest.approx(0.1) == at(60, 1.7)  # ends at peak / 10
+  args = finetune.parse_args(["--warmup", "0", "--schedule", "constant"])
+  assert finetune.learning_rate_at(args, 2e-4, 1, 0.9) == 2e-4

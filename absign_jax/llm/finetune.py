@@ -65,7 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--warmup", type=int, default=5, help="warm-up steps")
   p.add_argument("--steps", type=int, default=60)
   p.add_argument("--time-budget", type=float, default=None,
-                 help="stop training after this many seconds (wall-clock)")
+                 help="stop training after this many seconds of training (wall-clock, "
+                 "first step and evaluations excluded); the cosine schedule then decays "
+                 "over the budget instead of --steps, whichever ends first")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=128, help="sequence length")
   p.add_argument("--precision", default="fp32", choices=absign_jax.precision.POLICIES,
@@ -110,41 +112,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -- optimizer ---------------------------------------------------------------------------
 
 
-def learning_rate(args, name: str) -> optax.Schedule | float:
-  peak = args.lr if args.lr is not None else DEFAULT_LR[name]
-  if peak is None:  # parameter-free: no learning rate at all
-    return None
+def peak_learning_rate(args, name: str) -> float | None:
+  """``--lr`` or the optimizer's default; None for the parameter-free ones."""
+  return args.lr if args.lr is not None else DEFAULT_LR[name]
+
+
+def learning_rate_at(args, peak: float, step: int, progress: float) -> float:
+  """The learning rate of step ``step`` (1-based) at ``progress`` in [0, 1].
+
+  Linear warm-up from ``peak / 10`` over ``--warmup`` steps, then (``--schedule
+  cosine``) a cosine decay to ``peak / 10`` that ends when training does.
+  ``progress`` is the larger of the fractions of ``--steps`` and of
+  ``--time-budget`` used, so with a budget the decay ends at the budget however many
+  steps fit into it.
+  """
+  warm = min(1.0, 0.1 + 0.9 * (step - 1) / args.warmup) if args.warmup else 1.0
   if args.schedule == "constant":
-    return peak
-  warmup = min(args.warmup, args.steps - 1)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=peak * 0.1 if warmup else peak, peak_value=peak,
-      warmup_steps=warmup, decay_steps=args.steps, end_value=peak * 0.1)
+    return peak * warm
+  decay = 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+  return peak * warm * decay
 
 
 def make_optimizer(args, name: str) -> optax.GradientTransformation:
-  lr = learning_rate(args, name)
-  if name == "absignsgd":
-    return absign_jax.absignsgd(lr, depth_bias=args.depth_bias, selection=args.selection,
-                                weight_decay=args.weight_decay, seed=args.seed)
-  if name == "absignsgd_uniform":
-    return absign_jax.absignsgd(lr, selection="uniform", weight_decay=args.weight_decay,
-                                seed=args.seed)
-  if name == "block_adam":
-    return absign_jax.block_adam(lr, weight_decay=args.weight_decay, seed=args.seed)
-  if name == "adamw":
-    return optax.adamw(lr, weight_decay=args.weight_decay)
-  if name == "sign_sgd":
-    return absign_jax.sign_sgd(lr, weight_decay=args.weight_decay)
-  if name == "sgd_sai":
-    return absign_jax.sgd_sai(lr, weight_decay=args.weight_decay)
-  if name in PARAMETER_FREE and args.lr is not None:
-    raise ValueError(f"{name} is parameter-free: drop --lr")
-  if name == "alias_absignsgd":
-    return absign_jax.alias_absignsgd(depth_bias=args.depth_bias, seed=args.seed)
-  if name == "alias_sign_sgd":
+  """The optimizer, its learning rate an injected hyperparameter the loop sets."""
+  if name in PARAMETER_FREE:
+    if args.lr is not None:
+      raise ValueError(f"{name} is parameter-free: drop --lr")
+    if name == "alias_absignsgd":
+      return absign_jax.alias_absignsgd(depth_bias=args.depth_bias, seed=args.seed)
     return absign_jax.alias_sign_sgd()
-  raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
+  wd = args.weight_decay
+  factories = {
+      "absignsgd": lambda lr: absign_jax.absignsgd(
+          lr, depth_bias=args.depth_bias, selection=args.selection, weight_decay=wd,
+          seed=args.seed),
+      "absignsgd_uniform": lambda lr: absign_jax.absignsgd(
+          lr, selection="uniform", weight_decay=wd, seed=args.seed),
+      "block_adam": lambda lr: absign_jax.block_adam(lr, weight_decay=wd,
+                                                     seed=args.seed),
+      "adamw": lambda lr: optax.adamw(lr, weight_decay=wd),
+      "sign_sgd": lambda lr: absign_jax.sign_sgd(lr, weight_decay=wd),
+      "sgd_sai": lambda lr: absign_jax.sgd_sai(lr, weight_decay=wd),
+  }
+  if name not in factories:
+    raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
+  make = factories[name]
+  return optax.inject_hyperparams(lambda learning_rate: make(learning_rate))(
+      learning_rate=peak_learning_rate(args, name))
+
+
+def set_learning_rate(opt_state, lr: float):
+  """``opt_state`` of :func:`make_optimizer` with its learning rate set to ``lr``."""
+  if "learning_rate" not in getattr(opt_state, "hyperparams", {}):
+    return opt_state  # parameter-free
+  old = opt_state.hyperparams["learning_rate"]
+  return opt_state._replace(hyperparams={
+      **opt_state.hyperparams, "learning_rate": jnp.asarray(lr, old.dtype)})
 
 
 def step_memory_bytes(step, params, opt_state, batch) -> int | None:
@@ -239,11 +262,13 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
   ckpt = absign_jax.Checkpointer(os.path.join(out_dir, "checkpoints"), max_to_keep=2,
                                  metadata={"optimizer": name, "precision": args.precision})
   start = 0
+  wall = 0.0  # training wall-clock: evaluations and the first (compiling) step excluded
   if args.resume:
     restored = ckpt.restore_latest(state)
     if restored is None:
       raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt.directory}")
     state, start = restored.state, restored.data_state["step"]
+    wall = restored.data_state.get("wall_s", 0.0)
     print(f"[{name}] resumed from step {start}", flush=True)
   log = open(os.path.join(out_dir, "metrics.jsonl"), "a" if args.resume else "w")
   curve, eval_curve = [], [(0.0, ppl_before)]
@@ -254,13 +279,20 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
     from tqdm import tqdm
     bar = tqdm(total=args.steps, initial=start, desc=name, dynamic_ncols=True,
                file=sys.stdout)
-  wall = 0.0  # training wall-clock: evaluations and the first (compiling) step excluded
+  peak_lr = peak_learning_rate(args, name)
   first_step_s = 0.0
   tokens = 0
   losses = []
   step_idx = start
   for step_idx in range(start + 1, args.steps + 1):
     batch = {k: jnp.asarray(v) for k, v in batches.batch_at(step_idx - 1).items()}
+    lr = None
+    if peak_lr is not None:
+      progress = (step_idx - 1) / args.steps
+      if args.time_budget:
+        progress = max(progress, wall / args.time_budget)
+      lr = learning_rate_at(args, peak_lr, step_idx, progress)
+      state = state._replace(opt_state=set_learning_rate(state.opt_state, lr))
     t0 = time.perf_counter()
     state, metrics = run_step(state, batch)
     loss = float(metrics["loss"])  # waits for the step: the clock covers its compute
@@ -271,7 +303,7 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
     tokens += int(batch["mask"].sum())
     losses.append(loss)
     curve.append((wall, loss))
-    record = {"step": step_idx, "loss": loss, "wall_s": wall,
+    record = {"step": step_idx, "loss": loss, "wall_s": wall, "lr": lr,
               "block": int(metrics["block"]) if "block" in metrics else None,
               "grad_norm": float(metrics["grad_norm"])}
     if bar is not None:
@@ -286,14 +318,14 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
       record["skipped"] = int(metrics["skipped"])
     log.write(json.dumps(record) + "\n")
     if args.ckpt_every and step_idx % args.ckpt_every == 0:
-      ckpt.save(step_idx, state, {"step": step_idx})  # asynchronous
+      ckpt.save(step_idx, state, {"step": step_idx, "wall_s": wall})  # asynchronous
     if args.time_budget is not None and wall >= args.time_budget:
       break
   if bar is not None:
     bar.close()
   log.close()
   if step_idx > start and (not args.ckpt_every or step_idx % args.ckpt_every):
-    ckpt.save(step_idx, state, {"step": step_idx})
+    ckpt.save(step_idx, state, {"step": step_idx, "wall_s": wall})
   ckpt.close()
   params, opt_state = state.params, state.opt_state
 
@@ -305,7 +337,7 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
     forgetting["chat_after"] = {q: chat(parts, params, tokenizer, q) for q in CHAT_PROMPTS}
   summary = {
       "optimizer": name,
-      "lr": args.lr if args.lr is not None else DEFAULT_LR[name],  # None: parameter-free
+      "lr": peak_lr,  # None: parameter-free
       "schedule": args.schedule,
       "ppl_before": ppl_before,
       "ppl_after": ppl_after,
