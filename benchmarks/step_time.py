@@ -432,10 +432,17 @@ def parse_args(argv=None):
                  help="default: the preset's")
   p.add_argument("--loss-chunk", type=int, default=None,
                  help="tokens per chunk of the cross-entropy (default: the preset's)")
+  p.add_argument("--memory-only", action="store_true",
+                 help="compile every method's programs from abstract shapes and report "
+                      "their memory_analysis() sizes; allocates no parameters and times "
+                      "nothing, so any preset runs on any machine (sizes are the "
+                      "compiling backend's)")
   p.add_argument("--allow-big-cpu", action="store_true",
                  help="let qwen3-8b run without an accelerator (needs > 100 GB)")
   p.add_argument("--out", default="runs/step_time")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  args.argv = argv
+  return args
 
 
 def main(argv=None):
@@ -445,21 +452,15 @@ def main(argv=None):
     if m not in METHODS:
       raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
   backend = jax.default_backend()
+  if args.memory_only:
+    return memory_only(args, methods)
   if args.preset == "qwen3-8b" and backend == "cpu" and not args.allow_big_cpu:
     raise SystemExit("qwen3-8b needs an accelerator (about 16 GB of bf16 weights, "
                      "65 GB for adamw); pass --allow-big-cpu to run it on the CPU anyway.")
   jax.config.update("jax_enable_compilation_cache", False)  # honest compile times
   load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
 
-  layout = args.layout or ("stacked" if args.preset == "qwen3-8b" else "list")
-  overrides: dict[str, Any] = {"max_seq_len": max(args.seq, 8)}
-  if args.dtype:
-    overrides["dtype"] = args.dtype
-  if args.remat:
-    overrides["remat"] = args.remat == "on"
-  if args.loss_chunk is not None:
-    overrides["loss_chunk"] = args.loss_chunk
-  base_cfg = LlamaConfig.preset(args.preset, **overrides)
+  base_cfg, layout = config_for(args)
   n = base_cfg.n_layers
   models = {}
 
@@ -523,6 +524,12 @@ def main(argv=None):
     del runner
     gc.collect()
   if interleave:
+    if compile_study:
+      # A compile study clears JAX's caches: programs warmed up before it are gone.
+      log("[recompiling what the compile study cleared (untimed)]")
+      for runner in runners.values():
+        for prog in programs_of(runner, n):
+          runner(block=prog)
     log(f"[timing {', '.join(runners)}, interleaved step by step]")
     per_block, full_times, seq, seq_blocks = time_methods(
         runners, n, args.steps, args.block_repeats)
@@ -570,6 +577,88 @@ def main(argv=None):
   with open(base + ".json", "w") as fh:
     json.dump(result, fh, indent=1)
   md = markdown(result)
+  with open(base + ".md", "w") as fh:
+    fh.write(md)
+  print(f"\nwrote {base}.json and {base}.md\n")
+  print(md)
+  return result
+
+
+def config_for(args) -> tuple[LlamaConfig, str]:
+  """The preset with the command line's overrides, and the layout."""
+  layout = args.layout or ("stacked" if args.preset == "qwen3-8b" else "list")
+  overrides: dict[str, Any] = {"max_seq_len": max(args.seq, 8)}
+  if args.dtype:
+    overrides["dtype"] = args.dtype
+  if args.remat:
+    overrides["remat"] = args.remat == "on"
+  if args.loss_chunk is not None:
+    overrides["loss_chunk"] = args.loss_chunk
+  return LlamaConfig.preset(args.preset, **overrides), layout
+
+
+def memory_only(args, methods: list[str]) -> dict:
+  """Compiled sizes of every method's largest program, from shapes alone."""
+  cfg, layout = config_for(args)
+  n = cfg.n_layers
+  model = Model(cfg.replace(scan_layers=(layout == "stacked")))
+  shape = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                    tree)
+  params = shape(model.parts.params)
+  batch = shape(make_batch(cfg, args.batch, args.seq))
+  rows = []
+  for method in methods:
+    tx = make_tx(method)
+    if method == "lora":
+      adapters, base = jax.eval_shape(model.lora)
+      step = absign_jax.FullTrainStep(model.lora_loss, tx)
+      runner = Runner(step, adapters, jax.eval_shape(tx.init, adapters),
+                      {"data": batch, "base": base})
+    elif method in BLOCK_METHODS:
+      step = absign_jax.BlockTrainStep(model.parts.loss_fn, tx,
+                                       layered=model.parts.layered,
+                                       dispatch=args.dispatch)
+      runner = Runner(step, params, jax.eval_shape(tx.init, params), batch)
+    else:
+      step = absign_jax.FullTrainStep(model.parts.loss_fn, tx)
+      runner = Runner(step, params, jax.eval_shape(tx.init, params), batch)
+    progs = programs_of(runner, n)
+    progs = [0] if progs == [None] and method in BLOCK_METHODS else progs
+    if len(progs) > 1:
+      progs = sorted({0, n - 1})
+    sizes = [program_bytes(runner.lower(block=b).compile()) for b in progs]
+    mem = max(sizes, key=lambda m: m["total"] or 0)
+    rows.append({"name": method, "memory_bytes": mem["total"], "memory_detail": mem,
+                 "opt_state_bytes": tree_bytes(runner.opt_state),
+                 "param_bytes": tree_bytes(runner.params)})
+    print(f"[{method}] {fmt_mb(mem['total'])} MiB", flush=True)
+  ref = next((r for r in rows if r["name"] == "adamw"), None)
+  for r in rows:
+    r["memory_ratio_vs_adamw"] = (r["memory_bytes"] / ref["memory_bytes"]
+                                  if ref and r["memory_bytes"] else None)
+  result = {"preset": args.preset, "n_layers": n, "num_params": cfg.num_params(),
+            "batch": args.batch, "seq": args.seq, "dtype": cfg.dtype, "remat": cfg.remat,
+            "loss_chunk": cfg.loss_chunk, "layout": layout,
+            "machine": machine_info(), "rows": rows,
+            "command": "python benchmarks/step_time.py " + " ".join(
+                sys.argv[1:] if args.argv is None else args.argv)}
+  lines = [f"### Compiled memory (no run): {args.preset} ({cfg.num_params() / 1e6:,.1f}M "
+           f"params, {cfg.dtype}, remat={cfg.remat}, loss_chunk={cfg.loss_chunk}), "
+           f"batch {args.batch} x seq {args.seq}, {layout} layout, compiled for "
+           f"{jax.default_backend()}", "",
+           "| method | memory (MiB) | memory / adamw | temp (MiB) | opt state (MiB) |",
+           "|---|---:|---:|---:|---:|"]
+  for r in rows:
+    ratio = r["memory_ratio_vs_adamw"]
+    lines.append(f"| {r['name']} | {fmt_mb(r['memory_bytes'])} | "
+                 f"{'-' if ratio is None else f'{ratio:.3f}'} | "
+                 f"{fmt_mb(r['memory_detail'].get('temp'))} | "
+                 f"{fmt_mb(r['opt_state_bytes'])} |")
+  md = "\n".join(lines) + "\n"
+  os.makedirs(args.out, exist_ok=True)
+  base = os.path.join(args.out, f"memory_{args.preset}")
+  with open(base + ".json", "w") as fh:
+    json.dump(result, fh, indent=1)
   with open(base + ".md", "w") as fh:
     fh.write(md)
   print(f"\nwrote {base}.json and {base}.md\n")

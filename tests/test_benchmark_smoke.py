@@ -60,3 +60,18 @@ def test_step_time_tiny(tmp_path):
   assert ds[("stacked", "auto")]["programs"] == 1
   for e in ds.values():
     assert e["compile_s"] >= 0 and e["mean_step_s"] > 0
+
+  # --memory-only compiles the same programs from shapes alone: the same sizes, no run.
+  mem_out = tmp_path / "mem"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "step_time.py"),
+       "--preset", "tiny", "--memory-only", "--out", str(mem_out)],
+      cwd=ROOT, capture_output=True, text=True, timeout=900,
+      env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert proc.stdout.rstrip().splitlines()[-1].startswith("| lora |")
+  mem_rows = {r["name"]: r for r in
+              json.loads((mem_out / "memory_tiny.json").read_text())["rows"]}
+  for name in METHODS:
+    assert mem_rows[name]["memory_bytes"] == rows[name]["memory_bytes"], name
+    assert mem_rows[name]["opt_state_bytes"] == rows[name]["opt_state_bytes"], name
