@@ -49,7 +49,7 @@ SETTINGS += [
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--budget", type=float, default=60.0, help="training seconds per setting")
+  p.add_argument("--budget", type=float, default=180.0, help="training seconds per setting")
   p.add_argument("--max-steps", type=int, default=2000,
                  help="step cap (the budget normally stops first; the cosine "
                       "schedule decays over the budget)")

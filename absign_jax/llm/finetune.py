@@ -38,8 +38,8 @@ FULL_OPTIMIZERS = ("adamw", "sign_sgd", "sgd_sai", "alias_sign_sgd")
 PARAMETER_FREE = ("alias_absignsgd", "alias_sign_sgd")
 OPTIMIZERS = BLOCK_OPTIMIZERS + FULL_OPTIMIZERS
 # Learning rates that work for each optimizer on SmolLM2-135M (see README, "Defaults").
-DEFAULT_LR = {"absignsgd": 3e-4, "absignsgd_uniform": 3e-4, "block_adam": 1e-4,
-              "adamw": 1e-5, "sign_sgd": 1e-5, "sgd_sai": 1e-3,
+DEFAULT_LR = {"absignsgd": 1e-3, "absignsgd_uniform": 1e-3, "block_adam": 1e-4,
+              "adamw": 1e-4, "sign_sgd": 1e-5, "sgd_sai": 1e-3,
               "alias_absignsgd": None, "alias_sign_sgd": None}
 CHAT_PROMPTS = ("What is the capital of France?",
                 "Explain in one sentence what a Python list is.")
