@@ -41,6 +41,7 @@ SETTINGS += [
     ("adamw lr=1e-5", "adamw", {"lr": 1e-5}),
     ("adamw lr=3e-5", "adamw", {"lr": 3e-5}),
     ("adamw lr=1e-4", "adamw", {"lr": 1e-4}),
+    ("adamw lr=3e-4", "adamw", {"lr": 3e-4}),
     ("block_adam lr=1e-5", "block_adam", {"lr": 1e-5}),
     ("block_adam lr=1e-4", "block_adam", {"lr": 1e-4}),
     ("alias_absignsgd (no lr)", "alias_absignsgd", {}),
