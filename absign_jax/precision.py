@@ -284,9 +284,6 @@ class PrecisionState(NamedTuple):
   master_block: jax.Array
 
 
-block_groups = partition_lib.block_groups
-
-
 def init_precision_state(spec: partition_lib.BlockSpec | None, leaves, *,
                          loss_scale: DynamicLossScale | None = None,
                          master_copy: bool = False, seed: int = 0) -> PrecisionState:
@@ -303,7 +300,7 @@ def init_precision_state(spec: partition_lib.BlockSpec | None, leaves, *,
   if master_copy:
     if spec is None:
       raise ValueError("master_copy needs the block partition.")
-    _, first = block_groups(spec, leaves)
+    _, first = partition_lib.block_groups(spec, leaves)
     shaped = [partition_lib.ShapeOnly(np.shape(l), l.dtype) for l in leaves]
     master = tuple(
         tuple(jnp.zeros(x.shape, jnp.float32)

@@ -439,7 +439,7 @@ class BlockTrainStep:
     master, master_block = prec.master, prec.master_block
     if self.master_copy:
       leaves = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in flat]
-      gid = int(precision_lib.block_groups(spec, leaves)[0][group_block])
+      gid = int(partition_lib.block_groups(spec, leaves)[0][group_block])
       slot = list(master[gid])
       fresh = master_block[gid] != block_id  # a block switch: start from the weights
     new_flat = list(flat)
@@ -493,7 +493,7 @@ class BlockTrainStep:
   def _stacked_step(self, params, opt_state, prec, batch):
     lay = self.layered
     spec = find_state(opt_state).partition.spec(params)
-    lo, hi = spec.stacked_range()
+    lo, _ = spec.stacked_range()
     flat, treedef = jax.tree.flatten(params)
     j = find_state(opt_state).active - lo
     stack = _subtree(params, lay.stack_path)

@@ -366,10 +366,12 @@ def measure(method, runner, n, steps, repeats, compiled_first, log) -> dict:
 
 
 def program_memory(runner, n):
-  """The largest program's sizes (per-block dispatch: blocks 0 and N-1)."""
-  progs = programs_of(runner, n)
-  if progs != [None]:
-    progs = sorted({0, n - 1})
+  """The largest program's sizes (per-block dispatch: blocks 0 and N-1).
+
+  A single program is lowered for block 0: the same program for every block, and a
+  block that works without reading the (possibly abstract) optimizer state.
+  """
+  progs = [0] if programs_of(runner, n) == [None] else sorted({0, n - 1})
   sizes = [program_bytes(runner.lower(block=p).compile()) for p in progs]
   sizes = [s for s in sizes if s["total"] is not None]
   return max(sizes, key=lambda s: s["total"]) if sizes else {"total": None}
@@ -622,12 +624,7 @@ def memory_only(args, methods: list[str]) -> dict:
     else:
       step = absign_jax.FullTrainStep(model.parts.loss_fn, tx)
       runner = Runner(step, params, jax.eval_shape(tx.init, params), batch)
-    progs = programs_of(runner, n)
-    progs = [0] if progs == [None] and method in BLOCK_METHODS else progs
-    if len(progs) > 1:
-      progs = sorted({0, n - 1})
-    sizes = [program_bytes(runner.lower(block=b).compile()) for b in progs]
-    mem = max(sizes, key=lambda m: m["total"] or 0)
+    mem = program_memory(runner, n)
     rows.append({"name": method, "memory_bytes": mem["total"], "memory_detail": mem,
                  "opt_state_bytes": tree_bytes(runner.opt_state),
                  "param_bytes": tree_bytes(runner.params)})
