@@ -1,52 +1,24 @@
 """absign_jax: memory-efficient full-parameter fine-tuning with block sign descent.
 
 The public API is flat: ``import absign_jax`` and use ``absign_jax.absignsgd(...)``.
-Data flows one way: partition -> selection -> block_coordinate -> optimizers ->
-training step.
+The folders follow the flow of one training step:
+
+* :mod:`absign_jax.blocks` -- what a block is (``partition``) and which block is next
+  (``selection``);
+* :mod:`absign_jax.optim` -- the block-coordinate transformation and the ABSignSGD
+  family built on it (``absignsgd``, ``block_adam``, ``sign_sgd``,
+  ``alias_absignsgd``);
+* :mod:`absign_jax.related` -- other optimizers of the field (SGD-SaI, ALIAS
+  parameter-free sign descent);
+* :mod:`absign_jax.train` -- the training steps, the model protocol, precision, data
+  parallelism and checkpoints;
+* :mod:`absign_jax.profiling` -- bytes of trees and compiled programs, collective bytes;
+* :mod:`absign_jax.llm` -- the fine-tuning program (a Llama-family model, GGUF, data).
 """
 
-from absign_jax import checkpoint, distributed, precision, selection
-from absign_jax.checkpoint import Checkpointer, Restored
-from absign_jax.precision import (
-    DynamicLossScale,
-    LossScaleState,
-    Policy,
-    PrecisionState,
-    policy,
-    stochastic_round,
-)
-from absign_jax.block_coordinate import (
-    BlockCoordinateState,
-    active_block,
-    block_coordinate,
-    find_state,
-)
-from absign_jax.alias import (
-    ScaleByAliasState,
-    SignSGDEstimates,
-    alias_absignsgd,
-    alias_sign_sgd,
-    scale_by_alias,
-    sign_sgd_estimates,
-    sos_step_size,
-)
-from absign_jax.distributed import (
-    DataParallelBlockStep,
-    DataParallelFullStep,
-    collective_bytes,
-)
-from absign_jax.sgd_sai import ScaleBySaiState, scale_by_sai, sgd_sai
-from absign_jax.optimizers import absignsgd, block_adam, check_hyperparams, sign_sgd
-from absign_jax.partition import BlockSpec, LeafBlock, block_spec
-from absign_jax.step import (
-    BlockTrainStep,
-    FullTrainStep,
-    LayeredLoss,
-    NnxParts,
-    TrainState,
-    split_nnx,
-)
-from absign_jax.selection import (
+from absign_jax import blocks, optim, profiling, related, train
+from absign_jax.blocks.partition import BlockSpec, LeafBlock, block_spec
+from absign_jax.blocks.selection import (
     BlockSelection,
     SelectionState,
     costs,
@@ -56,19 +28,53 @@ from absign_jax.selection import (
     random_reshuffle,
     uniform,
 )
+from absign_jax.optim.block_coordinate import (
+    BlockCoordinateState,
+    active_block,
+    block_coordinate,
+    find_state,
+)
+from absign_jax.optim.optimizers import absignsgd, block_adam, sign_sgd
+from absign_jax.optim.parameter_free import alias_absignsgd
+from absign_jax.related.sgd_sai import ScaleBySaiState, scale_by_sai, sgd_sai
+from absign_jax.related.sign_alias import (
+    ScaleByAliasState,
+    SignSGDEstimates,
+    alias_sign_sgd,
+    scale_by_alias,
+    sign_sgd_estimates,
+    sos_step_size,
+)
+from absign_jax.train.checkpoint import Checkpointer, Restored
+from absign_jax.train.data_parallel import DataParallelBlockStep, DataParallelFullStep
+from absign_jax.train.model import LayeredLoss, NnxParts, split_nnx
+from absign_jax.train.precision import (
+    DynamicLossScale,
+    LossScaleState,
+    Policy,
+    PrecisionState,
+    policy,
+    stochastic_round,
+)
+from absign_jax.train.step import BlockTrainStep, FullTrainStep, TrainState
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Checkpointer", "DynamicLossScale", "LossScaleState", "Policy", "PrecisionState",
-    "Restored", "TrainState", "checkpoint", "policy", "precision", "stochastic_round",
-    "DataParallelBlockStep", "DataParallelFullStep", "collective_bytes", "distributed",
-    "ScaleByAliasState", "ScaleBySaiState", "SignSGDEstimates", "alias_absignsgd",
-    "alias_sign_sgd", "scale_by_alias", "scale_by_sai", "sgd_sai", "sign_sgd_estimates",
-    "sos_step_size",
-    "BlockCoordinateState", "BlockSelection", "BlockTrainStep", "FullTrainStep", "LayeredLoss", "NnxParts", "split_nnx", "BlockSpec", "LeafBlock",
-    "SelectionState", "absignsgd", "active_block", "block_adam", "block_coordinate",
-    "block_spec", "check_hyperparams", "costs", "cyclic", "depth_biased",
-    "find_state", "fixed_order", "random_reshuffle", "selection", "sign_sgd",
-    "uniform",
+    # blocks: partition and selection
+    "BlockSelection", "BlockSpec", "LeafBlock", "SelectionState", "block_spec", "costs",
+    "cyclic", "depth_biased", "fixed_order", "random_reshuffle", "uniform",
+    # optim: the block-coordinate transformation and the ABSignSGD family
+    "BlockCoordinateState", "absignsgd", "active_block", "alias_absignsgd",
+    "block_adam", "block_coordinate", "find_state", "sign_sgd",
+    # related: other optimizers of the field
+    "ScaleByAliasState", "ScaleBySaiState", "SignSGDEstimates", "alias_sign_sgd",
+    "scale_by_alias", "scale_by_sai", "sgd_sai", "sign_sgd_estimates", "sos_step_size",
+    # train: steps, model protocol, precision, data parallelism, checkpoints
+    "BlockTrainStep", "Checkpointer", "DataParallelBlockStep", "DataParallelFullStep",
+    "DynamicLossScale", "FullTrainStep", "LayeredLoss", "LossScaleState", "NnxParts",
+    "Policy", "PrecisionState", "Restored", "TrainState", "policy", "split_nnx",
+    "stochastic_round",
+    # subpackages
+    "blocks", "optim", "profiling", "related", "train",
 ]

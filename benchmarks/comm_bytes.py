@@ -6,7 +6,7 @@ For each model shape, compiles (on simulated CPU devices) one data-parallel step
   packed signs, all-gather) and ``mean`` (the block's float gradient, all-reduce),
 * plain data-parallel AdamW (all-reduce of every gradient),
 
-and prints a Markdown table of what :func:`absign_jax.distributed.collective_bytes`
+and prints a Markdown table of what :func:`absign_jax.profiling.collective_bytes`
 finds in ``compiled.as_text()``. Parameters are abstract (``jax.eval_shape``): the
 compiled program, hence its collectives, does not depend on the values, and nothing
 of the 135M model's size is allocated. Run::
@@ -44,7 +44,8 @@ def main(argv=None) -> None:
 
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
   import absign_jax
-  from absign_jax import distributed as dist
+  from absign_jax.profiling import collective_bytes
+  from absign_jax.train import data_parallel as dist
   from absign_jax.llm.model import Llama, LlamaConfig
 
   mesh = dist.data_mesh("data")
@@ -75,16 +76,15 @@ def main(argv=None) -> None:
     t0 = time.time()
     adamw = optax.adamw(1e-4)
     full = dist.DataParallelFullStep(parts.loss_fn, adamw, mesh)
-    measured["adamw (all gradients)"] = dist.collective_bytes(
-        full.lower(params, abstract(jax.eval_shape(adamw.init, parts.params), rep),
-                   batch).compile(), n)
+    # Shapes only: the steps' placement gives the state its (replicated) sharding.
+    measured["adamw (all gradients)"] = collective_bytes(
+        full.lower(jax.eval_shape(full.init, params), batch).compile(), n)
     for aggregation in dist.AGGREGATIONS:
       tx = absign_jax.absignsgd(1e-4)
       step = dist.DataParallelBlockStep(parts.loss_fn, tx, mesh, aggregation=aggregation,
                                         dispatch="per_block")
-      state = abstract(jax.eval_shape(tx.init, parts.params), rep)
-      measured[aggregation] = dist.collective_bytes(
-          step.lower(params, state, batch, block=0).compile(), n)
+      measured[aggregation] = collective_bytes(
+          step.lower(jax.eval_shape(step.init, params), batch, block=0).compile(), n)
     print(f"# {preset}: compiled {len(measured)} programs in {time.time() - t0:.0f}s",
           file=sys.stderr, flush=True)
     rows.append((info, measured))

@@ -71,6 +71,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lora as lora_lib  # noqa: E402  (benchmarks/lora.py)
 
 import absign_jax  # noqa: E402
+from absign_jax import profiling  # noqa: E402
 from absign_jax.llm.model import Llama, LlamaConfig  # noqa: E402
 
 METHODS = ("adamw", "absignsgd", "absignsgd_uniform", "block_adam", "sign_sgd", "lora")
@@ -149,7 +150,7 @@ def make_tx(method: str):
 def visit_frequencies(method: str, n: int) -> np.ndarray:
   """Long-run visit frequency of each block under the method's selection scheme."""
   if method == "absignsgd":
-    tau = np.array(absign_jax.selection.depth_biased_costs(n, DEPTH_BIAS), np.float64)
+    tau = np.array(absign_jax.blocks.selection.depth_biased_costs(n, DEPTH_BIAS), np.float64)
     f = 1.0 / tau
   else:  # uniform, cyclic
     f = np.ones(n)
@@ -172,10 +173,6 @@ def model_speedup(method: str, n: int) -> float:
 # ---------------------------------------------------------------------------------
 
 
-tree_bytes = absign_jax.step.tree_bytes
-program_bytes = absign_jax.step.program_memory
-
-
 def device_memory() -> dict | None:
   try:
     stats = jax.devices()[0].memory_stats()
@@ -195,29 +192,40 @@ def with_active(opt_state, block: int):
 
 
 class Runner:
-  """Runs one training step function and records the time of every call."""
+  """Runs one training step and records the time of every call.
 
-  def __init__(self, step, params, opt_state, batch):
-    self.step, self.params, self.opt_state, self.batch = step, params, opt_state, batch
+  ``state`` is the step's :class:`absign_jax.TrainState` (``step.init(params)``, or
+  ``jax.eval_shape(step.init, params)`` to size programs from shapes alone).
+  """
+
+  def __init__(self, step, state, batch):
+    self.step, self.state, self.batch = step, state, batch
+
+  @property
+  def params(self):
+    return self.state.params
+
+  @property
+  def opt_state(self):
+    return self.state.opt_state
 
   def __call__(self, block: int | None = None) -> tuple[float, int | None]:
     """One step (with ``block`` forced active, if given); returns (seconds, block)."""
     if block is not None:
-      self.opt_state = with_active(self.opt_state, block)
+      self.state = self.state._replace(opt_state=with_active(self.opt_state, block))
     active = None
     try:
       active = int(absign_jax.active_block(self.opt_state))
     except ValueError:
       pass
-    jax.block_until_ready((self.params, self.opt_state))
+    jax.block_until_ready(self.state)
     t = time.perf_counter()
-    self.params, self.opt_state, metrics = self.step(self.params, self.opt_state,
-                                                     self.batch)
-    jax.block_until_ready((self.params, self.opt_state, metrics))
+    self.state, metrics = self.step(self.state, self.batch)
+    jax.block_until_ready((self.state, metrics))
     return time.perf_counter() - t, active
 
   def lower(self, block=None):
-    return self.step.lower(self.params, self.opt_state, self.batch, block=block)
+    return self.step.lower(self.state, self.batch, block=block)
 
 
 def _median(xs):
@@ -235,7 +243,7 @@ def make_runner(method: str, model: Model, batch: dict, layout_model: Model,
   if method == "lora":
     adapters, base = model.lora()
     step = absign_jax.FullTrainStep(model.lora_loss, tx, donate=donate)
-    return Runner(step, adapters, tx.init(adapters), {"data": batch, "base": base}), tx
+    return Runner(step, step.init(adapters), {"data": batch, "base": base}), tx
   m = layout_model
   params = m.params()
   if method in BLOCK_METHODS:
@@ -243,7 +251,7 @@ def make_runner(method: str, model: Model, batch: dict, layout_model: Model,
                                      dispatch=dispatch, donate=donate)
   else:
     step = absign_jax.FullTrainStep(m.parts.loss_fn, tx, donate=donate)
-  return Runner(step, params, tx.init(params), batch), tx
+  return Runner(step, step.init(params), batch), tx
 
 
 def programs_of(runner: Runner, n: int) -> list[int | None]:
@@ -365,14 +373,14 @@ def measure(method, runner, n, steps, repeats, compiled_first, log) -> dict:
   return summarize_full(full_times[method], warm)
 
 
-def program_memory(runner, n):
+def runner_memory(runner, n) -> dict:
   """The largest program's sizes (per-block dispatch: blocks 0 and N-1).
 
   A single program is lowered for block 0: the same program for every block, and a
   block that works without reading the (possibly abstract) optimizer state.
   """
   progs = [0] if programs_of(runner, n) == [None] else sorted({0, n - 1})
-  sizes = [program_bytes(runner.lower(block=p).compile()) for p in progs]
+  sizes = [profiling.program_memory(runner.lower(block=p).compile()) for p in progs]
   sizes = [s for s in sizes if s["total"] is not None]
   return max(sizes, key=lambda s: s["total"]) if sizes else {"total": None}
 
@@ -508,11 +516,11 @@ def main(argv=None):
     else:
       row.update(measure(method, runner, n, args.steps, args.block_repeats,
                          compiled_first, log))
-    mem = program_memory(runner, n)
+    mem = runner_memory(runner, n)
     row["memory_bytes"] = mem["total"]
     row["memory_detail"] = mem
-    row["opt_state_bytes"] = tree_bytes(runner.opt_state)
-    row["param_bytes"] = tree_bytes(runner.params)
+    row["opt_state_bytes"] = profiling.tree_bytes(runner.opt_state)
+    row["param_bytes"] = profiling.tree_bytes(runner.params)
     if method == "lora":
       row["trainable_params"] = lora_lib.num_lora_params(runner.params)
     row["device_memory"] = device_memory()
@@ -614,20 +622,20 @@ def memory_only(args, methods: list[str]) -> dict:
     if method == "lora":
       adapters, base = jax.eval_shape(model.lora)
       step = absign_jax.FullTrainStep(model.lora_loss, tx)
-      runner = Runner(step, adapters, jax.eval_shape(tx.init, adapters),
+      runner = Runner(step, jax.eval_shape(step.init, adapters),
                       {"data": batch, "base": base})
     elif method in BLOCK_METHODS:
       step = absign_jax.BlockTrainStep(model.parts.loss_fn, tx,
                                        layered=model.parts.layered,
                                        dispatch=args.dispatch)
-      runner = Runner(step, params, jax.eval_shape(tx.init, params), batch)
+      runner = Runner(step, jax.eval_shape(step.init, params), batch)
     else:
       step = absign_jax.FullTrainStep(model.parts.loss_fn, tx)
-      runner = Runner(step, params, jax.eval_shape(tx.init, params), batch)
-    mem = program_memory(runner, n)
+      runner = Runner(step, jax.eval_shape(step.init, params), batch)
+    mem = runner_memory(runner, n)
     rows.append({"name": method, "memory_bytes": mem["total"], "memory_detail": mem,
-                 "opt_state_bytes": tree_bytes(runner.opt_state),
-                 "param_bytes": tree_bytes(runner.params)})
+                 "opt_state_bytes": profiling.tree_bytes(runner.opt_state),
+                 "param_bytes": profiling.tree_bytes(runner.params)})
     print(f"[{method}] {fmt_mb(mem['total'])} MiB", flush=True)
   ref = next((r for r in rows if r["name"] == "adamw"), None)
   for r in rows:
@@ -705,7 +713,7 @@ def dispatch_study(args, n, model_for, batch, layout, rows, log) -> list[dict] |
       r = measure("absignsgd", runner, n, 0, args.block_repeats, {}, log)
       entry = {k: r[k] for k in ("compile_s", "programs", "mean_step_s",
                                  "median_step_s")}
-      entry["memory_bytes"] = program_memory(runner, n)["total"]
+      entry["memory_bytes"] = runner_memory(runner, n)["total"]
       del runner
       gc.collect()
     entry.update(layout=lay, dispatch=disp)

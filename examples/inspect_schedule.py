@@ -11,7 +11,7 @@ import argparse
 
 import numpy as np
 
-from absign_jax import selection
+from absign_jax.blocks import selection
 
 
 def main():

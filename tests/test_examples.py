@@ -32,7 +32,7 @@ def loss_fell(out: str) -> tuple[float, float]:
 
 def test_every_example_is_tested():
   tested = {"quickstart_optax.py", "nnx_training_loop.py", "inspect_schedule.py",
-            "multiprocess_launch.py"}  # the last one runs in tests/test_distributed.py
+            "multiprocess_launch.py"}  # the last one runs in tests/train/test_data_parallel.py
   assert {p.name for p in EXAMPLES.glob("*.py")} <= tested
 
 

@@ -70,12 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "over the budget instead of --steps, whichever ends first")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=128, help="sequence length")
-  p.add_argument("--precision", default="fp32", choices=absign_jax.precision.POLICIES,
+  p.add_argument("--precision", default="fp32", choices=absign_jax.train.precision.POLICIES,
                  help="bf16-sr: bf16 weights with stochastic rounding; bf16-master: fp32 "
                  "copy of the active block; fp16: dynamic loss scaling")
   p.add_argument("--depth-bias", type=float, default=10.0)
   p.add_argument("--selection", default="depth_biased",
-                 choices=absign_jax.selection.SCHEMES)
+                 choices=absign_jax.blocks.selection.SCHEMES)
   p.add_argument("--weight-decay", type=float, default=0.0)
   p.add_argument("--eval-every", type=int, default=20)
   p.add_argument("--eval-seqs", type=int, default=16,
@@ -170,10 +170,19 @@ def set_learning_rate(opt_state, lr: float):
       **opt_state.hyperparams, "learning_rate": jnp.asarray(lr, old.dtype)})
 
 
-def step_memory_bytes(step, params, opt_state, batch) -> int | None:
+def step_memory_bytes(step, state, batch) -> int | None:
   """Bytes the compiled step needs (already compiled: lowering again hits the cache)."""
-  compiled = step.lower(params, opt_state, batch).compile()
-  return absign_jax.step.program_memory(compiled)["total"]
+  compiled = step.lower(state, batch).compile()
+  return absign_jax.profiling.program_memory(compiled)["total"]
+
+
+def model_dtype(policy: absign_jax.Policy) -> str:
+  """The ``LlamaConfig.dtype`` (compute and initial weights) of a precision policy.
+
+  The model computes in bfloat16 or float32; float16 weights (``fp16``) are stored by
+  ``policy.cast_params`` in a model built in float32, whose layers promote them.
+  """
+  return "bfloat16" if policy.param_dtype == jnp.bfloat16 else "float32"
 
 
 def peak_device_bytes() -> int | None:
@@ -224,27 +233,20 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
   os.makedirs(out_dir, exist_ok=True)
   policy = absign_jax.policy(args.precision)
   _, model, _ = gguf_lib.load_gguf(
-      args.gguf, dtype=policy.config_dtype, scan_layers=True, remat=args.remat,
+      args.gguf, dtype=model_dtype(policy), scan_layers=True, remat=args.remat,
       loss_chunk=512)
   parts = absign_jax.split_nnx(model)
   params = policy.cast_params(parts.params)
   tx = make_optimizer(args, name)
   if name in BLOCK_OPTIMIZERS:
-    block_step = absign_jax.BlockTrainStep(parts.loss_fn, tx, layered=parts.layered,
-                                           seed=args.seed, **policy.step_options())
-    state = block_step.init(params)
-    step, run_step = block_step, block_step
+    step = absign_jax.BlockTrainStep(parts.loss_fn, tx, layered=parts.layered,
+                                     seed=args.seed, **policy.step_options())
   else:
     if policy.name not in ("fp32", "bf16"):
       raise ValueError(f"--precision {policy.name} needs a block optimizer "
                        f"({', '.join(BLOCK_OPTIMIZERS)}); {name} supports fp32 and bf16.")
-    step = absign_jax.FullTrainStep(parts.loss_fn, tx)
-    state = absign_jax.TrainState(params, tx.init(params),
-                                  absign_jax.precision.init_precision_state(None, []))
-
-    def run_step(state, batch):
-      params, opt_state, metrics = step(state.params, state.opt_state, batch)
-      return state._replace(params=params, opt_state=opt_state), metrics
+    step = absign_jax.FullTrainStep(parts.loss_fn, tx, seed=args.seed)
+  state = step.init(params)
   batches = data_lib.Batches(train_set, args.batch, seed=args.seed)
 
   # The pretrained model's figures are the same for every run: computed once.
@@ -294,7 +296,7 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
       lr = learning_rate_at(args, peak_lr, step_idx, progress)
       state = state._replace(opt_state=set_learning_rate(state.opt_state, lr))
     t0 = time.perf_counter()
-    state, metrics = run_step(state, batch)
+    state, metrics = step(state, batch)
     loss = float(metrics["loss"])  # waits for the step: the clock covers its compute
     if step_idx == start + 1:  # compilation: reported apart, so budgets compare training speed
       first_step_s = time.perf_counter() - t0
@@ -347,10 +349,10 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
       "tokens_per_s": tokens / max(wall, 1e-9),
       "skipped_steps": int(state.precision.skipped_total),
       "first_step_s": first_step_s,
-      "optimizer_state_bytes": absign_jax.step.tree_bytes(opt_state),
-      "step_memory_bytes": step_memory_bytes(step, params, opt_state, batch)
+      "optimizer_state_bytes": absign_jax.profiling.tree_bytes(opt_state),
+      "step_memory_bytes": step_memory_bytes(step, state, batch)
                            if step_idx > start else None,
-      "param_bytes": absign_jax.step.tree_bytes(params),
+      "param_bytes": absign_jax.profiling.tree_bytes(params),
       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
       "peak_device_bytes": peak_device_bytes(),
       "batch": args.batch, "seq": args.seq, "precision": args.precision,

@@ -451,6 +451,30 @@ class Llama(nnx.Module):
     """Runs one layer of the stacked layout given its state slice."""
     return apply_layer(self.layers_graphdef, layer_state, h)
 
+  def layered_loss(self) -> Any:
+    """The model cut at its stacked layers for the training step, or None.
+
+    Returns an :class:`absign_jax.LayeredLoss` over the ``nnx.Param`` state of
+    ``nnx.split(model, nnx.Param, ...)`` for the stacked layout (None for the list
+    layout), reading ``batch = {"inputs", "targets", "mask"}``. A layer runs its
+    ``forward`` (no remat): the stacked program recomputes the layers above the
+    active one itself, so per-layer remat would only add a third forward.
+    """
+    if not self.stacked:
+      return None
+    from absign_jax.train.model import LayeredLoss
+
+    graphdef, _, rest = nnx.split(self, nnx.Param, ...)
+    layer_graphdef = self.layers_graphdef
+    merge = lambda p: nnx.merge(graphdef, p, rest)
+    return LayeredLoss(
+        embed=lambda p, batch: merge(p).embed(batch["inputs"]),
+        layer=lambda w, h: nnx.merge(layer_graphdef, w).forward(h),
+        head_loss=lambda p, h, batch: merge(p).head_loss(
+            h, batch["targets"], batch.get("mask")),
+        stack_path=("layers",),
+    )
+
   def embed(self, inputs: jax.Array) -> jax.Array:
     """Token ids ``[B, T]`` to hidden states ``[B, T, D]`` (param dtype)."""
     return self.embed_tokens(inputs)

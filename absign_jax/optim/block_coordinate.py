@@ -1,0 +1,302 @@
+"""The block-coordinate wrapper: one block per step, for any optax transformation.
+
+``block_coordinate(inner)`` applies ``inner`` to the active block only and leaves
+every other leaf untouched; after ``steps_per_block`` updates it asks a
+:class:`~absign_jax.blocks.selection.BlockSelection` for the next block. ABSignSGD is
+``block_coordinate(sign descent, depth-biased selection)``; a BAdam-style baseline is
+``block_coordinate(adam, cyclic, steps_per_block=K, reset_on_switch=True)``.
+
+The inner state exists once per *group* of blocks with equal shapes (all
+transformer layers form one group), not once per block: a stateful inner
+transformation costs the memory of one layer, as in BAdam.
+
+Inactive entries of the returned updates are ``+0.0``. Put the learning rate *after*
+the wrapper (``optax.scale_by_learning_rate``): it turns them into ``-0.0``, and
+``x + (-0.0) == x`` bit for bit for every float ``x`` (``-0.0 + 0.0`` would be
+``+0.0``), so untouched blocks stay bit-identical after ``optax.apply_updates``.
+
+Two calling modes:
+
+* ``update(grads, state, params)`` with full gradients (any optax loop, including
+  ``nnx.Optimizer``). The active block is read from the state inside the compiled
+  program (``lax.switch``), so there is no retrace from step to step.
+* ``update(block_grads, state, params, block=b)`` from the partial-backprop step:
+  ``block_grads`` has the gradient at the leaves of block ``b`` (the slice, for a
+  stacked leaf) and ``None`` elsewhere; ``params`` is the full tree. The updates come
+  back in the same sparse form. ``b`` is a Python int, or a traced index for blocks
+  that are slices of stacked leaves.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from absign_jax.blocks import partition as partition_lib
+from absign_jax.blocks import selection as selection_lib
+
+PyTree = Any
+
+
+@jax.tree_util.register_static
+class PartitionOptions:
+  """How a block-coordinate optimizer partitions parameters (static, no arrays).
+
+  It rides in the optimizer state so that a training step can find the same blocks
+  as the optimizer without being told twice.
+  """
+
+  def __init__(self, include_embedding: bool = False, include_head: bool = False,
+               partition=None):
+    if partition is not None and not callable(partition):
+      # A labels tree becomes a hashable tuple of (path, label) pairs.
+      paths, labels = partition_lib.leaf_paths(partition)
+      partition = tuple((".".join(k), int(v)) for k, v in zip(paths, labels))
+    self.include_embedding = bool(include_embedding)
+    self.include_head = bool(include_head)
+    self.partition = partition
+
+  def _key(self):
+    return (self.include_embedding, self.include_head, self.partition)
+
+  def __eq__(self, other):
+    return isinstance(other, PartitionOptions) and self._key() == other._key()
+
+  def __hash__(self):
+    return hash(self._key())
+
+  def spec(self, params) -> partition_lib.BlockSpec:
+    """The :class:`~absign_jax.blocks.partition.BlockSpec` of ``params``."""
+    partition = self.partition
+    if isinstance(partition, tuple):
+      labels = dict(partition)
+      partition = lambda path, leaf: labels.get(path, -1)
+    return partition_lib.block_spec(
+        params, include_embedding=self.include_embedding,
+        include_head=self.include_head, partition=partition)
+
+
+class BlockCoordinateState(NamedTuple):
+  """State of :func:`block_coordinate`.
+
+  Attributes:
+    active: the block the next update applies to (int32 scalar).
+    steps_in_block: updates already applied to the active block.
+    selection: the selection scheme's state (counters, clock, key).
+    inner: the inner transformation's state, one per group of equally shaped blocks.
+    partition: the static partition options (no arrays).
+  """
+
+  active: jax.Array
+  steps_in_block: jax.Array
+  selection: selection_lib.SelectionState
+  inner: tuple
+  partition: PartitionOptions
+
+
+def _is_none(x):
+  return x is None
+
+
+def block_coordinate(
+    inner: optax.GradientTransformation,
+    *,
+    selection: str | selection_lib.BlockSelection = "depth_biased",
+    depth_bias: float = 10.0,
+    seed: int = 0,
+    steps_per_block: int = 1,
+    reset_on_switch: bool = False,
+    include_embedding: bool = False,
+    include_head: bool = False,
+    partition: partition_lib.PartitionFn | PyTree | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Turns ``inner`` into a transformation that updates one block per step.
+
+  Args:
+    inner: the transformation applied to the active block's leaves (given as a list
+      of arrays, slices for stacked leaves).
+    selection: a scheme name (``"depth_biased"``, ``"uniform"``, ``"cyclic"``,
+      ``"cyclic_descending"``, ``"random_reshuffle"``) or a
+      :class:`~absign_jax.blocks.selection.BlockSelection`.
+    depth_bias: ``c`` of the depth-biased scheme.
+    seed: seed of the random schemes.
+    steps_per_block: updates per block before switching (BAdam's K).
+    reset_on_switch: re-initialise the inner state whenever a new block becomes
+      active (BAdam's Adam state reset). Otherwise the group's state carries over.
+    include_embedding: train the embedding as block 0.
+    include_head: train the final norm / LM head as the last block.
+    partition: explicit partition, see :func:`absign_jax.block_spec`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  # optax.inject_hyperparams hands numeric arguments over as (possibly traced)
+  # arrays; the count only enters a comparison, so any integer array works.
+  if not isinstance(steps_per_block, jax.core.Tracer):
+    k = np.asarray(steps_per_block)
+    if k.ndim or not np.issubdtype(k.dtype, np.integer) or int(k) < 1:
+      raise ValueError(f"steps_per_block must be an int >= 1, got {steps_per_block!r}.")
+  scheme = selection_lib.resolve(selection, depth_bias=depth_bias, seed=seed)
+  inner = optax.with_extra_args_support(inner)
+
+  options = PartitionOptions(include_embedding, include_head, partition)
+  spec_of = options.spec
+
+  def init(params):
+    spec = spec_of(params)
+    _, leaves = partition_lib.leaf_paths(params)
+    leaves = [jnp.asarray(getattr(l, "value", l)) for l in leaves]
+    group_of, first_block = partition_lib.block_groups(spec, leaves)
+    inner_states = tuple(
+        inner.init(partition_lib.gather_block(spec, leaves, b)) for b in first_block
+    )
+    sel = scheme.init(spec.num_blocks)
+    active, sel = scheme.select(sel)
+    return BlockCoordinateState(
+        active=active, steps_in_block=jnp.zeros((), jnp.int32), selection=sel,
+        inner=inner_states, partition=options)
+
+  def run_inner(gid, grads, block_params, state, extra):
+    inner_state = state.inner[gid]
+    if reset_on_switch:
+      fresh = inner.init(block_params)
+      inner_state = jax.tree.map(
+          lambda f, o: jnp.where(state.steps_in_block == 0, f, o), fresh, inner_state)
+    upd, inner_state = inner.update(grads, inner_state, block_params, **extra)
+    states = list(state.inner)
+    states[gid] = inner_state
+    return upd, tuple(states)
+
+  def update(updates, state, params=None, *, block=None, **extra):
+    if params is None:
+      raise ValueError("block_coordinate: update() needs params (the block partition "
+                       "is read from them): call tx.update(grads, state, params).")
+    spec = spec_of(params)
+    _, p_leaves = partition_lib.leaf_paths(params)
+    group_of, _ = partition_lib.block_groups(spec, p_leaves)
+    stacked = spec.stacked_range()
+    if block is None:
+      g_leaves, treedef = jax.tree.flatten(updates)
+      out_leaves, inner_states = _full_update(
+          spec, group_of, stacked, g_leaves, p_leaves, state, extra)
+    else:
+      g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_none)
+      out_leaves, inner_states = _block_update(
+          spec, group_of, stacked, block, g_leaves, p_leaves, state, extra)
+    new_updates = jax.tree.unflatten(treedef, out_leaves)
+    return new_updates, _advance(state, inner_states)
+
+  def _full_update(spec, group_of, stacked, g_leaves, p_leaves, state, extra):
+    if len(g_leaves) != len(p_leaves):
+      raise ValueError("block_coordinate: updates and params have different trees.")
+
+    def zeros():
+      return [jnp.zeros_like(g) for g in g_leaves]
+
+    def static_branch(b):
+      def branch(state):
+        g = partition_lib.gather_block(spec, g_leaves, b)
+        p = partition_lib.gather_block(spec, p_leaves, b)
+        u, inner_states = run_inner(int(group_of[b]), g, p, state, extra)
+        u = [v.astype(x.dtype) for v, x in zip(u, g)]
+        return partition_lib.scatter_block(spec, zeros(), b, u), inner_states
+      return branch
+
+    def stacked_branch(state):
+      lo, _ = stacked
+      j = state.active - lo
+      idx = [i for i, _ in spec.members[lo]]
+      take = lambda leaves: [jax.lax.dynamic_index_in_dim(leaves[i], j, 0, False)
+                             for i in idx]
+      u, inner_states = run_inner(int(group_of[lo]), take(g_leaves), take(p_leaves),
+                                  state, extra)
+      out = zeros()
+      for i, v in zip(idx, u):
+        out[i] = jax.lax.dynamic_update_index_in_dim(out[i], v.astype(out[i].dtype), j, 0)
+      return out, inner_states
+
+    branches, table = [], []
+    for b in range(spec.num_blocks):
+      if stacked and stacked[0] <= b < stacked[1]:
+        if b == stacked[0]:
+          branches.append(stacked_branch)
+        table.append(len(branches) - 1)
+      else:
+        branches.append(static_branch(b))
+        table.append(len(branches) - 1)
+    if len(branches) == 1:
+      return branches[0](state)
+    index = jnp.asarray(np.asarray(table, np.int32))[state.active]
+    return jax.lax.switch(index, branches, state)
+
+  def _block_update(spec, group_of, stacked, block, g_leaves, p_leaves, state, extra):
+    present = tuple(i for i, g in enumerate(g_leaves) if g is not None)
+    if isinstance(block, (int, np.integer)):
+      b = int(block)
+      if not 0 <= b < spec.num_blocks:
+        raise ValueError(f"block_coordinate: block={b} is outside 0..{spec.num_blocks-1}.")
+      if present != tuple(sorted(spec.block_leaf_indices(b))):
+        raise ValueError(f"block_coordinate: the sparse gradient tree does not hold "
+                         f"exactly the leaves of block {b} ({spec.names[b]}).")
+      p = partition_lib.gather_block(spec, p_leaves, b)
+      g = [g_leaves[i] for i, _ in spec.members[b]]
+      gid = int(group_of[b])
+    else:  # a traced block index: only valid inside a stacked range
+      if stacked is None or present != tuple(i for i, _ in spec.members[stacked[0]]):
+        raise ValueError("block_coordinate: a traced block index needs a sparse "
+                         "gradient tree holding exactly the stacked layer leaves.")
+      j = block - stacked[0]
+      p = [jax.lax.dynamic_index_in_dim(p_leaves[i], j, 0, False) for i in present]
+      g = [g_leaves[i] for i in present]
+      gid = int(group_of[stacked[0]])
+      b = None
+    u, inner_states = run_inner(gid, g, p, state, extra)
+    out = [None] * len(g_leaves)
+    order = [i for i, _ in spec.members[b]] if b is not None else list(present)
+    for i, v in zip(order, u):
+      out[i] = v
+    return out, inner_states
+
+  def _advance(state, inner_states):
+    steps = state.steps_in_block + 1
+    switch = steps >= steps_per_block
+    nxt, sel = scheme.select(state.selection)
+    sel = jax.tree.map(lambda new, old: jnp.where(switch, new, old), sel, state.selection)
+    return BlockCoordinateState(
+        active=jnp.where(switch, nxt, state.active),
+        steps_in_block=jnp.where(switch, 0, steps).astype(jnp.int32),
+        selection=sel,
+        inner=inner_states,
+        partition=state.partition)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def find_state(opt_state: PyTree) -> BlockCoordinateState:
+  """The (first) :class:`BlockCoordinateState` inside an optimizer state."""
+  found = [
+      s for s in jax.tree.leaves(
+          opt_state, is_leaf=lambda x: isinstance(x, BlockCoordinateState))
+      if isinstance(s, BlockCoordinateState)
+  ]
+  if not found:
+    raise ValueError("no block-coordinate state found: the optimizer was not built "
+                     "with absign_jax.block_coordinate (absignsgd, block_adam, ...).")
+  return found[0]
+
+
+def active_block(opt_state: PyTree) -> jax.Array:
+  """The block the next update will apply to (an int32 scalar array).
+
+  Accepts a raw optax state (also nested in ``optax.chain`` or
+  ``optax.inject_hyperparams``) or an ``nnx.Optimizer``'s ``opt_state``.
+  """
+  opt_state = getattr(opt_state, "opt_state", opt_state)
+  active = find_state(opt_state).active
+  if hasattr(active, "get_value"):  # an nnx.Variable (nnx.Optimizer's opt_state)
+    active = active.get_value()  # (`.value` is deprecated in flax.nnx)
+  return jnp.asarray(active)

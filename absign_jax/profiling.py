@@ -1,0 +1,240 @@
+"""Measurement: bytes of trees and compiled programs, and collective bytes from HLO.
+
+Nothing here runs during training; the program (``absign_jax.llm``), the benchmarks
+and the tests read sizes through these functions:
+
+* :func:`tree_bytes`: bytes held by the arrays of a pytree (parameters, an optimizer
+  state).
+* :func:`master_bytes`: bytes of the float32 master copy in a
+  :class:`~absign_jax.train.precision.PrecisionState`.
+* :func:`program_memory`: argument, output, temporary and aliased bytes of a compiled
+  program, from XLA's ``memory_analysis()``.
+* :func:`collective_bytes`: bytes moved by the collectives of a compiled program, read
+  from its optimized HLO text.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import jax
+import numpy as np
+
+PyTree = Any
+
+__all__ = ["collective_bytes", "master_bytes", "program_memory", "tree_bytes"]
+
+
+def tree_bytes(tree: PyTree) -> int:
+  """Bytes held by the arrays of ``tree`` (arrays or ``jax.ShapeDtypeStruct``s)."""
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)
+                 if hasattr(x, "dtype")))
+
+
+def master_bytes(precision_state: Any) -> int:
+  """Bytes held by the master copy of a :class:`~absign_jax.train.precision.PrecisionState`."""
+  return sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(precision_state.master))
+
+
+def program_memory(compiled: Any) -> dict[str, int | None]:
+  """Sizes from XLA's ``memory_analysis()`` of a compiled program.
+
+  Args:
+    compiled: a ``jax.stages.Compiled`` (``step.lower(state, batch).compile()``).
+
+  Returns:
+    ``argument``, ``output``, ``temp`` and ``alias`` bytes and ``total`` = argument +
+    output + temp - alias (donated buffers count once); ``{"total": None}`` where the
+    backend reports nothing.
+  """
+  m = compiled.memory_analysis()
+  if m is None:
+    return {"total": None}
+  out = {k: int(getattr(m, f"{k}_size_in_bytes"))
+         for k in ("argument", "output", "temp", "alias")}
+  out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+  return out
+
+
+# -- collectives, read from the optimized HLO -------------------------------------------
+
+_DTYPE_BITS = {
+    "pred": 8, "s2": 2, "u2": 2, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16,
+    "u16": 16, "s32": 32, "u32": 32, "s64": 64, "u64": 64, "f8e4m3fn": 8,
+    "f8e5m2": 8, "f8e4m3": 8, "f8e4m3fnuz": 8, "f8e5m2fnuz": 8, "f8e4m3b11fnuz": 8,
+    "f8e3m4": 8, "f8e8m0fnu": 8, "f4e2m1fn": 4, "bf16": 16, "f16": 16, "f32": 32,
+    "f64": 64, "c64": 64, "c128": 128,
+}
+COLLECTIVE_OPS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+                  "collective-permute", "collective-broadcast", "ragged-all-to-all")
+_SHAPE = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_HEADER = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s*->.*\{\s*$")
+_DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_CALLED = re.compile(
+    r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)"
+    r"=%?([\w.\-]+)|\b(?:branch_computations|called_computations)=\{([^}]*)\}")
+_COMMENT = re.compile(r"/\*.*?\*/")
+_GROUPS_LIST = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
+_GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
+
+
+def _type_bytes(type_str: str) -> float:
+  """Bytes of an HLO type (a shape or a tuple of shapes); ``token``s count 0."""
+  total = 0.0
+  for dtype, dims in _SHAPE.findall(type_str):
+    if dtype not in _DTYPE_BITS:
+      continue
+    size = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+    total += size * _DTYPE_BITS[dtype] / 8
+  return total
+
+
+def _balanced(s: str, start: int) -> int:
+  """Index just past the bracket group opening at ``s[start]``."""
+  depth = 0
+  for i in range(start, len(s)):
+    if s[i] in "([{":
+      depth += 1
+    elif s[i] in ")]}":
+      depth -= 1
+      if depth == 0:
+        return i + 1
+  return len(s)
+
+
+def _split_top(s: str) -> list[str]:
+  """Splits ``s`` at commas outside brackets."""
+  parts, depth, cur = [], 0, []
+  for ch in s:
+    if ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+    if ch == "," and depth == 0:
+      parts.append("".join(cur))
+      cur = []
+    else:
+      cur.append(ch)
+  if cur:
+    parts.append("".join(cur))
+  return [p.strip() for p in parts if p.strip()]
+
+
+def _parse_instruction(rhs: str):
+  """``(type, opcode, operands, attributes)`` of an HLO instruction's right side."""
+  rhs = rhs.strip()
+  end = _balanced(rhs, 0) if rhs.startswith("(") else rhs.find(" ")
+  type_str, rest = rhs[:end], rhs[end:].lstrip()
+  paren = rest.find("(")
+  if paren < 0:
+    return type_str, rest, [], ""
+  opcode = rest[:paren].strip()
+  close = _balanced(rest, paren)
+  return type_str, opcode, _split_top(rest[paren + 1:close - 1]), rest[close:]
+
+
+def _group_size(attrs: str, default: int) -> int:
+  m = _GROUPS_LIST.search(attrs)
+  if m:
+    return max(1, len([x for x in m.group(1).split(",") if x]))
+  m = _GROUPS_IOTA.search(attrs)
+  if m:
+    return int(m.group(2))
+  return default
+
+
+def collective_bytes(compiled: Any, num_devices: int | None = None) -> dict[str, Any]:
+  """Bytes moved by the collectives of a compiled program, read from its HLO.
+
+  Every all-reduce, all-gather, reduce-scatter, all-to-all, collective-permute
+  (and their async ``-start`` forms) of the optimized HLO is found and the sizes of
+  its operands are summed (the bytes each device contributes). Collectives inside a
+  ``conditional`` branch run only when that branch is taken; they are summed apart.
+  Each op is counted once (one in a loop body would run once per iteration).
+
+  Args:
+    compiled: a ``jax.stages.Compiled`` (``jit(f).lower(...).compile()``) or its
+      ``as_text()``.
+    num_devices: the group size to assume where the HLO names no replica groups.
+
+  Returns:
+    A dict with, for the collectives outside conditionals, the bytes per op kind
+    (``"all-reduce"``, ``"all-gather"``, ...), ``"total"`` and ``"ops"`` (how many);
+    ``"conditional"``, the operand bytes of collectives inside conditional branches;
+    and ``"wire"``, an estimate of the bytes each device sends with ring algorithms
+    (all-reduce ``2 (g-1)/g S``, all-gather ``(g-1) S``, reduce-scatter and
+    all-to-all ``(g-1)/g S``, permute ``S``, for operand size ``S`` and group ``g``).
+  """
+  text = compiled if isinstance(compiled, str) else compiled.as_text()
+  default_group = num_devices or 1
+  comps: dict[str, list[tuple[str, str, str, list[str], str]]] = {}
+  types: dict[str, str] = {}
+  current = None
+  for line in text.splitlines():
+    line = _COMMENT.sub("", line)  # e.g. /*index=5*/ inside long operand lists
+    header = _HEADER.match(line)
+    if header and "=" not in line.split("(")[0]:
+      current = header.group(1)
+      comps[current] = []
+      continue
+    d = _DEF.match(line)
+    if d is None or current is None:
+      continue
+    name = d.group(1)
+    type_str, opcode, operands, attrs = _parse_instruction(d.group(2))
+    types[name] = type_str
+    comps[current].append((name, type_str, opcode, operands, attrs))
+
+  def called(attrs: str) -> list[str]:
+    out = []
+    for single, many in _CALLED.findall(attrs):
+      if single:
+        out.append(single)
+      if many:
+        out += [c.strip().lstrip("%") for c in many.split(",") if c.strip()]
+    return out
+
+  # Computations reachable from a conditional's branches.
+  conditional, todo = set(), []
+  for instrs in comps.values():
+    for _, _, opcode, _, attrs in instrs:
+      if opcode == "conditional":
+        todo += called(attrs)
+  while todo:
+    c = todo.pop()
+    if c in conditional or c not in comps:
+      continue
+    conditional.add(c)
+    for _, _, _, _, attrs in comps[c]:
+      todo += called(attrs)
+
+  def operand_bytes(op: str) -> float:
+    tokens = op.split()
+    name = tokens[-1].lstrip("%")
+    if len(tokens) > 1:  # an inline operand type: "f32[4]{0} %x"
+      return _type_bytes(" ".join(tokens[:-1]))
+    return _type_bytes(types.get(name, ""))
+
+  result: dict[str, Any] = {k: 0 for k in COLLECTIVE_OPS}
+  result.update(total=0, ops=0, conditional=0, wire=0.0)
+  for comp, instrs in comps.items():
+    for _, _, opcode, operands, attrs in instrs:
+      kind = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
+      if kind not in COLLECTIVE_OPS:
+        continue
+      size = sum(operand_bytes(op) for op in operands)
+      if comp in conditional:
+        result["conditional"] += int(size)
+        continue
+      g = _group_size(attrs, default_group)
+      result[kind] += int(size)
+      result["total"] += int(size)
+      result["ops"] += 1
+      factor = {"all-reduce": 2 * (g - 1) / g, "all-gather": g - 1,
+                "reduce-scatter": (g - 1) / g, "all-to-all": (g - 1) / g,
+                "ragged-all-to-all": (g - 1) / g}.get(kind, 1.0)
+      result["wire"] += size * factor
+  result["wire"] = int(round(result["wire"]))
+  return result

@@ -1,0 +1,10 @@
+"""Training: the steps, how they see a model, precision, data parallelism, checkpoints.
+
+* :mod:`.model` -- the model protocol (``LayeredLoss``, ``split_nnx``);
+* :mod:`.step` -- ``BlockTrainStep`` (partial backprop) and ``FullTrainStep``, one
+  calling form ``state, metrics = step(state, batch)``;
+* :mod:`.precision` -- policies, loss scaling, stochastic rounding, the master copy and
+  the step's update arithmetic;
+* :mod:`.data_parallel` -- majority votes over a mesh axis, composed into the steps;
+* :mod:`.checkpoint` -- orbax checkpoints that resume exactly.
+"""

@@ -1,0 +1,342 @@
+"""Checkpoints that resume training exactly (orbax-checkpoint).
+
+A checkpoint holds one training-state pytree -- usually the step's
+:class:`~absign_jax.train.step.TrainState`: parameters, optimizer state (block selection state
+and key, step counts, ``inject_hyperparams`` hyperparameters, inner moments), and the
+:class:`~absign_jax.train.precision.PrecisionState` (loss scale, skip counters, the stochastic
+rounding key and counter, the master copy) -- plus a JSON record of the data position
+(e.g. :meth:`absign_jax.llm.data.Batches.state`) and a small metadata record that
+describes the tree::
+
+    ckpt = Checkpointer(directory, max_to_keep=3)
+    state = step.init(params)
+    restored = ckpt.restore_latest(state)         # None when there is no checkpoint
+    if restored is not None:
+      state = restored.state
+      batches.restore(restored.data_state["batches"])
+      start = restored.step
+    for k in range(start, total):
+      state, metrics = step(state, next(batches))
+      ckpt.save(k + 1, state, {"batches": batches.state()})   # asynchronous
+    ckpt.wait()
+
+Saving is asynchronous: :meth:`Checkpointer.save` copies the arrays off the device
+and returns while the files are written in the background (donating the state to
+the next step right away is safe). Orbax writes each checkpoint into a temporary
+directory and renames it when complete, so a process killed during a save leaves
+at most a temporary directory, which is never restored (and is removed when the next
+:class:`Checkpointer` opens the directory); :meth:`restore_latest` takes the last
+complete checkpoint.
+
+Restoring uses the *target's* structure (a state of the current model and optimizer,
+e.g. ``step.init(params)``, or its ``jax.eval_shape``): the arrays are read into that
+structure, with its shardings and dtypes. Before reading, the saved metadata is
+compared with the target's: another block count or layout, another parameter
+tree, shape or dtype is a ``ValueError`` that names the differences, never a silent
+partial restore.
+
+The data position and the random keys are part of what is restored: every random
+key the library uses (block selection, stochastic rounding) lives in the state as
+key data (``uint32``); typed PRNG keys (``jax.random.key``) anywhere in the state are
+also saved (as their key data) and restored as typed keys.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from absign_jax.optim.block_coordinate import find_state
+
+PyTree = Any
+
+FORMAT_VERSION = 1
+_MAX_LISTED = 8
+
+
+class Restored(NamedTuple):
+  """What :meth:`Checkpointer.restore` returns.
+
+  Attributes:
+    step: the step number the checkpoint was saved under.
+    state: the training state, in the target's structure.
+    data_state: the JSON data record given to :meth:`Checkpointer.save`.
+    metadata: the saved metadata record (tree description, user metadata).
+  """
+
+  step: int
+  state: PyTree
+  data_state: Any
+  metadata: dict
+
+
+def _is_key(x) -> bool:
+  return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _leaf_record(x) -> dict:
+  if _is_key(x):
+    impl = str(jax.random.key_impl(x)) if isinstance(x, jax.Array) else "key"
+    data_shape = jax.eval_shape(jax.random.key_data, x).shape
+    return {"shape": list(data_shape), "dtype": "uint32", "key": impl}
+  return {"shape": [int(d) for d in np.shape(x)], "dtype": jnp.dtype(x.dtype).name}
+
+
+def _block_record(state: PyTree) -> dict | None:
+  """Block count, names and layout of a state with ``params`` and ``opt_state``."""
+  params = getattr(state, "params", None)
+  opt_state = getattr(state, "opt_state", None)
+  if params is None or opt_state is None:
+    return None
+  try:
+    spec = find_state(opt_state).partition.spec(params)
+  except ValueError:
+    return None
+  return {"num_blocks": spec.num_blocks, "names": list(spec.names),
+          "layout": spec.layout}
+
+
+def describe(state: PyTree) -> dict:
+  """The metadata record of a state: leaf paths, shapes, dtypes and the blocks.
+
+  Args:
+    state: a pytree of arrays or ``jax.ShapeDtypeStruct``.
+
+  Returns:
+    A JSON-serialisable dict ``{"leaves": [[path, shape, dtype], ...], "blocks": ...}``.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(state)
+  leaves = []
+  for path, x in flat:
+    rec = _leaf_record(x)
+    leaves.append([jax.tree_util.keystr(path), rec["shape"], rec["dtype"]])
+  return {"leaves": leaves, "blocks": _block_record(state)}
+
+
+def _blocks_text(rec: dict) -> str:
+  names = rec["names"]
+  shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+  return f"{rec['num_blocks']} blocks, {rec['layout']} layout ({shown})"
+
+
+def check_compatible(saved: Mapping, target: Mapping, where: str = "checkpoint") -> None:
+  """Raises ``ValueError`` naming every difference between two :func:`describe` records.
+
+  Args:
+    saved: the record stored with the checkpoint.
+    target: the record of the state to restore into.
+    where: what to call the checkpoint in the message.
+  """
+  problems = []
+  sb, tb = saved.get("blocks"), target.get("blocks")
+  if sb is not None and tb is not None and (
+      sb["num_blocks"] != tb["num_blocks"] or sb["layout"] != tb["layout"]
+      or list(sb["names"]) != list(tb["names"])):
+    problems.append(f"the {where} has {_blocks_text(sb)}; the target model has "
+                    f"{_blocks_text(tb)}")
+  s_leaves = {p: (list(s), d) for p, s, d in saved["leaves"]}
+  t_leaves = {p: (list(s), d) for p, s, d in target["leaves"]}
+  missing = [p for p in t_leaves if p not in s_leaves]
+  extra = [p for p in s_leaves if p not in t_leaves]
+  differ = [f"{p}: saved {s_leaves[p][1]}{s_leaves[p][0]}, target "
+            f"{t_leaves[p][1]}{t_leaves[p][0]}"
+            for p in t_leaves if p in s_leaves and s_leaves[p] != t_leaves[p]]
+
+  def listing(what, items):
+    shown = "; ".join(items[:_MAX_LISTED])
+    more = f" (and {len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+    return f"{len(items)} {what}: {shown}{more}"
+
+  if missing:
+    problems.append(listing("entries of the target are not in the " + where, missing))
+  if extra:
+    problems.append(listing("entries of the " + where + " are not in the target", extra))
+  if differ:
+    problems.append(listing("entries differ in shape or dtype", differ))
+  if not missing and not extra and [p for p, _, _ in saved["leaves"]] != [
+      p for p, _, _ in target["leaves"]]:
+    problems.append("the entries are the same but in another order")
+  if problems:
+    raise ValueError(
+        f"cannot restore the {where} into this model/optimizer state:\n  - "
+        + "\n  - ".join(problems)
+        + "\nRestore with the model layout, layer count, precision and optimizer the "
+        "checkpoint was written with.")
+
+
+def _abstract(x):
+  """``jax.ShapeDtypeStruct`` to read leaf ``x`` into (key data for typed keys)."""
+  sharding = getattr(x, "sharding", None)
+  if _is_key(x):
+    shape = jax.eval_shape(jax.random.key_data, x).shape
+    return jax.ShapeDtypeStruct(shape, jnp.uint32, sharding=None)
+  kwargs = {"sharding": sharding} if isinstance(sharding, jax.sharding.Sharding) else {}
+  return jax.ShapeDtypeStruct(np.shape(x), x.dtype, **kwargs)
+
+
+def _like_target(value, target):
+  """The restored ``value`` as ``target``'s kind of leaf (typed key, weak type)."""
+  if _is_key(target):
+    impl = jax.random.key_impl(target) if isinstance(target, jax.Array) else None
+    return jax.random.wrap_key_data(value, impl=impl)
+  if getattr(target, "weak_type", False):
+    from jax._src.lax import lax as lax_internal  # pylint: disable=g-import-not-at-top
+    return lax_internal._convert_element_type(value, weak_type=True)  # pylint: disable=protected-access
+  return value
+
+
+def _empty_like(x):
+  """A zero-size leaf like ``x`` (such leaves are not written to the checkpoint)."""
+  sharding = getattr(x, "sharding", None)
+  out = jnp.zeros(np.shape(x), x.dtype)
+  if isinstance(sharding, jax.sharding.Sharding):
+    out = jax.device_put(out, sharding)
+  return _like_target(out, x)
+
+
+def _leaf_name(i: int) -> str:
+  return f"leaf_{i:06d}"
+
+
+class Checkpointer:
+  """Saves and restores training states with an ``orbax.checkpoint.CheckpointManager``.
+
+  Args:
+    directory: where the checkpoints live (one subdirectory per step).
+    max_to_keep: how many recent checkpoints to keep (None: all).
+    save_interval_steps: :meth:`save` writes only steps that are multiples of this
+      (unless forced).
+    async_save: write in a background thread (:meth:`wait` to finish).
+    metadata: a JSON-serialisable record stored with every checkpoint (e.g. the
+      precision policy and hyperparameters), returned in :attr:`Restored.metadata`.
+
+  The class is a context manager: leaving the ``with`` block waits for the last save
+  and closes the manager.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
+               save_interval_steps: int = 1, async_save: bool = True,
+               metadata: Mapping[str, Any] | None = None):
+    if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
+      raise ValueError(f"max_to_keep must be an int >= 1 or None, got {max_to_keep!r}.")
+    if not isinstance(save_interval_steps, int) or save_interval_steps < 1:
+      raise ValueError(f"save_interval_steps must be an int >= 1, got "
+                       f"{save_interval_steps!r}.")
+    self.directory = os.path.abspath(os.fspath(directory))
+    self.metadata = dict(metadata or {})
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+        enable_async_checkpointing=async_save, create=True,
+        cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  # -- saving -----------------------------------------------------------------------
+
+  def save(self, step: int, state: PyTree, data_state: Any = None, *,
+           force: bool = False) -> bool:
+    """Starts saving ``state`` and ``data_state`` as checkpoint ``step``.
+
+    Args:
+      step: the step number (usually the number of completed training steps).
+      state: the training state pytree.
+      data_state: a JSON-serialisable record of the data position (and anything
+        else the run needs to resume), or None.
+      force: save even if ``step`` is not a multiple of ``save_interval_steps``.
+
+    Returns:
+      Whether a save was started.
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(state)
+    # Orbax refuses zero-size arrays; they hold no data (restored from the target).
+    arrays = {_leaf_name(i): (jax.random.key_data(x) if _is_key(x) else x)
+              for i, (_, x) in enumerate(flat) if np.size(x) or _is_key(x)}
+    meta = {"format": FORMAT_VERSION, "step": int(step), "tree": describe(state),
+            "user": self.metadata}
+    return self._manager.save(
+        int(step), force=force,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(arrays),
+            data=ocp.args.JsonSave({"data_state": data_state}),
+            meta=ocp.args.JsonSave(meta)))
+
+  def wait(self) -> None:
+    """Blocks until every started save is complete on disk."""
+    self._manager.wait_until_finished()
+
+  # -- restoring --------------------------------------------------------------------
+
+  def latest_step(self) -> int | None:
+    """The step of the last complete checkpoint, or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """Steps of all complete checkpoints, ascending."""
+    return sorted(self._manager.all_steps())
+
+  def metadata_at(self, step: int) -> dict:
+    """The metadata record saved with checkpoint ``step``."""
+    return dict(self._manager.restore(
+        int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+  def restore(self, step: int, target: PyTree) -> Restored:
+    """Reads checkpoint ``step`` into the structure of ``target``.
+
+    Args:
+      step: a step from :meth:`all_steps`.
+      target: a state of the current model and optimizer (arrays or
+        ``jax.ShapeDtypeStruct``); only its structure, shapes, dtypes and shardings
+        are used.
+
+    Raises:
+      ValueError: the checkpoint does not match ``target`` (another block count,
+        layout, tree, shape or dtype); the message lists the differences.
+      FileNotFoundError: there is no checkpoint ``step``.
+    """
+    step = int(step)
+    if step not in self._manager.all_steps():
+      raise FileNotFoundError(f"no complete checkpoint for step {step} in "
+                              f"{self.directory} (steps: {self.all_steps()}).")
+    meta = self.metadata_at(step)
+    if meta.get("format") != FORMAT_VERSION:
+      raise ValueError(f"checkpoint {step} in {self.directory} has format "
+                       f"{meta.get('format')!r}; this library reads {FORMAT_VERSION}.")
+    check_compatible(meta["tree"], describe(target),
+                     where=f"checkpoint {step} in {self.directory}")
+    flat, treedef = jax.tree_util.tree_flatten(target)
+    abstract = {_leaf_name(i): _abstract(x) for i, x in enumerate(flat)
+                if np.size(x) or _is_key(x)}
+    out = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                      data=ocp.args.JsonRestore()))
+    leaves = [_like_target(out["state"][_leaf_name(i)], x) if _leaf_name(i) in abstract
+              else _empty_like(x) for i, x in enumerate(flat)]
+    return Restored(step, jax.tree_util.tree_unflatten(treedef, leaves),
+                    out["data"]["data_state"], meta)
+
+  def restore_latest(self, target: PyTree) -> Restored | None:
+    """:meth:`restore` of the last complete checkpoint, or None if there is none."""
+    step = self.latest_step()
+    if step is None:
+      return None
+    return self.restore(step, target)
+
+  # -- lifetime ---------------------------------------------------------------------
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      self.close()
+    # With an exception in flight, a failed background save may never finish:
+    # do not wait for it.

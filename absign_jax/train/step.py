@@ -1,0 +1,604 @@
+"""The training steps: partial backprop to the active block (SPEC §4), and full backprop.
+
+Every step has one calling form::
+
+    state = step.init(params)            # a TrainState(params, opt_state, precision)
+    state, metrics = step(state, batch)
+
+:class:`BlockTrainStep` changes one block per step, so it differentiates with respect
+to that block's parameters only. Everything else is a constant to
+``jax.value_and_grad``: layers below the active block run forward only (JAX's partial
+evaluation keeps no residuals for them), layers above it get activation gradients but
+no weight-gradient products, and frozen embeddings/head get no gradient at all.
+:class:`FullTrainStep` is the ordinary step (full backprop, any optax optimizer), the
+baseline.
+
+Dispatch -- how the active block, which lives in the optimizer state on the device,
+selects the program that runs (decided in one place, :meth:`BlockTrainStep.program_for`):
+
+* ``"per_block"``: one executable per block, compiled lazily the first time the block
+  is active (JAX's persistent compilation cache applies). The host reads the active
+  block (one int32 scalar) before each step: that read is what dispatch needs.
+* ``"switch"``: one executable holding every block's program in a ``lax.switch`` on the
+  active block: no host read, all compilation up front.
+* Stacked layers (one leaf with a leading layer axis, applied with a scan) have one
+  program for all layers with a *dynamic* block index: layers below run in a
+  ``fori_loop`` (forward only), the active layer is differentiated, layers above run
+  in a ``scan`` whose body skips the layers at or below the active one, with a custom
+  backward that saves only each layer's input and recomputes the layers above (no
+  copy of the stacked weights, no backward work below the active layer). This needs
+  the model's pieces (:class:`~absign_jax.LayeredLoss`); with a plain loss function,
+  stacked blocks fall back to differentiating through the whole scan (correct, not
+  faster).
+
+``"auto"`` picks ``"per_block"`` when no block is stacked and the dynamic program for
+stacked blocks (measured choices: see BENCHMARKS.md).
+
+The state carries a :class:`~absign_jax.train.precision.PrecisionState` (SPEC §5): a
+dynamic loss scale (``loss_scale=``), stochastic rounding of low-precision weights
+(``rounding="stochastic"``), a float32 master copy of the active block
+(``master_copy=True``) and the skip counters. The block gradient is unscaled and the
+update computed in float32, then rounded once to the parameter dtype (the arithmetic
+lives in :mod:`absign_jax.train.precision`).
+
+A step whose gradient or loss is not finite changes nothing: parameters and optimizer
+state are returned as they were (a block keeps its turn), ``metrics["skipped"]`` is 1
+and the skip counters move. Too many non-finite steps in a row
+(``max_consecutive_skips``) or a loss scale below its minimum raise
+``FloatingPointError`` at the next call, before anything is donated.
+
+Distribution is composition: what differs between one device and a data-parallel
+mesh is passed in. ``aggregate`` turns this device's loss and gradient into the ones
+the optimizer sees (the default keeps them; :func:`absign_jax.train.data_parallel.aggregator`
+votes or averages over a mesh axis), and ``placement`` compiles the programs and
+places the arrays (the default: ``jax.jit`` on the default device;
+:class:`absign_jax.train.data_parallel.DataParallel` runs each program per device
+under ``shard_map``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from absign_jax.blocks import partition as partition_lib
+from absign_jax.optim.block_coordinate import active_block, find_state
+from absign_jax.train import precision as precision_lib
+from absign_jax.train.model import LayeredLoss, LossFn, subtree
+
+PyTree = Any
+Batch = Any
+# A program: (params, opt_state, precision, batch) -> (params, opt_state, precision, metrics).
+Program = Callable[[PyTree, PyTree, precision_lib.PrecisionState, Batch], tuple]
+
+
+class TrainState(NamedTuple):
+  """Everything a training step reads and writes.
+
+  A plain pytree (checkpoint it whole, see :mod:`absign_jax.train.checkpoint`).
+
+  Attributes:
+    params: the parameter tree.
+    opt_state: the optimizer state (block selection included).
+    precision: the :class:`~absign_jax.train.precision.PrecisionState`.
+  """
+
+  params: PyTree
+  opt_state: PyTree
+  precision: precision_lib.PrecisionState
+
+
+# ---------------------------------------------------------------------------------
+# What distribution changes: the aggregate and the placement
+# ---------------------------------------------------------------------------------
+
+
+class Aggregated(NamedTuple):
+  """What an ``aggregate`` function returns (see :func:`local`).
+
+  Attributes:
+    loss: the loss to report.
+    grads: the gradient leaves handed to the optimizer (shapes and dtypes of the
+      input gradient).
+    finite: whether the step applies (a bool scalar, the same on every device).
+    grad_norm: the gradient norm to report, or None for the norm of ``grads`` as the
+      optimizer gets them.
+  """
+
+  loss: jax.Array
+  grads: list
+  finite: jax.Array
+  grad_norm: jax.Array | None = None
+
+
+def all_finite(loss: jax.Array, grads: Sequence[jax.Array]) -> jax.Array:
+  """Whether ``loss`` and every entry of ``grads`` are finite."""
+  ok = jnp.isfinite(loss)
+  for g in grads:
+    ok &= jnp.all(jnp.isfinite(g))
+  return ok
+
+
+def local(loss: jax.Array, grads: Sequence[jax.Array]) -> Aggregated:
+  """The default ``aggregate``: one device's loss and gradient, as they are."""
+  grads = list(grads)
+  return Aggregated(loss, grads, all_finite(loss, grads))
+
+
+class Placement(Protocol):
+  """How a step's programs are compiled and where its arrays live.
+
+  ``compile(program, donate)`` returns a jitted callable (with ``.lower``) of
+  ``program(params, opt_state, precision, batch)``; ``place_state`` and
+  ``place_batch`` put a :class:`TrainState` and a batch where the compiled program
+  expects them (and check that they fit, before anything is compiled).
+  """
+
+  def compile(self, program: Program, donate: bool) -> Any:
+    ...
+
+  def place_state(self, state: TrainState) -> TrainState:
+    ...
+
+  def place_batch(self, batch: Batch) -> Batch:
+    ...
+
+
+class SingleDevice:
+  """The default :class:`Placement`: ``jax.jit`` on JAX's default device."""
+
+  def compile(self, program: Program, donate: bool) -> Any:
+    return jax.jit(program, donate_argnums=(0, 1, 2) if donate else ())
+
+  def place_state(self, state: TrainState) -> TrainState:
+    return state
+
+  def place_batch(self, batch: Batch) -> Batch:
+    return batch
+
+
+# ---------------------------------------------------------------------------------
+# Shared by both steps
+# ---------------------------------------------------------------------------------
+
+
+def _init_state(params, opt_state, prec) -> TrainState:
+  # The step returns strongly typed state (jnp.where); a weakly typed input leaf
+  # (optax.inject_hyperparams keeps Python ints weak) would retrace the second step.
+  opt_state = jax.tree.map(
+      lambda x: jnp.asarray(x, x.dtype) if getattr(x, "weak_type", False) else x,
+      opt_state)
+  # Donation needs distinct buffers: an optimizer state may hold one array twice
+  # (e.g. two counters initialised from the same zeros).
+  seen: set[int] = set()
+
+  def distinct(x):
+    if isinstance(x, jax.Array) and id(x) in seen:
+      return jnp.copy(x)
+    seen.add(id(x))
+    return x
+
+  params, opt_state = jax.tree.map(distinct, (params, opt_state))
+  return TrainState(params, opt_state, prec)
+
+
+def _call_error() -> TypeError:
+  return TypeError("call the step as state, metrics = step(state, batch) with "
+                   "state = step.init(params) or step.init(params, opt_state); there "
+                   "is no step(params, opt_state, batch) form.")
+
+
+def _block_norm(grads) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in grads))
+
+
+def _take(stack, i):
+  """Layer ``i`` of a stacked layer tree (``i`` may be traced)."""
+  return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, False), stack)
+
+
+def _layers_above(layer, stack, j, h):
+  """Layers ``j+1 .. n-1`` of ``stack`` applied to ``h``; differentiable in ``h`` only.
+
+  The stacked program's memory and speed hinge on this: autodiff of a plain scan
+  over the stack would save every layer's weights as residuals (a second copy of
+  the stack) and run the backward of the skipped layers too. Here the forward saves
+  only each layer's input, and the backward recomputes layer ``i``'s vector-Jacobian
+  product from ``stack[i]`` for ``i > j`` (a ``cond`` skips the others), so the
+  layers above the active one cost one extra forward each and no weight copy.
+  """
+  n = jax.tree.leaves(stack)[0].shape[0]
+
+  def apply(h, stack, j):
+    def body(h, i):
+      return jax.lax.cond(i > j, lambda h: layer(_take(stack, i), h), lambda h: h, h), h
+    return jax.lax.scan(body, h, jnp.arange(n))
+
+  @jax.custom_vjp
+  def run(h, stack, j):
+    return apply(h, stack, j)[0]
+
+  def fwd(h, stack, j):
+    out, inputs = apply(h, stack, j)
+    return out, (inputs, stack, j)
+
+  def bwd(res, ct):
+    inputs, stack, j = res
+
+    def body(ct, xs):
+      h_i, i = xs
+
+      def back(ct):
+        _, vjp = jax.vjp(lambda x: layer(_take(stack, i), x), h_i)
+        return vjp(ct)[0]
+
+      return jax.lax.cond(i > j, back, lambda ct: ct, ct), None
+
+    ct, _ = jax.lax.scan(body, ct, (inputs, jnp.arange(n)), reverse=True)
+    return ct, None, None  # stack and j: constants of the step, no cotangent
+
+  run.defvjp(fwd, bwd)
+  return run(h, stack, j)
+
+
+class _Programs:
+  """The jitted programs of a step, built lazily, with how often each was traced.
+
+  A program is traced once per compilation (JAX caches the trace of ``lower`` and
+  of the call alike), so the trace count is the number of compiled programs.
+  """
+
+  def __init__(self, placement: Placement, donate: bool):
+    self._placement, self._donate = placement, donate
+    self._jitted: dict[Any, Any] = {}
+    self.traces: dict[Any, int] = {}
+
+  def get(self, key, program: Program):
+    if key not in self._jitted:
+      def counted(*args):
+        self.traces[key] = self.traces.get(key, 0) + 1
+        return program(*args)
+      self._jitted[key] = self._placement.compile(counted, self._donate)
+    return self._jitted[key]
+
+
+# ---------------------------------------------------------------------------------
+# The partial-backprop step
+# ---------------------------------------------------------------------------------
+
+
+class BlockTrainStep:
+  """A jit-compiled training step that backpropagates to the active block only.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar``.
+    tx: an optimizer built on :func:`absign_jax.optim.block_coordinate` (``absignsgd``,
+      ``block_adam``, ...), possibly inside ``optax.chain`` or
+      ``optax.inject_hyperparams``. Transformations chained outside the block wrapper
+      must be stateless per leaf (scaling, clipping): they see only the block.
+    layered: the model's pieces, needed for fast stacked-layer blocks.
+    dispatch: ``"auto"``, ``"per_block"`` or ``"switch"``.
+    donate: donate the state's buffers (updated in place).
+    loss_scale: ``None`` (off), ``"dynamic"`` or a
+      :class:`~absign_jax.DynamicLossScale`, or a number (a static scale).
+    rounding: how updated weights are cast to their dtype, ``"nearest"`` or
+      ``"stochastic"`` (keyed by ``seed`` and the step count).
+    master_copy: keep a float32 copy of the active block (see
+      :mod:`absign_jax.train.precision` for its memory cost).
+    seed: seed of the stochastic rounding (stored in the state by :meth:`init`).
+    max_consecutive_skips: raise ``FloatingPointError`` once this many steps in a row
+      had a non-finite gradient or loss (None: never).
+    aggregate: ``(loss, block_grads) -> Aggregated``: how this device's loss and
+      block gradient become what the optimizer gets (default :func:`local`).
+    placement: how programs are compiled and arrays placed (default
+      :class:`SingleDevice`; see :class:`Placement`).
+
+  ``metrics`` holds ``loss``, ``block``, ``grad_norm`` (of the block), ``skipped``,
+  ``loss_scale``, ``consecutive_skips`` and ``skipped_total``.
+
+  Example:
+    >>> import jax.numpy as jnp, absign_jax
+    >>> params = {"layers": [{"w": jnp.ones(2)} for _ in range(3)]}
+    >>> loss = lambda p, x: sum(jnp.sum(l["w"] * x) for l in p["layers"])
+    >>> step = absign_jax.BlockTrainStep(loss, absign_jax.absignsgd(0.5))
+    >>> state, metrics = step(step.init(params), jnp.ones(2))
+    >>> int(metrics["block"]), state.params["layers"][2]["w"].tolist()
+    (2, [0.5, 0.5])
+  """
+
+  def __init__(self, loss_fn: LossFn, tx: optax.GradientTransformation, *,
+               layered: LayeredLoss | None = None, dispatch: str = "auto",
+               donate: bool = True,
+               loss_scale: precision_lib.DynamicLossScale | str | float | None = None,
+               rounding: str = "nearest", master_copy: bool = False, seed: int = 0,
+               max_consecutive_skips: int | None = 20,
+               aggregate: Callable[[jax.Array, list], Aggregated] = local,
+               placement: Placement | None = None):
+    if dispatch not in ("auto", "per_block", "switch"):
+      raise ValueError(f"dispatch must be 'auto', 'per_block' or 'switch', got "
+                       f"{dispatch!r}.")
+    if rounding not in precision_lib.ROUNDINGS:
+      raise ValueError(f"rounding must be one of {precision_lib.ROUNDINGS}, got "
+                       f"{rounding!r}.")
+    self.loss_fn = loss_fn
+    self.tx = tx
+    self.layered = layered
+    self.dispatch = dispatch
+    self.loss_scale = precision_lib.resolve_loss_scale(loss_scale)
+    self.rounding = rounding
+    self.master_copy = bool(master_copy)
+    self.seed = int(seed)
+    self.max_consecutive_skips = precision_lib.check_skip_limit(max_consecutive_skips)
+    self.aggregate = aggregate
+    self.placement = SingleDevice() if placement is None else placement
+    self._programs = _Programs(self.placement, donate)
+
+  # -- public -----------------------------------------------------------------------
+
+  def init(self, params: PyTree, opt_state: PyTree | None = None) -> TrainState:
+    """The :class:`TrainState` to start from (``opt_state`` defaults to ``tx.init``)."""
+    if opt_state is None:
+      opt_state = self.tx.init(params)
+    spec = find_state(opt_state).partition.spec(params) if self.master_copy else None
+    prec = precision_lib.init_precision_state(
+        spec, jax.tree.leaves(params), loss_scale=self.loss_scale,
+        master_copy=self.master_copy, seed=self.seed)
+    return self.placement.place_state(_init_state(params, opt_state, prec))
+
+  def check(self, state: TrainState) -> None:
+    """Raises ``FloatingPointError`` if training cannot make progress any more.
+
+    That is: ``max_consecutive_skips`` steps in a row had a non-finite gradient or
+    loss, or the dynamic loss scale fell below its ``min_scale``. Called by every
+    step on its input (one scalar read).
+    """
+    precision_lib.check_progress(state.precision,
+                                 max_consecutive_skips=self.max_consecutive_skips,
+                                 loss_scale=self.loss_scale)
+
+  def __call__(self, *args) -> tuple[TrainState, dict]:
+    """``state, metrics = step(state, batch)``."""
+    if len(args) != 2 or not isinstance(args[0], TrainState):
+      raise _call_error()
+    state, batch = args
+    self.check(state)
+    state, batch = self.placement.place_state(state), self.placement.place_batch(batch)
+    params, opt_state, prec, metrics = self.program_for(state)(*state, batch)
+    return TrainState(params, opt_state, prec), metrics
+
+  def lower(self, state: TrainState, batch: Batch, *, block: int | None = None):
+    """The lowered program that would run (``.compile().memory_analysis()`` sizes it).
+
+    ``state`` and ``batch`` may hold ``jax.ShapeDtypeStruct``s (e.g.
+    ``jax.eval_shape(step.init, params)``). With per-block dispatch, ``block`` picks
+    the variant (default: the active one).
+    """
+    if not isinstance(state, TrainState):
+      raise _call_error()
+    state, batch = self.placement.place_state(state), self.placement.place_batch(batch)
+    return self.program_for(state, block).lower(*state, batch)
+
+  def program_for(self, state: TrainState, block: int | None = None):
+    """The compiled program that runs ``state``'s next step (or ``block``'s).
+
+    The one place where dispatch is decided. Reads the active block from the device
+    only for per-block dispatch of blocks that are not all stacked.
+    """
+    spec = find_state(state.opt_state).partition.spec(state.params)
+    if self.dispatch == "switch":
+      return self._programs.get("switch", self._switch_program)
+    rng = spec.stacked_range() if self.layered is not None else None
+    if block is None:
+      if rng == (0, spec.num_blocks):
+        # Every block is a stacked layer: one program, no host read.
+        return self._programs.get("stacked", self._stacked_program)
+      block = int(active_block(state.opt_state))  # the one host read dispatch needs
+    if rng is not None and rng[0] <= block < rng[1]:
+      return self._programs.get("stacked", self._stacked_program)
+    return self._programs.get(block, lambda *a, b=block: self._block_program(b, *a))
+
+  @property
+  def compiled_programs(self) -> int:
+    """How many programs this step has compiled (or lowered) so far.
+
+    One per block for per-block dispatch, one in all for ``"switch"`` and for the
+    stacked program; a program compiles again only for new input shapes or dtypes.
+    """
+    return sum(self._programs.traces.values())
+
+  # -- programs ---------------------------------------------------------------------
+
+  def _update(self, spec, flat, treedef, members, block_id, group_block, grads, loss,
+              params, opt_state, prec):
+    """The optimizer update of one block from its gradient, and the apply."""
+    red = self.aggregate(loss, grads)
+    finite = red.finite
+    grads = precision_lib.unscale(red.grads, prec, self.loss_scale)
+    sparse = [None] * len(flat)
+    for (i, _), g in zip(members, grads):
+      sparse[i] = g
+    updates, new_state = self.tx.update(jax.tree.unflatten(treedef, sparse), opt_state,
+                                        params, block=block_id)
+    upd = jax.tree.flatten(updates, is_leaf=lambda x: x is None)[0]
+    master_group = None
+    if self.master_copy:
+      leaves = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in flat]
+      master_group = int(partition_lib.block_groups(spec, leaves)[0][group_block])
+    new_flat, master, master_block = precision_lib.apply_block_update(
+        flat, members, upd, finite, prec, rounding=self.rounding,
+        master_group=master_group, block_id=block_id)
+    # Float32 gradients must not change the dtype of a low-precision optimizer state.
+    new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o).astype(o.dtype),
+                             new_state, opt_state)
+    new_prec = precision_lib.advance(prec, finite, self.loss_scale, master=master,
+                                     master_block=master_block)
+    metrics = {
+        "loss": red.loss,
+        "block": find_state(opt_state).active,
+        "grad_norm": _block_norm(grads) if red.grad_norm is None else red.grad_norm,
+        "skipped": jnp.logical_not(finite).astype(jnp.int32),
+        "loss_scale": prec.loss_scale.scale,
+        "consecutive_skips": new_prec.consecutive_skips,
+        "skipped_total": new_prec.skipped_total,
+    }
+    return jax.tree.unflatten(treedef, new_flat), new_state, new_prec, metrics
+
+  def _block_program(self, b, params, opt_state, prec, batch):
+    spec = find_state(opt_state).partition.spec(params)
+    flat, treedef = jax.tree.flatten(params)
+    members = spec.members[b]
+
+    def block_loss(block_leaves):
+      leaves = list(flat)
+      for (i, s), v in zip(members, block_leaves):
+        leaves[i] = v if s is None else leaves[i].at[s].set(v)
+      return self.loss_fn(jax.tree.unflatten(treedef, leaves), batch)
+
+    scaled = precision_lib.scaled_loss(block_loss, prec, self.loss_scale)
+    (_, loss), grads = jax.value_and_grad(scaled, has_aux=True)(
+        partition_lib.gather_block(spec, flat, b))
+    return self._update(spec, flat, treedef, members, b, b, grads, loss, params,
+                        opt_state, prec)
+
+  def _stacked_program(self, params, opt_state, prec, batch):
+    lay = self.layered
+    spec = find_state(opt_state).partition.spec(params)
+    lo, _ = spec.stacked_range()
+    flat, treedef = jax.tree.flatten(params)
+    j = find_state(opt_state).active - lo
+    stack = subtree(params, lay.stack_path)
+
+    h = lay.embed(params, batch)
+    h = jax.lax.fori_loop(0, j, lambda i, h: lay.layer(_take(stack, i), h), h)
+
+    def loss_from_active(w):
+      out = _layers_above(lay.layer, stack, j, lay.layer(w, h))
+      return lay.head_loss(params, out, batch)
+
+    scaled = precision_lib.scaled_loss(loss_from_active, prec, self.loss_scale)
+    (_, loss), g_tree = jax.value_and_grad(scaled, has_aux=True)(_take(stack, j))
+    grads = jax.tree.leaves(g_tree)
+    if len(grads) != len(spec.members[lo]):
+      raise ValueError("LayeredLoss.stack_path does not point at the stacked layers "
+                       "the block partition found.")
+    members = [(i, j) for i, _ in spec.members[lo]]
+    return self._update(spec, flat, treedef, members, j + lo, lo, grads, loss, params,
+                        opt_state, prec)
+
+  def _switch_program(self, params, opt_state, prec, batch):
+    spec = find_state(opt_state).partition.spec(params)
+    rng = spec.stacked_range() if self.layered is not None else None
+    branches, table = [], []
+    for b in range(spec.num_blocks):
+      if rng is not None and rng[0] <= b < rng[1]:
+        if b == rng[0]:
+          branches.append(self._stacked_program)
+      else:
+        branches.append(lambda p, s, q, x, b=b: self._block_program(b, p, s, q, x))
+      table.append(len(branches) - 1)
+    index = jnp.asarray(np.asarray(table, np.int32))[find_state(opt_state).active]
+    return jax.lax.switch(index, branches, params, opt_state, prec, batch)
+
+
+# ---------------------------------------------------------------------------------
+# The full-backprop step
+# ---------------------------------------------------------------------------------
+
+
+class FullTrainStep:
+  """The ordinary step: full backprop, any optax optimizer (the baseline).
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar``.
+    tx: any optax transformation.
+    donate: donate the state's buffers (updated in place).
+    seed: stored in the state's :class:`~absign_jax.train.precision.PrecisionState`.
+    max_consecutive_skips: raise ``FloatingPointError`` once this many steps in a row
+      had a non-finite gradient or loss (None: never).
+    aggregate: ``(loss, grad_leaves) -> Aggregated`` (default :func:`local`).
+    placement: how the program is compiled and arrays placed (default
+      :class:`SingleDevice`).
+
+  Call it like :class:`BlockTrainStep`: ``state = step.init(params)``, ``state, metrics
+  = step(state, batch)``. ``metrics`` holds ``loss``, ``grad_norm``, ``skipped``,
+  ``consecutive_skips`` and ``skipped_total``. Loss scaling, stochastic rounding and
+  the master copy are options of the block step only.
+  """
+
+  def __init__(self, loss_fn: LossFn, tx: optax.GradientTransformation, *,
+               donate: bool = True, seed: int = 0,
+               max_consecutive_skips: int | None = 20,
+               aggregate: Callable[[jax.Array, list], Aggregated] = local,
+               placement: Placement | None = None):
+    self.loss_fn = loss_fn
+    self.tx = tx
+    self.seed = int(seed)
+    self.max_consecutive_skips = precision_lib.check_skip_limit(max_consecutive_skips)
+    self.aggregate = aggregate
+    self.placement = SingleDevice() if placement is None else placement
+    self._programs = _Programs(self.placement, donate)
+
+  def init(self, params: PyTree, opt_state: PyTree | None = None) -> TrainState:
+    """The :class:`TrainState` to start from (``opt_state`` defaults to ``tx.init``)."""
+    if opt_state is None:
+      opt_state = self.tx.init(params)
+    prec = precision_lib.init_precision_state(None, [], seed=self.seed)
+    return self.placement.place_state(_init_state(params, opt_state, prec))
+
+  def check(self, state: TrainState) -> None:
+    """Raises ``FloatingPointError`` after ``max_consecutive_skips`` skipped steps."""
+    precision_lib.check_progress(state.precision,
+                                 max_consecutive_skips=self.max_consecutive_skips,
+                                 loss_scale=None)
+
+  def __call__(self, *args) -> tuple[TrainState, dict]:
+    """``state, metrics = step(state, batch)``."""
+    if len(args) != 2 or not isinstance(args[0], TrainState):
+      raise _call_error()
+    state, batch = args
+    self.check(state)
+    state, batch = self.placement.place_state(state), self.placement.place_batch(batch)
+    params, opt_state, prec, metrics = self._program()(*state, batch)
+    return TrainState(params, opt_state, prec), metrics
+
+  def lower(self, state: TrainState, batch: Batch, *, block: int | None = None):
+    """The lowered program (``block`` is accepted for symmetry and ignored)."""
+    del block  # one program for every step
+    if not isinstance(state, TrainState):
+      raise _call_error()
+    state, batch = self.placement.place_state(state), self.placement.place_batch(batch)
+    return self._program().lower(*state, batch)
+
+  @property
+  def compiled_programs(self) -> int:
+    """How many programs this step has compiled (or lowered) so far."""
+    return sum(self._programs.traces.values())
+
+  def _program(self):
+    return self._programs.get("full", self._full_program)
+
+  def _full_program(self, params, opt_state, prec, batch):
+    loss, grads = jax.value_and_grad(self.loss_fn)(params, batch)
+    leaves, treedef = jax.tree.flatten(grads)
+    red = self.aggregate(loss, leaves)
+    grads = jax.tree.unflatten(treedef, red.grads)
+    updates, new_state = self.tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    finite = red.finite
+    keep = lambda n, o: jnp.where(finite, n, o).astype(o.dtype)
+    params = jax.tree.map(keep, new_params, params)
+    opt_state = jax.tree.map(keep, new_state, opt_state)
+    prec = precision_lib.advance(prec, finite, None)
+    metrics = {
+        "loss": red.loss,
+        "grad_norm": optax.tree.norm(grads) if red.grad_norm is None else red.grad_norm,
+        "skipped": jnp.logical_not(finite).astype(jnp.int32),
+        "consecutive_skips": prec.consecutive_skips,
+        "skipped_total": prec.skipped_total,
+    }
+    return params, opt_state, prec, metrics

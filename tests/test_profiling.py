@@ -1,0 +1,64 @@
+"""Measurement (absign_jax.profiling): tree bytes, program memory, collective bytes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import absign_jax
+from absign_jax.profiling import collective_bytes, program_memory, tree_bytes
+
+
+def test_tree_bytes_counts_arrays_and_shapes():
+  tree = {"a": jnp.zeros((3, 4), jnp.float32), "b": np.zeros(5, np.int8),
+          "c": jax.ShapeDtypeStruct((2,), jnp.bfloat16), "d": None}
+  assert tree_bytes(tree) == 48 + 5 + 4
+
+
+def test_program_memory_of_a_donating_step():
+  params = {"layers": [{"w": jnp.ones((64, 64))} for _ in range(2)]}
+  loss = lambda p, x: sum(jnp.sum(jnp.tanh(x @ l["w"])) for l in p["layers"])
+  step = absign_jax.BlockTrainStep(loss, absign_jax.absignsgd(0.1))
+  mem = program_memory(step.lower(step.init(params), jnp.ones((4, 64))).compile())
+  assert mem["total"] == mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
+  assert mem["argument"] >= tree_bytes(params)
+  assert mem["alias"] >= tree_bytes(params)  # donated: updated in place
+
+
+HLO = """\
+HloModule m, num_partitions=8
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%branch_true (p: (u8[4])) -> (s32[32]) {
+  %p = (u8[4]{0}) parameter(0)
+  %g = u8[4]{0} get-tuple-element(%p), index=0
+  %ag2 = u8[8,4]{1,0} all-gather(%g), channel_id=3, replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
+  ROOT %t = (s32[32]{0}) tuple(%ag2)
+}
+
+ENTRY %main (x: f32[16,4], y: bf16[10], z: s8[100]) -> f32[16,4] {
+  %x = f32[16,4]{1,0} parameter(0)
+  %y = bf16[10]{0} parameter(1)
+  %z = s8[100]{0} parameter(2)
+  %ar = (f32[16,4]{1,0}, /*index=1*/bf16[10]{0}) all-reduce(%x, /*index=1*/%y), channel_id=1, replica_groups=[2,4]<=[8], to_apply=%add
+  %ars = s8[100]{0} all-reduce-start(%z), channel_id=2, replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add
+  %ard = s8[100]{0} all-reduce-done(%ars)
+  %c = (s32[32]{0}) conditional(%pred, %tup, %tup), branch_computations={%branch_true, %branch_true}
+  ROOT %r = f32[16,4]{1,0} copy(%x)
+}
+"""
+
+
+def test_collective_bytes_parses_hlo_text():
+  r = collective_bytes(HLO)
+  assert r["all-reduce"] == 16 * 4 * 4 + 10 * 2 + 100  # tuple operands; async start
+  assert r["ops"] == 2 and r["total"] == r["all-reduce"]
+  assert r["all-gather"] == 0 and r["conditional"] == 4  # only inside the branch
+  # ring estimate: group of 4 for the tuple all-reduce, 8 for the async one
+  assert r["wire"] == round((256 + 20) * 2 * 3 / 4 + 100 * 2 * 7 / 8)

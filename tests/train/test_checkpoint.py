@@ -1,0 +1,272 @@
+"""Checkpoints: exact resume, asynchronous saves, SIGKILL mid-save, clear mismatch errors.
+
+The exact-resume test uses a toy model (fast to compile) with every kind of state the
+library carries: injected hyperparameters, a random selection key, the fp16 loss scale,
+stochastic rounding and the master copy. The SIGKILL test trains a small model in a
+subprocess (``tests/train/_train_script.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import absign_jax
+from absign_jax import BlockTrainStep, Checkpointer
+from absign_jax.train import precision
+from absign_jax.train.checkpoint import describe
+from tests.models import Batches
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "_train_script.py")
+
+
+def toy_params(n=3, width=4, dtype=jnp.float16, stacked=False):
+  keys = jax.random.split(jax.random.key(0), n)
+  w = [jax.random.normal(k, (width,)).astype(dtype) for k in keys]
+  if stacked:
+    return {"layers": {"w": jnp.stack(w)}, "head": jnp.ones(2, dtype)}
+  return {"layers": [{"w": x} for x in w], "head": jnp.ones(2, dtype)}
+
+
+def toy_loss(params, batch):
+  x = jnp.mean(batch["inputs"].astype(jnp.float32), 0)[:4] / 100.0 - 1.0
+  layers = params["layers"]
+  ws = [l["w"] for l in layers] if isinstance(layers, list) else list(layers["w"])
+  return sum(jnp.sum(jnp.sin(w.astype(jnp.float32) * (i + 1)) * x)
+             for i, w in enumerate(ws)) * 8.0
+
+
+def toy_setup(**step_kwargs):
+  tx = optax.inject_hyperparams(absign_jax.absignsgd, static_args=("depth_bias",))(
+      learning_rate=1e-2, weight_decay=0.1, selection="uniform", seed=3)
+  step = BlockTrainStep(toy_loss, tx, seed=5, dispatch="switch", **step_kwargs)
+  return step, (lambda: step.init(toy_params())), (lambda: Batches(batch=2, seq=8, seed=1))
+
+
+TOY_OPTIONS = dict(
+    loss_scale=precision.DynamicLossScale(init_scale=2.0**20, growth_interval=2),
+    rounding="stochastic", master_copy=True)
+
+
+@pytest.fixture(scope="module")
+def toy():
+  """One compiled toy step with every kind of state, shared by the tests below."""
+  return toy_setup(**TOY_OPTIONS)
+
+
+def leaves_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(la, lb):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape
+    assert x.tobytes() == y.tobytes()
+
+
+def run(step, state, batches, n):
+  blocks = []
+  for _ in range(n):
+    blocks.append(int(absign_jax.active_block(state.opt_state)))
+    state, _ = step(state, next(batches))
+  return state, blocks
+
+
+# ---------------------------------------------------------------------------------
+# Exact resume
+# ---------------------------------------------------------------------------------
+
+
+def test_resume_is_bit_exact(tmp_path, toy):
+  """2K steps == K steps, checkpoint, restore into a fresh state, K steps: bit for bit.
+
+  (A new process resuming is the SIGKILL test below.)
+  """
+  k = 6
+  step, make_state, make_batches = toy
+  ref, ref_batches = make_state(), make_batches()
+  ref, ref_blocks = run(step, ref, ref_batches, 2 * k)
+  assert int(ref.precision.skipped_total) > 0  # the loss scale did back off
+  assert len(set(ref_blocks)) > 1
+
+  state, batches = make_state(), make_batches()
+  state, blocks = run(step, state, batches, k)
+  with Checkpointer(tmp_path / "ckpt", metadata={"precision": "fp16"}) as ckpt:
+    assert ckpt.save(k, state, {"batches": batches.state()})
+  del state, batches
+
+  with Checkpointer(tmp_path / "ckpt") as ckpt:
+    restored = ckpt.restore_latest(make_state())
+  assert restored.step == k and restored.metadata["user"] == {"precision": "fp16"}
+  batches = make_batches().restore(restored.data_state["batches"])
+  state, more = run(step, restored.state, batches, k)
+  assert blocks + more == ref_blocks
+  assert batches.step == ref_batches.step == 2 * k
+  leaves_equal(state, ref)  # params, optimizer, selection key, loss scale, master copy
+
+
+def test_async_saves_keep_n_and_survive_donation(tmp_path, toy):
+  step, make_state, make_batches = toy
+  state, batches = make_state(), make_batches()
+  saved = {}
+  with Checkpointer(tmp_path, max_to_keep=2) as ckpt:
+    for k in range(1, 5):
+      state, _ = step(state, next(batches))  # donates the previous state's buffers
+      ckpt.save(k, state, {"batches": batches.state()})
+      saved[k] = jax.tree.map(np.array, state)
+    ckpt.wait()
+    assert ckpt.all_steps() == [3, 4] and ckpt.latest_step() == 4
+    got = ckpt.restore(3, make_state())
+  leaves_equal(got.state, saved[3])
+  assert got.data_state == {"batches": {"step": 3, "seed": 1, "num_sequences": 10}}
+
+
+def test_partial_checkpoint_is_never_picked(tmp_path, toy):
+  step, make_state, make_batches = toy
+  state, batches = make_state(), make_batches()
+  with Checkpointer(tmp_path) as ckpt:
+    state, _ = step(state, next(batches))
+    ckpt.save(1, state)
+  # What a kill during the write of step 2 leaves behind: orbax's temporary directory.
+  partial = tmp_path / "2.orbax-checkpoint-tmp"
+  (partial / "state").mkdir(parents=True)
+  (partial / "state" / "junk").write_bytes(b"\0" * 10)
+  with Checkpointer(tmp_path) as ckpt:
+    assert ckpt.all_steps() == [1]
+    restored = ckpt.restore_latest(make_state())
+    assert restored.step == 1
+    leaves_equal(restored.state.params, jax.tree.map(np.array, state.params))
+  assert not partial.exists()  # cleaned up when the directory is opened
+
+
+def test_empty_directory_restores_nothing(tmp_path):
+  with Checkpointer(tmp_path) as ckpt:
+    assert ckpt.restore_latest({"a": jnp.ones(2)}) is None
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint for step 7"):
+      ckpt.restore(7, {"a": jnp.ones(2)})
+
+
+def test_typed_keys_weak_types_and_empty_leaves_round_trip(tmp_path):
+  tree = {"key": jax.random.key(7), "weak": jnp.asarray(3), "empty": jnp.zeros((0, 2)),
+          "x": jnp.arange(3.0)}
+  assert tree["weak"].weak_type
+  with Checkpointer(tmp_path, async_save=False) as ckpt:
+    ckpt.save(0, tree)
+    got = ckpt.restore(0, tree).state
+  assert jax.dtypes.issubdtype(got["key"].dtype, jax.dtypes.prng_key)
+  np.testing.assert_array_equal(jax.random.key_data(got["key"]),
+                                jax.random.key_data(tree["key"]))
+  assert got["weak"].weak_type and int(got["weak"]) == 3
+  assert got["empty"].shape == (0, 2)
+  np.testing.assert_array_equal(got["x"], tree["x"])
+
+
+# ---------------------------------------------------------------------------------
+# Mismatches are clear errors
+# ---------------------------------------------------------------------------------
+
+
+def toy_state(**kwargs):
+  step_kwargs = {k: kwargs.pop(k) for k in ("master_copy",) if k in kwargs}
+  params = toy_params(**kwargs)
+  tx = absign_jax.absignsgd(1e-2)
+  return BlockTrainStep(toy_loss, tx, **step_kwargs).init(params)
+
+
+@pytest.mark.parametrize("target_kwargs, match", [
+    ({"n": 4}, r"3 blocks, list layout .* the target model has 4 blocks"),
+    ({"stacked": True}, r"list layout .* the target model has 3 blocks, stacked layout"),
+    ({"width": 5}, r"differ in shape or dtype: .*float16\[4\], target float16\[5\]"),
+    ({"dtype": jnp.bfloat16}, r"saved float16\[4\], target bfloat16\[4\]"),
+    ({"master_copy": True}, r"entries of the target are not in the checkpoint.*master"),
+])
+def test_restore_into_another_model_is_an_error(tmp_path, target_kwargs, match):
+  with Checkpointer(tmp_path, async_save=False) as ckpt:
+    ckpt.save(1, toy_state())
+    with pytest.raises(ValueError, match=match):
+      ckpt.restore_latest(toy_state(**target_kwargs))
+
+
+def test_describe_lists_blocks_and_leaves():
+  rec = describe(toy_state(stacked=True))
+  assert rec["blocks"] == {"num_blocks": 3, "names": ["layers[0]", "layers[1]", "layers[2]"],
+                           "layout": "stacked"}
+  assert [".params['layers']['w']", [3, 4], "float16"] in rec["leaves"]
+
+
+def test_bad_checkpointer_options(tmp_path):
+  with pytest.raises(ValueError, match="max_to_keep"):
+    Checkpointer(tmp_path, max_to_keep=0)
+  with pytest.raises(ValueError, match="save_interval_steps"):
+    Checkpointer(tmp_path, save_interval_steps=0)
+
+
+# ---------------------------------------------------------------------------------
+# SIGKILL during asynchronous saves
+# ---------------------------------------------------------------------------------
+
+
+def _lines(proc) -> "queue.Queue[str | None]":
+  q: "queue.Queue[str | None]" = queue.Queue()
+
+  def pump():
+    for line in proc.stdout:
+      q.put(line.strip())
+    q.put(None)
+
+  threading.Thread(target=pump, daemon=True).start()
+  return q
+
+
+def test_sigkill_mid_save_resumes_exactly(tmp_path):
+  """Kill the trainer right after it starts an async save; resume; compare bits."""
+  steps, kill_after = 14, 4
+  ckpt_dir, cache = str(tmp_path / "ckpt"), str(tmp_path / "jax_cache")
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  cmd = [sys.executable, SCRIPT, "--dir", ckpt_dir, "--steps", str(steps),
+         "--cache", cache]
+  deadline = time.monotonic() + 40
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True, env=env)
+  try:
+    lines, last = _lines(proc), 0
+    while last < kill_after:
+      line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
+      assert line is not None, "the trainer exited before it was killed"
+      if line.startswith("saved "):
+        last = int(line.split()[1])
+    os.kill(proc.pid, signal.SIGKILL)  # an async save of step `last` is in flight
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert last < steps
+  partial = [n for n in os.listdir(ckpt_dir) if "tmp" in n]
+  print(f"killed after 'saved {last}'; left behind: {sorted(os.listdir(ckpt_dir))}"
+        f" ({len(partial)} partial)")
+
+  out, ref = str(tmp_path / "out.npz"), str(tmp_path / "ref.npz")
+  done = subprocess.run(cmd + ["--resume", "--out", out, "--reference", ref],
+                        capture_output=True, text=True, env=env, timeout=60)
+  assert done.returncode == 0, done.stderr[-3000:]
+  resumed = [int(l.split()[1]) for l in done.stdout.splitlines()
+             if l.startswith("resumed ")]
+  # Saves are serialised: when the save of step `last` started, `last - 1` was
+  # complete (the trainer may have gone on a little before the kill landed).
+  assert resumed and last - 1 <= resumed[0] < steps, (last, done.stdout)
+  a, b = np.load(out), np.load(ref)
+  assert sorted(a.files) == sorted(b.files) and len(a.files) > 20
+  for name in a.files:
+    assert np.array_equal(a[name], b[name]), name
