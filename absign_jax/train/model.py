@@ -24,6 +24,13 @@ PyTree = Any
 Batch = Any
 LossFn = Callable[[PyTree, Batch], jax.Array]
 
+__all__ = [
+    "LayeredLoss",
+    "LayeredModel",
+    "NnxParts",
+    "split_nnx",
+]
+
 
 class LayeredLoss(NamedTuple):
   """A model cut at its stacked layers, as pure functions of the parameter tree.

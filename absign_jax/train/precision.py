@@ -96,6 +96,19 @@ PyTree = Any
 ROUNDINGS = ("nearest", "stochastic")
 POLICIES = ("fp32", "bf16", "bf16-sr", "bf16-master", "fp16")
 
+__all__ = [
+    "DynamicLossScale",
+    "LossScaleState",
+    "POLICIES",
+    "PrecisionState",
+    "Policy",
+    "ROUNDINGS",
+    "cast_floating",
+    "init_precision_state",
+    "policy",
+    "stochastic_round",
+]
+
 
 # ---------------------------------------------------------------------------------
 # Loss scaling

@@ -76,6 +76,16 @@ Batch = Any
 # A program: (params, opt_state, precision, batch) -> (params, opt_state, precision, metrics).
 Program = Callable[[PyTree, PyTree, precision_lib.PrecisionState, Batch], tuple]
 
+__all__ = [
+    "Aggregated",
+    "BlockTrainStep",
+    "FullTrainStep",
+    "Placement",
+    "SingleDevice",
+    "TrainState",
+    "local",
+]
+
 
 class TrainState(NamedTuple):
   """Everything a training step reads and writes.
