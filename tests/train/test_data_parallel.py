@@ -28,7 +28,7 @@ from absign_jax.train import data_parallel as dist
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Faster XLA compiles; the programs (and their collectives) are the same.
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-TIMEOUT_S = 120
+TIMEOUT_S = 300
 
 
 def _env():
@@ -46,7 +46,7 @@ def procs():
   launch = subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "examples", "multiprocess_launch.py"),
        "--num-processes", "2", "--steps", "2", "--layers", "2", "--layout", "list",
-       "--aggregation", "majority", "--timeout", "60"],
+       "--aggregation", "majority", "--timeout", "240"],
       cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   started = {"worker": worker, "launch": launch}
   yield started
