@@ -34,11 +34,25 @@ TIMING = {"wall_s", "tokens_per_s", "first_step_s", "peak_rss_bytes", "peak_devi
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
+  """The tiny GGUF, a text file, and a compilation cache shared with the subprocesses
+  (in-process runs read the programs the subprocess runs compiled)."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+
   d = tmp_path_factory.mktemp("program")
   gguf_path, text = d / "tiny.gguf", d / "notes.txt"
   write_tiny_gguf(gguf_path)
   text.write_text(data.second_text()[:3000], encoding="utf-8")
-  return {"gguf": str(gguf_path), "data": str(text), "cache": str(d / "jax_cache")}
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  old = {n: getattr(jax.config, n) for n in names}
+  for n, v in zip(names, (str(d / "jax_cache"), 0.0, 0)):
+    jax.config.update(n, v)
+  compilation_cache.reset_cache()
+  yield {"gguf": str(gguf_path), "data": str(text), "cache": str(d / "jax_cache")}
+  for n, v in old.items():
+    jax.config.update(n, v)
+  compilation_cache.reset_cache()
 
 
 def base_args(files, out, *extra):
@@ -243,7 +257,10 @@ def test_resume_with_changed_data_needs_allow_changed(files, reference, tmp_path
   out = tmp_path / "run"
   shutil.copytree(reference, out)
   other = tmp_path / "other.txt"
-  other.write_text(data.second_text()[3000:6000], encoding="utf-8")
+  text = open(files["data"], encoding="utf-8").read()
+  assert "x" in text
+  # Other sequences of the same shapes (no merge involves x or z): no new programs.
+  other.write_text(text.replace("x", "z"), encoding="utf-8")
   argv = base_args({**files, "data": str(other)}, out, *RUN, "--steps", "13", "--resume")
   err = _main_error(capsys, argv)
   assert "--data (the training sequences):" in err and "--steps: 12 in the checkpoint" in err
@@ -266,29 +283,66 @@ def test_damaged_latest_checkpoint_falls_back(files, reference, tmp_path, capsys
   assert json.loads((out / "summary.json").read_text())["steps"] == 12
 
 
-def test_sigint_and_sigterm_stop_cleanly_and_say_how_to_resume(files, tmp_path):
+def _resume_argv(printed: str) -> list[str]:
+  command = printed.split("continue with:\n")[1].splitlines()[0].strip()
+  words = shlex.split(command)
+  assert words[:3] == ["python", "-m", "absign_jax.llm"] and words[-1] == "--resume"
+  return words[3:]
+
+
+def _check_stopped(out, printed, sig) -> int:
+  assert "Traceback" not in printed, printed
+  stopped = int(printed.split(f"stopped by {sig.name} after step ")[1].split()[0])
+  assert stopped < 40
+  summary = json.loads(open(os.path.join(out, "summary.json")).read())
+  assert summary["interrupted"] == sig.name and summary["steps"] == stopped
+  assert summary["ppl_after"] is None  # no final evaluation: stopped on request
+  assert [r["step"] for r in records(out)] == list(range(1, stopped + 1))
+  assert str(stopped) in os.listdir(os.path.join(out, "checkpoints"))
+  return stopped
+
+
+def test_sigint_and_sigterm_stop_cleanly_and_say_how_to_resume(files, tmp_path, capsys):
+  import threading
+
   out = str(tmp_path / "run")
   argv = base_args(files, out, "--steps", "40", "--ckpt-every", "1", "--eval-every", "0")
-  for sig in (signal.SIGINT, signal.SIGTERM):
-    proc = run_program(files, argv)
-    n = len(records(out)) if os.path.exists(os.path.join(out, "metrics.jsonl")) else 0
-    wait_for(lambda: os.path.exists(os.path.join(out, "metrics.jsonl"))
-             and len(records(out)) > n, proc)
-    proc.send_signal(sig)
-    rc, log = finish(proc)
-    assert rc == 128 + sig, log
-    assert "Traceback" not in log, log
-    stopped = int(log.split(f"stopped by {sig.name} after step ")[1].split()[0])
-    assert stopped < 40
-    summary = json.loads(open(os.path.join(out, "summary.json")).read())
-    assert summary["interrupted"] == sig.name and summary["steps"] == stopped
-    assert [r["step"] for r in records(out)] == list(range(1, stopped + 1))
-    assert str(stopped) in os.listdir(os.path.join(out, "checkpoints"))
-    command = log.split("continue with:\n")[1].splitlines()[0].strip()
-    argv = shlex.split(command)[3:]  # after "python -m absign_jax.llm"
-    assert argv[-1] == "--resume"
-  rc, log = finish(run_program(files, argv))
-  assert rc == 0, log
+  log_path = os.path.join(out, "metrics.jsonl")
+  logged = lambda: len(records(out)) if os.path.exists(log_path) else 0
+  # Ctrl-C in a terminal: the program in its own process.
+  proc = run_program(files, argv)
+  wait_for(lambda: logged() > 0, proc)
+  proc.send_signal(signal.SIGINT)
+  rc, printed = finish(proc)
+  assert rc == 128 + signal.SIGINT, printed
+  first = _check_stopped(out, printed, signal.SIGINT)
+
+  # SIGTERM during the resumed run (in this process; a handler here catches a signal
+  # that would land after the program restored its own).
+  stray = []
+  old = {s: signal.signal(s, lambda n, f: stray.append(n))
+         for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    def send_when_training():
+      deadline = time.monotonic() + 240
+      while logged() <= first and time.monotonic() < deadline:
+        time.sleep(0.01)
+      os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send_when_training, daemon=True).start()
+    with pytest.raises(SystemExit) as e:
+      finetune.main(_resume_argv(printed))
+    assert e.value.code == 128 + signal.SIGTERM and not stray
+    printed = capsys.readouterr().out
+    assert f"resumed from step {first}" in printed
+    second = _check_stopped(out, printed, signal.SIGTERM)
+    assert second > first
+    finetune.main(_resume_argv(printed))
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
+  assert f"resumed from step {second}" in capsys.readouterr().out
   assert [r["step"] for r in records(out)] == list(range(1, 41))
   summary = json.loads(open(os.path.join(out, "summary.json")).read())
   assert summary["steps"] == 40 and "interrupted" not in summary
+  assert summary["ppl_after"] > 0
