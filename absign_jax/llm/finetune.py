@@ -149,6 +149,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad:
       p.error(f"--compare: unknown optimizers {bad}; choose from {OPTIMIZERS}")
     args.compare = names
+  names = args.compare or [args.optimizer]
+  free = [n for n in names if n in PARAMETER_FREE]
+  if free and args.lr is not None:
+    p.error(f"{', '.join(free)} is parameter-free (it sets its own step size): drop --lr")
+  full = [n for n in names if n in FULL_OPTIMIZERS]
+  if full and args.precision not in ("fp32", "bf16"):
+    p.error(f"--precision {args.precision} needs a block optimizer "
+            f"({', '.join(BLOCK_OPTIMIZERS)}); {', '.join(full)} supports fp32 and bf16")
   return args
 
 
@@ -584,8 +592,9 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
       # compilation: the first step of every process that trained this run
       "first_step_s": sum(r.get("first_step_s", 0.0) for r in records),
       "optimizer_state_bytes": absign_jax.step.tree_bytes(opt_state),
+      # (not when stopped on request: compiling again would delay the exit)
       "step_memory_bytes": step_memory_bytes(step, params, opt_state, batch)
-                           if batch is not None else None,
+                           if batch is not None and not interrupted else None,
       "param_bytes": absign_jax.step.tree_bytes(params),
       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
       "peak_device_bytes": peak_device_bytes(),
