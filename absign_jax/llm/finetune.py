@@ -216,6 +216,8 @@ def set_learning_rate(opt_state, lr: float):
   """``opt_state`` of :func:`make_optimizer` with its learning rate set to ``lr``."""
   if "learning_rate" not in getattr(opt_state, "hyperparams", {}):
     return opt_state  # parameter-free
+  if not (math.isfinite(lr) and lr >= 0):
+    raise ValueError(f"learning rate {lr} at this step: it must be finite and >= 0")
   old = opt_state.hyperparams["learning_rate"]
   return opt_state._replace(hyperparams={
       **opt_state.hyperparams, "learning_rate": jnp.asarray(lr, old.dtype)})
@@ -475,7 +477,11 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
   summary_path = os.path.join(out_dir, "summary.json")
   pretrained = state.params  # restoring reads into new arrays; these stay valid
   if args.resume:
-    state, start, wall = restore_run(args, name, ckpt, state, settings)
+    try:
+      state, start, wall = restore_run(args, name, ckpt, state, settings)
+    except UsageError:
+      ckpt.close()
+      raise
     if finished(args, start, wall) and summary_is_complete(summary_path, start):
       ckpt.close()
       print(f"[{name}] the run in {out_dir} already finished at step {start}: nothing "
