@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -351,3 +352,21 @@ def test_sigint_and_sigterm_stop_cleanly_and_say_how_to_resume(files, tmp_path, 
   summary = json.loads(open(os.path.join(out, "summary.json")).read())
   assert summary["steps"] == 40 and "interrupted" not in summary
   assert summary["ppl_after"] > 0
+
+
+def test_resume_drops_a_half_written_record_and_rewrites_the_summary(files, reference,
+                                                                     tmp_path, capsys):
+  """Killed after the last checkpoint, while writing a line and before the summary."""
+  import shutil
+  out = tmp_path / "run"
+  shutil.copytree(reference, out)
+  os.remove(out / "summary.json")
+  with open(out / "metrics.jsonl", "a") as f:
+    f.write('{"step": 13, "loss": 1.2')  # no newline: cut off mid-write
+  finetune.main(base_args(files, out, *RUN, "--resume"))
+  assert "dropped an incomplete last line" in capsys.readouterr().out
+  assert records(out) == records(reference)
+  summary = json.loads((out / "summary.json").read_text())
+  ref_summary = json.loads((Path(reference) / "summary.json").read_text())
+  assert summary["steps"] == 12 and summary["train_loss"] == ref_summary["train_loss"]
+  assert summary["ppl_after"] == ref_summary["ppl_after"]
