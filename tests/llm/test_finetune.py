@@ -70,11 +70,13 @@ def test_program_compare_writes_outputs(tmp_path):
               * (0.1 + 0.45 * (1 + np.cos(np.pi * (k - 1) / 2))) for k in (1, 2)]
   np.testing.assert_allclose(lrs, expected, rtol=1e-12)
 
-  # --resume continues from the last checkpoint (step 2) to step 3.
+  # --resume continues from the last checkpoint (step 2) to step 3 (a longer cosine:
+  # accepted explicitly).
   finetune.main([
       "--data", str(text), "--optimizer", "absignsgd", "--steps", "3", "--batch", "2",
       "--seq", "32", "--eval-every", "5", "--eval-seqs", "2",
-      "--out", str(out / "absignsgd"), "--no-progress", "--resume"])
+      "--out", str(out / "absignsgd"), "--no-progress", "--resume",
+      "--allow-changed", "steps"])
   resumed = [json.loads(l) for l in
              (out / "absignsgd" / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in resumed] == [1, 2, 3]

@@ -25,7 +25,7 @@ import pytest
 import absign_jax
 from absign_jax import BlockTrainStep, Checkpointer
 from absign_jax.train import precision
-from absign_jax.train.checkpoint import describe
+from absign_jax.train.checkpoint import CheckpointMismatchError, describe
 from tests.models import Batches
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -210,6 +210,72 @@ def test_bad_checkpointer_options(tmp_path):
     Checkpointer(tmp_path, max_to_keep=0)
   with pytest.raises(ValueError, match="save_interval_steps"):
     Checkpointer(tmp_path, save_interval_steps=0)
+
+
+def _two_checkpoints(directory):
+  """Checkpoints 1 and 2 of a small state; returns the state saved as step 1."""
+  one = toy_state()
+  two = jax.tree.map(lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                     one)
+  with Checkpointer(directory, async_save=False) as ckpt:
+    ckpt.save(1, one, {"step": 1})
+    ckpt.save(2, two, {"step": 2})
+  return one
+
+
+def _array_files(step_dir):
+  return [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state"))
+          for f in fs if os.sep + "d" + os.sep in os.path.join(r, f)]
+
+
+@pytest.mark.parametrize("damage", ["metadata_not_json", "metadata_not_utf8",
+                                    "array_file_truncated", "data_record_missing"])
+def test_restore_latest_skips_a_damaged_checkpoint(tmp_path, damage):
+  one = _two_checkpoints(tmp_path)
+  step2 = tmp_path / "2"
+  if damage == "metadata_not_json":
+    (step2 / "meta" / "metadata").write_text('{"format": 1, "tree": ')
+  elif damage == "metadata_not_utf8":
+    (step2 / "meta" / "metadata").write_bytes(b"\xff\xfe\x00garbage")
+  elif damage == "array_file_truncated":
+    for path in _array_files(step2):  # as a disk that filled up mid-write leaves them
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+  else:
+    os.remove(step2 / "data" / "metadata")
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.warns(UserWarning, match=r"checkpoint 2 in .* cannot be read and is skipped"):
+      restored = ckpt.restore_latest(toy_state())
+  assert restored.step == 1 and restored.data_state == {"step": 1}
+  assert [k for k, _ in restored.skipped] == [2] and restored.skipped[0][1]
+  leaves_equal(restored.state, one)
+
+
+def test_restore_latest_when_no_checkpoint_can_be_read(tmp_path):
+  _two_checkpoints(tmp_path)
+  for k in ("1", "2"):
+    (tmp_path / k / "meta" / "metadata").write_text("not json")
+  with Checkpointer(tmp_path) as ckpt, pytest.warns(UserWarning):
+    with pytest.raises(ValueError, match=r"none of the checkpoints.*\n  - step 2: .*"
+                       r"\n  - step 1: "):
+      ckpt.restore_latest(toy_state())
+
+
+def test_mismatch_is_not_a_reason_to_fall_back(tmp_path):
+  _two_checkpoints(tmp_path)
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(CheckpointMismatchError, match="checkpoint 2 .* 4 blocks"):
+      ckpt.restore_latest(toy_state(n=4))
+
+
+def test_non_serialisable_data_state_is_rejected_before_writing(tmp_path):
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(TypeError, match="data_state must be JSON-serialisable.*int64"):
+      ckpt.save(1, toy_state(), {"step": np.int64(1)})
+    assert os.listdir(tmp_path) == []  # no temporary directory left behind
+    assert ckpt.all_steps() == []
+  with pytest.raises(TypeError, match="metadata must be JSON-serialisable"):
+    Checkpointer(tmp_path / "m", metadata={"lr": jnp.float32(1e-3)})
 
 
 # ---------------------------------------------------------------------------------

@@ -1,0 +1,74 @@
+"""A tiny Llama GGUF with SmolLM2's tokenizer, so that the fine-tuning program runs in
+seconds (tests of its command line, records, resume and signals)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+MERGES = ("Ġ t", "h e", "Ġ a", "i n", "Ġt he")
+
+
+def byte_level_vocab() -> list[str]:
+  """GPT-2's byte-level alphabet (every byte as a printable character)."""
+  keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+  chars, extra = {}, 0
+  for b in range(256):
+    if b in keep:
+      chars[b] = chr(b)
+    else:
+      chars[b] = chr(256 + extra)
+      extra += 1
+  return [chars[b] for b in range(256)]
+
+
+def write_tiny_gguf(path, n_layers: int = 2, dim: int = 32, hidden: int = 64,
+                    n_heads: int = 2, n_kv_heads: int = 1, seed: int = 0) -> None:
+  """Random Llama weights (tied head) with a byte-level BPE tokenizer of 264 tokens
+  (three ChatML special tokens, the 256 bytes and a few merges)."""
+  import gguf
+
+  tokens = [*SPECIAL, *byte_level_vocab(), *("".join(m.split()) for m in MERGES)]
+  types = [3] * len(SPECIAL) + [1] * (len(tokens) - len(SPECIAL))
+  vocab = len(tokens)
+  w = gguf.GGUFWriter(str(path), "llama")
+  w.add_block_count(n_layers)
+  w.add_context_length(64)
+  w.add_embedding_length(dim)
+  w.add_feed_forward_length(hidden)
+  w.add_head_count(n_heads)
+  w.add_head_count_kv(n_kv_heads)
+  w.add_rope_freq_base(10000.0)
+  w.add_layer_norm_rms_eps(1e-5)
+  w.add_vocab_size(vocab)
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre("gpt2")
+  w.add_token_list(tokens)
+  w.add_token_types(types)
+  w.add_token_merges(list(MERGES))
+  w.add_bos_token_id(1)
+  w.add_eos_token_id(2)
+  w.add_add_bos_token(False)
+  rng = np.random.default_rng(seed)
+  hd = dim // n_heads
+
+  def t(*shape, scale=0.05):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+  w.add_tensor("token_embd.weight", t(vocab, dim, scale=0.05))
+  for i in range(n_layers):
+    p = f"blk.{i}."
+    w.add_tensor(p + "attn_norm.weight", np.ones(dim, np.float32))
+    w.add_tensor(p + "attn_q.weight", t(n_heads * hd, dim))
+    w.add_tensor(p + "attn_k.weight", t(n_kv_heads * hd, dim))
+    w.add_tensor(p + "attn_v.weight", t(n_kv_heads * hd, dim))
+    w.add_tensor(p + "attn_output.weight", t(dim, n_heads * hd))
+    w.add_tensor(p + "ffn_norm.weight", np.ones(dim, np.float32))
+    w.add_tensor(p + "ffn_gate.weight", t(hidden, dim))
+    w.add_tensor(p + "ffn_up.weight", t(hidden, dim))
+    w.add_tensor(p + "ffn_down.weight", t(dim, hidden))
+  w.add_tensor("output_norm.weight", np.ones(dim, np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
