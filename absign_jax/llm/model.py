@@ -55,7 +55,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +72,7 @@ __all__ = [
     "Llama",
     "apply_layer",
     "convert_layout",
+    "model_from_arrays",
     "rope_tables",
     "rope_inv_freq",
     "layer_flags",
@@ -140,6 +141,8 @@ class LlamaConfig:
       ``(key, value)`` pairs: ``rope_type`` ``"llama3"`` (with ``factor``,
       ``low_freq_factor``, ``high_freq_factor``,
       ``original_max_position_embeddings``) or ``"linear"`` (``factor``).
+    arch: The family the weights came from (``"llama"``, ``"mistral"``,
+      ``"qwen2"``, ``"qwen3"``, ``"gemma3"``); names the export's architecture.
   """
 
   vocab_size: int
@@ -169,6 +172,7 @@ class LlamaConfig:
   layer_types: tuple[str, ...] | None = None
   rope_local_theta: float | None = None
   rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  arch: str = "llama"
 
   def __post_init__(self):
     name = jnp.dtype(self.dtype).name
@@ -810,6 +814,65 @@ class Llama(nnx.Module):
       return (z, z)
     z = jnp.zeros(shape, cfg.param_dtype)
     return [(z, z) for _ in range(cfg.n_layers)]
+
+
+def model_from_arrays(
+    cfg: LlamaConfig,
+    get: Callable[[tuple[str, ...], int | None, tuple[int, ...]], np.ndarray],
+    *,
+    sharding: Any = None,
+) -> Llama:
+  """Builds a :class:`Llama` from a checkpoint, one tensor at a time.
+
+  Args:
+    cfg: The model's config (its ``dtype`` and ``scan_layers`` apply).
+    get: ``get(path, layer, shape)`` returns the parameter at ``path`` (inside
+      a block when ``layer`` is an int, e.g. ``("self_attn", "q_proj",
+      "kernel")``; else a top-level path such as ``("norm", "scale")``) as a
+      NumPy array (a memory-mapped view is fine) of the expected ``shape``; it
+      raises when the checkpoint disagrees. ``self_attn.sliding`` flags are not
+      asked for: they follow from ``cfg.layer_types``.
+    sharding: A ``jax.sharding.Sharding`` for every parameter, or a callable
+      ``path -> Sharding`` (paths as in ``nnx.to_pure_dict``); ``None`` puts
+      them on the default device.
+
+  Returns:
+    The model. Each parameter is converted to ``cfg.dtype`` and moved to its
+    device before the next is read, so host memory holds one tensor (one
+    stacked leaf in the stacked layout) beyond the model itself.
+  """
+  abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  flags = np.asarray(layer_flags(cfg)) if cfg.mixed_attention else None
+
+  def put(path, x):
+    target = sharding(path) if callable(sharding) else sharding
+    return jax.device_put(x, target) if target is not None else jnp.asarray(x)
+
+  def leaf(kpath, spec):
+    path = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in kpath)
+    dtype = np.dtype(spec.dtype)
+    if path[0] != "layers":
+      x = np.asarray(get(path, None, tuple(spec.shape)), dtype)
+    elif cfg.scan_layers:
+      inner = path[1:]
+      if inner == ("self_attn", "sliding"):
+        x = flags.astype(dtype)
+      else:
+        x = np.empty(spec.shape, dtype)
+        for i in range(cfg.n_layers):
+          x[i] = get(inner, i, tuple(spec.shape[1:]))
+    else:
+      i, inner = int(path[1]), path[2:]
+      if inner == ("self_attn", "sliding"):
+        x = flags[i].astype(dtype)
+      else:
+        x = np.asarray(get(inner, i, tuple(spec.shape)), dtype)
+    return put(path, x)
+
+  pure = nnx.to_pure_dict(state)
+  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(leaf, pure))
+  return nnx.merge(graphdef, state)
 
 
 def convert_layout(model: Llama, scan_layers: bool) -> Llama:
