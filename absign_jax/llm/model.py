@@ -620,10 +620,10 @@ class Llama(nnx.Module):
     if cfg.mixed_attention:
       flags = layer_flags(cfg)
       if cfg.scan_layers:
-        self.layers.self_attn.sliding.value = flags
+        self.layers.self_attn.sliding.set_value(flags)
       else:
         for layer, flag in zip(self.layers, flags):
-          layer.self_attn.sliding.value = flag
+          layer.self_attn.sliding.set_value(flag)
     self.norm = _norm(cfg.dim, cfg)
     if cfg.tie_embeddings:
       self.lm_head = None
