@@ -533,11 +533,6 @@ def _add_kv(w, gguf, key: str, value: Any) -> None:
   elif isinstance(value, str):
     w.add_string(key, value)
   elif isinstance(value, (list, tuple)):
-    if key == "tokenizer.ggml.token_type":
-      w.add_array(key, np.asarray(value, np.int32))
-    elif key == "tokenizer.ggml.scores":
-      w.add_array(key, np.asarray(value, np.float32))
-    else:
-      w.add_array(key, list(value))
+    w.add_array(key, list(value))  # ints -> INT32, floats -> FLOAT32, str -> STRING
   else:
     raise ValueError(f"cannot write GGUF metadata {key!r} of type {type(value)}")
