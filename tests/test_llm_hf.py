@@ -434,3 +434,28 @@ def test_gemma3_greedy_continuation(gemma3):
   out = M.generate(model, tok.encode("The capital of France is"), 8)
   text = tok.decode(out)
   assert "France" in text or "Paris" in text, text
+
+
+# -- the program: train, export, load the export ------------------------------------------
+
+
+@pytest.mark.parametrize("to", ["hf", "gguf"])
+def test_program_export_reloads_to_the_same_perplexity(tmp_path, llm_tokenizer, to):
+  from absign_jax.llm import finetune
+
+  c = dict(CONFIGS["llama"], vocab_size=llm_tokenizer.vocab_size, num_hidden_layers=2)
+  src = write_hf_dir(tmp_path / "src", c, random_weights(c))
+  llm_tokenizer.save_hf(src)
+  text = tmp_path / "text.txt"
+  words = "the model reads a file and learns to predict the next word of it".split()
+  rng = np.random.default_rng(0)
+  text.write_text(" ".join(rng.choice(words, 3000)))
+  common = ["--data", str(text), "--seq", "32", "--batch", "2", "--no-progress",
+            "--eval-every", "100", "--ckpt-every", "0"]
+  first = finetune.main(["--model", src, "--steps", "2", "--export", to,
+                         "--out", str(tmp_path / "a"), *common])[0].summary
+  exported = tmp_path / "a" / ("hf" if to == "hf" else "model.gguf")
+  second = finetune.main(["--model", str(exported), "--steps", "1",
+                          "--out", str(tmp_path / "b"), *common])[0].summary
+  assert first["ppl_after"] != first["ppl_before"]  # training moved the weights
+  assert second["ppl_before"] == pytest.approx(first["ppl_after"], rel=1e-5)

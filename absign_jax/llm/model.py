@@ -1,9 +1,12 @@
 """A Llama-family decoder-only transformer in Flax NNX.
 
-The model covers the architectures the fine-tuning experiments need (SmolLM2,
-GPT-2-sized and Qwen3-sized shape presets): grouped-query attention with rotary
-position embeddings (rotate-half convention, as in Hugging Face Llama), RMSNorm,
-a SwiGLU MLP, optional per-head QK-norm (Qwen3), and a tied or untied output head.
+One model class covers the supported families by config flags: Llama 1-3
+(with ``llama3`` RoPE scaling), SmolLM2, Mistral (sliding window), Qwen2 (q/k/v
+biases), Qwen3 (per-head QK-norm, its own head size) and Gemma 3's text model
+(sliding-window / full-attention alternation with two RoPE bases, (1 + w)
+RMSNorms before and after attention and MLP, GeGLU, sqrt(d)-scaled embeddings).
+All use grouped-query attention with rotary position embeddings (rotate-half
+convention, as in Hugging Face Llama), a gated MLP and a tied or untied head.
 
 Parameter layout
 ----------------
@@ -18,8 +21,10 @@ so these attribute names are part of the API::
     model.lm_head        nnx.Linear [dim, vocab], only when the head is untied
 
 Inside a block: ``input_layernorm``, ``self_attn.{q,k,v,o}_proj`` (plus
-``self_attn.{q,k}_norm`` with QK-norm), ``post_attention_layernorm`` and
-``mlp.{gate,up,down}_proj``. Linear kernels are stored ``[in, out]``.
+``self_attn.{q,k}_norm`` with QK-norm, and ``self_attn.sliding`` when layer
+types alternate), ``post_attention_layernorm`` (with ``sandwich_norm`` also
+``{pre,post}_feedforward_layernorm``) and ``mlp.{gate,up,down}_proj``. Linear
+kernels are stored ``[in, out]``; names match Hugging Face's.
 
 Layered model protocol
 ----------------------
