@@ -5,7 +5,11 @@ Submodules (imported lazily, so ``import absign_jax.llm`` needs neither
 
 * :mod:`absign_jax.llm.model` -- :class:`Llama`, :class:`LlamaConfig`,
   ``PRESETS``, :func:`generate`, :func:`eval_loss` (jax/flax only).
-* :mod:`absign_jax.llm.gguf` -- :func:`load_gguf` (needs ``gguf``).
+* :mod:`absign_jax.llm.gguf` -- :func:`load_gguf`, :func:`save_gguf` (needs ``gguf``).
+* :mod:`absign_jax.llm.hf` -- :func:`load_hf`, :func:`save_hf` (Hugging Face
+  directories: config.json, safetensors, tokenizer files).
+* :mod:`absign_jax.llm.export` -- :func:`load_model` (either form, by path) and
+  :func:`export_model`.
 * :mod:`absign_jax.llm.tokenizer` -- :class:`Tokenizer` (needs ``tokenizers``).
 * :mod:`absign_jax.llm.data` -- offline datasets and resumable :class:`Batches`.
 
@@ -25,6 +29,11 @@ _EXPORTS = {
     "eval_loss": "model",
     "convert_layout": "model",
     "load_gguf": "gguf",
+    "save_gguf": "gguf",
+    "load_hf": "hf",
+    "save_hf": "hf",
+    "load_model": "export",
+    "export_model": "export",
     "default_gguf_path": "gguf",
     "Tokenizer": "tokenizer",
     "load_tokenizer": "tokenizer",

@@ -1,3 +1,10 @@
-from absign_jax.llm.finetune import main
+import sys
 
-main()
+if sys.argv[1:2] == ["export"]:
+  from absign_jax.llm.export import main as export_main
+
+  export_main(sys.argv[2:])
+else:
+  from absign_jax.llm.finetune import main
+
+  main()

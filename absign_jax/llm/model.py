@@ -1,9 +1,12 @@
 """A Llama-family decoder-only transformer in Flax NNX.
 
-The model covers the architectures the fine-tuning experiments need (SmolLM2,
-GPT-2-sized and Qwen3-sized shape presets): grouped-query attention with rotary
-position embeddings (rotate-half convention, as in Hugging Face Llama), RMSNorm,
-a SwiGLU MLP, optional per-head QK-norm (Qwen3), and a tied or untied output head.
+One model class covers the supported families by config flags: Llama 1-3
+(with ``llama3`` RoPE scaling), SmolLM2, Mistral (sliding window), Qwen2 (q/k/v
+biases), Qwen3 (per-head QK-norm, its own head size) and Gemma 3's text model
+(sliding-window / full-attention alternation with two RoPE bases, (1 + w)
+RMSNorms before and after attention and MLP, GeGLU, sqrt(d)-scaled embeddings).
+All use grouped-query attention with rotary position embeddings (rotate-half
+convention, as in Hugging Face Llama), a gated MLP and a tied or untied head.
 
 Parameter layout
 ----------------
@@ -18,8 +21,10 @@ so these attribute names are part of the API::
     model.lm_head        nnx.Linear [dim, vocab], only when the head is untied
 
 Inside a block: ``input_layernorm``, ``self_attn.{q,k,v,o}_proj`` (plus
-``self_attn.{q,k}_norm`` with QK-norm), ``post_attention_layernorm`` and
-``mlp.{gate,up,down}_proj``. Linear kernels are stored ``[in, out]``.
+``self_attn.{q,k}_norm`` with QK-norm, and ``self_attn.sliding`` when layer
+types alternate), ``post_attention_layernorm`` (with ``sandwich_norm`` also
+``{pre,post}_feedforward_layernorm``) and ``mlp.{gate,up,down}_proj``. Linear
+kernels are stored ``[in, out]``; names match Hugging Face's.
 
 Layered model protocol
 ----------------------
@@ -55,7 +60,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +77,10 @@ __all__ = [
     "Llama",
     "apply_layer",
     "convert_layout",
+    "model_from_arrays",
     "rope_tables",
+    "rope_inv_freq",
+    "layer_flags",
     "apply_rope",
     "generate",
     "eval_loss",
@@ -80,6 +88,12 @@ __all__ = [
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _ATTN_IMPLS = ("einsum", "xla", "cudnn")
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
+_LAYER_TYPES = ("sliding_attention", "full_attention")
+_ROPE_SCALINGS = ("llama3", "linear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +125,29 @@ class LlamaConfig:
     attn_impl: ``"einsum"`` (explicit, float32 softmax), ``"xla"`` or
       ``"cudnn"`` (``jax.nn.dot_product_attention``; cuDNN needs a GPU and
       bfloat16).
+    attn_bias: Biases on the query/key/value projections (Qwen2).
+    norm_unit_offset: RMSNorm scales by ``1 + w``, in float32 (Gemma).
+    sandwich_norm: Norms after attention and around the MLP too (Gemma 3):
+      blocks get ``post_attention_layernorm`` (on the attention output),
+      ``pre_feedforward_layernorm`` and ``post_feedforward_layernorm``.
+    mlp_act: Gate activation, ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (GeGLU).
+    embed_scale: Multiply the embeddings by ``sqrt(dim)`` (Gemma).
+    query_scale: Attention score scale; ``None`` means ``head_size ** -0.5``.
+    sliding_window: Keys a sliding-window layer sees (itself included);
+      ``None`` means full causal attention everywhere.
+    layer_types: Per layer ``"sliding_attention"`` or ``"full_attention"``;
+      ``None`` with a ``sliding_window`` means every layer slides. Mixed
+      types give each block a ``self_attn.sliding`` flag parameter (+1 or -1,
+      never trained: it is read through ``stop_gradient``), so the stacked
+      layout keeps one graph for every layer.
+    rope_local_theta: RoPE base of the sliding layers (Gemma 3); ``None`` means
+      ``rope_theta``.
+    rope_scaling: RoPE scaling of the full-attention layers as sorted
+      ``(key, value)`` pairs: ``rope_type`` ``"llama3"`` (with ``factor``,
+      ``low_freq_factor``, ``high_freq_factor``,
+      ``original_max_position_embeddings``) or ``"linear"`` (``factor``).
+    arch: The family the weights came from (``"llama"``, ``"mistral"``,
+      ``"qwen2"``, ``"qwen3"``, ``"gemma3"``); names the export's architecture.
   """
 
   vocab_size: int
@@ -130,6 +167,17 @@ class LlamaConfig:
   head_dim: int | None = None
   qk_norm: bool = False
   attn_impl: str = "einsum"
+  attn_bias: bool = False
+  norm_unit_offset: bool = False
+  sandwich_norm: bool = False
+  mlp_act: str = "silu"
+  embed_scale: bool = False
+  query_scale: float | None = None
+  sliding_window: int | None = None
+  layer_types: tuple[str, ...] | None = None
+  rope_local_theta: float | None = None
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  arch: str = "llama"
 
   def __post_init__(self):
     name = jnp.dtype(self.dtype).name
@@ -152,6 +200,51 @@ class LlamaConfig:
       )
     if self.loss_chunk < 0:
       raise ValueError(f"loss_chunk must be >= 0, got {self.loss_chunk}")
+    if self.mlp_act not in _ACTIVATIONS:
+      raise ValueError(
+          f"mlp_act must be one of {sorted(_ACTIVATIONS)}, got {self.mlp_act!r}"
+      )
+    if self.layer_types is not None:
+      object.__setattr__(self, "layer_types", tuple(self.layer_types))
+      bad = set(self.layer_types) - set(_LAYER_TYPES)
+      if bad or len(self.layer_types) != self.n_layers:
+        raise ValueError(
+            f"layer_types must list {self.n_layers} entries from {_LAYER_TYPES},"
+            f" got {self.layer_types}"
+        )
+      if "sliding_attention" in self.layer_types and not self.sliding_window:
+        raise ValueError("layer_types has sliding layers but no sliding_window")
+    if isinstance(self.rope_scaling, Mapping):
+      object.__setattr__(
+          self, "rope_scaling", tuple(sorted(self.rope_scaling.items()))
+      )
+    if self.rope_scaling is not None:
+      kind = dict(self.rope_scaling).get("rope_type")
+      if kind not in _ROPE_SCALINGS:
+        raise ValueError(
+            f"rope_scaling rope_type {kind!r} is not supported; supported:"
+            f" {_ROPE_SCALINGS} (or none)"
+        )
+
+  @property
+  def mixed_attention(self) -> bool:
+    """Whether sliding-window and full-attention layers alternate."""
+    return self.layer_types is not None and len(set(self.layer_types)) > 1
+
+  @property
+  def static_window(self) -> int | None:
+    """The sliding window when every layer slides, else ``None``."""
+    if not self.sliding_window or self.mixed_attention:
+      return None
+    if self.layer_types is not None and self.layer_types[0] == "full_attention":
+      return None
+    return self.sliding_window
+
+  def layer_is_sliding(self, i: int) -> bool:
+    """Whether layer ``i`` uses the sliding window."""
+    if self.layer_types is None:
+      return bool(self.sliding_window)
+    return self.layer_types[i] == "sliding_attention"
 
   @property
   def param_dtype(self) -> jnp.dtype:
@@ -178,6 +271,9 @@ class LlamaConfig:
     attn = self.dim * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
     layer = attn + 3 * self.dim * self.hidden_dim + 2 * self.dim
     layer += 2 * hd if self.qk_norm else 0
+    layer += hd * (self.n_heads + 2 * self.n_kv_heads) if self.attn_bias else 0
+    layer += 2 * self.dim if self.sandwich_norm else 0
+    layer += 1 if self.mixed_attention else 0
     emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
     return self.n_layers * layer + emb + self.dim
 
@@ -213,27 +309,68 @@ def _normal(stddev: float = 0.02):
 
 
 class RMSNorm(nnx.Module):
-  """RMSNorm with float32 statistics; the output has the input's dtype."""
+  """RMSNorm with float32 statistics; the output has the input's dtype.
 
-  def __init__(self, dim: int, *, eps: float, param_dtype: Any):
+  With ``unit_offset`` (Gemma) the scale is ``1 + w`` (``w`` starts at 0) and is
+  applied in float32 before the cast, as Hugging Face's Gemma does.
+  """
+
+  def __init__(self, dim: int, *, eps: float, param_dtype: Any,
+               unit_offset: bool = False):
     self.eps = eps
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.unit_offset = unit_offset
+    init = jnp.zeros if unit_offset else jnp.ones
+    self.scale = nnx.Param(init((dim,), param_dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(var + self.eps)
+    if self.unit_offset:
+      return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
     # HF Llama casts back before the scale; keeps bf16 numerics identical.
     return y.astype(x.dtype) * self.scale[...].astype(x.dtype)
 
 
-def rope_tables(
-    positions: jax.Array, head_dim: int, theta: float
-) -> tuple[jax.Array, jax.Array]:
-  """Returns float32 ``(cos, sin)`` of shape ``[T, head_dim]`` (halves repeated)."""
+def _norm(dim: int, cfg: "LlamaConfig") -> RMSNorm:
+  return RMSNorm(dim, eps=cfg.norm_eps, param_dtype=cfg.param_dtype,
+                 unit_offset=cfg.norm_unit_offset)
+
+
+def rope_inv_freq(
+    head_dim: int, theta: float, scaling: Any = None
+) -> jax.Array:
+  """Float32 RoPE inverse frequencies ``[head_dim // 2]``, scaled as configured.
+
+  ``scaling`` is a mapping (or ``(key, value)`` pairs) with ``rope_type``
+  ``"llama3"`` or ``"linear"``, as in a Hugging Face ``config.json``.
+  """
   inv_freq = 1.0 / (
       theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
   )
+  if not scaling:
+    return inv_freq
+  sc = dict(scaling)
+  factor = float(sc["factor"])
+  if sc["rope_type"] == "linear":
+    return inv_freq / factor
+  # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, and
+  # the band between is interpolated smoothly.
+  low, high = float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+  old = float(sc["original_max_position_embeddings"])
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > old / low, inv_freq / factor, inv_freq)
+  smooth = (old / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def rope_tables(
+    positions: jax.Array, head_dim: int, theta: float, scaling: Any = None
+) -> tuple[jax.Array, jax.Array]:
+  """Returns float32 ``(cos, sin)`` of shape ``[T, head_dim]`` (halves repeated)."""
+  inv_freq = rope_inv_freq(head_dim, theta, scaling)
   angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
   angles = jnp.concatenate([angles, angles], axis=-1)
   return jnp.cos(angles), jnp.sin(angles)
@@ -252,9 +389,10 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # slow path (about 2x slower backward on the MLP); 2-D is never worse on GPU.
 
 
-def _linear(din: int, dout: int, cfg: LlamaConfig, rngs: nnx.Rngs) -> nnx.Linear:
+def _linear(din: int, dout: int, cfg: LlamaConfig, rngs: nnx.Rngs,
+            bias: bool = False) -> nnx.Linear:
   return nnx.Linear(
-      din, dout, use_bias=False, dtype=cfg.param_dtype,
+      din, dout, use_bias=bias, dtype=cfg.param_dtype,
       param_dtype=cfg.param_dtype, kernel_init=_normal(), rngs=rngs,
   )
 
@@ -266,16 +404,43 @@ class Attention(nnx.Module):
     hd = cfg.head_size
     self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
     self.rope_theta = cfg.rope_theta
+    self.rope_scaling = cfg.rope_scaling
+    self.rope_local_theta = cfg.rope_local_theta
+    self.scale = (
+        cfg.query_scale if cfg.query_scale is not None else 1.0 / math.sqrt(hd)
+    )
+    self.window = cfg.sliding_window
+    self.static_window = cfg.static_window
     self.attn_impl = cfg.attn_impl
-    self.q_proj = _linear(cfg.dim, cfg.n_heads * hd, cfg, rngs)
-    self.k_proj = _linear(cfg.dim, cfg.n_kv_heads * hd, cfg, rngs)
-    self.v_proj = _linear(cfg.dim, cfg.n_kv_heads * hd, cfg, rngs)
+    b = cfg.attn_bias
+    self.q_proj = _linear(cfg.dim, cfg.n_heads * hd, cfg, rngs, bias=b)
+    self.k_proj = _linear(cfg.dim, cfg.n_kv_heads * hd, cfg, rngs, bias=b)
+    self.v_proj = _linear(cfg.dim, cfg.n_kv_heads * hd, cfg, rngs, bias=b)
     self.o_proj = _linear(cfg.n_heads * hd, cfg.dim, cfg, rngs)
     if cfg.qk_norm:
-      self.q_norm = RMSNorm(hd, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
-      self.k_norm = RMSNorm(hd, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+      self.q_norm = _norm(hd, cfg)
+      self.k_norm = _norm(hd, cfg)
     else:
       self.q_norm = self.k_norm = None
+    # Per-layer data (not a static attribute), so stacked layers share a graph.
+    self.sliding = (
+        nnx.Param(jnp.ones((), jnp.float32)) if cfg.mixed_attention else None
+    )
+
+  def _is_sliding(self) -> jax.Array | None:
+    if self.sliding is None:
+      return None
+    return jax.lax.stop_gradient(self.sliding[...]) > 0
+
+  def _mask(self, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+    """Bool ``[T, S]``: causal, and inside the window on sliding layers."""
+    mask = k_pos[None, :] <= q_pos[:, None]
+    in_window = q_pos[:, None] - k_pos[None, :] < (self.window or 0)
+    if self.static_window:
+      mask &= in_window
+    elif self.sliding is not None:
+      mask &= in_window | ~self._is_sliding()
+    return mask
 
   def _qkv(self, x: jax.Array, positions: jax.Array):
     b, t, d = x.shape
@@ -285,7 +450,15 @@ class Attention(nnx.Module):
     v = self.v_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
+    cos, sin = rope_tables(positions, self.head_dim, self.rope_theta,
+                           self.rope_scaling)
+    if self.sliding is not None:
+      local = self.rope_local_theta or self.rope_theta
+      cos_l, sin_l = rope_tables(positions, self.head_dim, local)
+      sliding = self._is_sliding()
+      cos, sin = jnp.where(sliding, cos_l, cos), jnp.where(sliding, sin_l, sin)
+    elif self.static_window and self.rope_local_theta:
+      cos, sin = rope_tables(positions, self.head_dim, self.rope_local_theta)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
   def _attend(self, q, k, v, mask):
@@ -295,7 +468,7 @@ class Attention(nnx.Module):
     q = q.reshape(b, t, self.n_kv_heads, groups, hd)
     scores = jnp.einsum(
         "btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32
-    ) / math.sqrt(hd)
+    ) * self.scale
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -303,12 +476,19 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, t, _ = x.shape
-    q, k, v = self._qkv(x, jnp.arange(t))
+    pos = jnp.arange(t)
+    q, k, v = self._qkv(x, pos)
     if self.attn_impl == "einsum":
-      out = self._attend(q, k, v, jnp.tril(jnp.ones((t, t), bool)))
+      out = self._attend(q, k, v, self._mask(pos, pos))
+    elif self.window:
+      out = jax.nn.dot_product_attention(
+          q, k, v, mask=self._mask(pos, pos)[None, None], scale=self.scale,
+          implementation=self.attn_impl,
+      ).reshape(b * t, self.n_heads * self.head_dim)
     else:
       out = jax.nn.dot_product_attention(
-          q, k, v, is_causal=True, implementation=self.attn_impl
+          q, k, v, is_causal=True, scale=self.scale,
+          implementation=self.attn_impl,
       ).reshape(b * t, self.n_heads * self.head_dim)
     return self.o_proj(out).reshape(b, t, -1)
 
@@ -331,15 +511,16 @@ class Attention(nnx.Module):
     q, k, v = self._qkv(x, positions)
     k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k, start, axis=1)
     v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v, start, axis=1)
-    mask = jnp.arange(k_cache.shape[1])[None, :] <= positions[:, None]
+    mask = self._mask(positions, jnp.arange(k_cache.shape[1]))
     out = self.o_proj(self._attend(q, k_cache, v_cache, mask))
     return out.reshape(x.shape[0], t, -1), (k_cache, v_cache)
 
 
 class MLP(nnx.Module):
-  """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+  """Gated feed-forward: ``down(act(gate(x)) * up(x))`` (SwiGLU or GeGLU)."""
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.act = cfg.mlp_act
     self.gate_proj = _linear(cfg.dim, cfg.hidden_dim, cfg, rngs)
     self.up_proj = _linear(cfg.dim, cfg.hidden_dim, cfg, rngs)
     self.down_proj = _linear(cfg.hidden_dim, cfg.dim, cfg, rngs)
@@ -347,7 +528,8 @@ class MLP(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     shape = x.shape
     x = x.reshape(-1, shape[-1])  # 2-D matmuls: see _flat_matmul_note
-    y = self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    act = _ACTIVATIONS[self.act]
+    y = self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
     return y.reshape(*shape[:-1], y.shape[-1])
 
 
@@ -360,19 +542,32 @@ class LlamaBlock(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     self.remat = cfg.remat
-    self.input_layernorm = RMSNorm(
-        cfg.dim, eps=cfg.norm_eps, param_dtype=cfg.param_dtype
-    )
+    self.input_layernorm = _norm(cfg.dim, cfg)
     self.self_attn = Attention(cfg, rngs=rngs)
-    self.post_attention_layernorm = RMSNorm(
-        cfg.dim, eps=cfg.norm_eps, param_dtype=cfg.param_dtype
-    )
+    self.post_attention_layernorm = _norm(cfg.dim, cfg)
+    if cfg.sandwich_norm:
+      self.pre_feedforward_layernorm = _norm(cfg.dim, cfg)
+      self.post_feedforward_layernorm = _norm(cfg.dim, cfg)
+    else:
+      self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
     self.mlp = MLP(cfg, rngs=rngs)
+
+  def _mlp_residual(self, h: jax.Array) -> jax.Array:
+    if self.pre_feedforward_layernorm is None:
+      return h + self.mlp(self.post_attention_layernorm(h))
+    return h + self.post_feedforward_layernorm(
+        self.mlp(self.pre_feedforward_layernorm(h)))
+
+  def _attn_out(self, a: jax.Array) -> jax.Array:
+    # Sandwich norm: post_attention_layernorm normalises the attention output.
+    if self.pre_feedforward_layernorm is None:
+      return a
+    return self.post_attention_layernorm(a)
 
   def forward(self, h: jax.Array) -> jax.Array:
     """The layer without remat."""
-    h = h + self.self_attn(self.input_layernorm(h))
-    return h + self.mlp(self.post_attention_layernorm(h))
+    h = h + self._attn_out(self.self_attn(self.input_layernorm(h)))
+    return self._mlp_residual(h)
 
   def __call__(self, h: jax.Array) -> jax.Array:
     if not self.remat:
@@ -385,8 +580,16 @@ class LlamaBlock(nnx.Module):
   def decode(self, h, start, cache):
     """Incremental forward with a key/value cache (see :meth:`Attention.decode`)."""
     a, cache = self.self_attn.decode(self.input_layernorm(h), start, cache)
-    h = h + a
-    return h + self.mlp(self.post_attention_layernorm(h)), cache
+    h = h + self._attn_out(a)
+    return self._mlp_residual(h), cache
+
+
+def layer_flags(cfg: LlamaConfig) -> jax.Array:
+  """The ``self_attn.sliding`` values of the layers: +1 sliding, -1 full."""
+  return jnp.asarray(
+      [1.0 if cfg.layer_is_sliding(i) else -1.0 for i in range(cfg.n_layers)],
+      jnp.float32,
+  )
 
 
 def apply_layer(graphdef: nnx.GraphDef, layer_state: Any, h: jax.Array) -> jax.Array:
@@ -419,7 +622,14 @@ class Llama(nnx.Module):
       self.layers = nnx.List(
           [LlamaBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)]
       )
-    self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+    if cfg.mixed_attention:
+      flags = layer_flags(cfg)
+      if cfg.scan_layers:
+        self.layers.self_attn.sliding.set_value(flags)
+      else:
+        for layer, flag in zip(self.layers, flags):
+          layer.self_attn.sliding.set_value(flag)
+    self.norm = _norm(cfg.dim, cfg)
     if cfg.tie_embeddings:
       self.lm_head = None
     else:
@@ -477,7 +687,10 @@ class Llama(nnx.Module):
 
   def embed(self, inputs: jax.Array) -> jax.Array:
     """Token ids ``[B, T]`` to hidden states ``[B, T, D]`` (param dtype)."""
-    return self.embed_tokens(inputs)
+    h = self.embed_tokens(inputs)
+    if self.config.embed_scale:
+      h = h * jnp.asarray(math.sqrt(self.config.dim), h.dtype)
+    return h
 
   def run_layers(
       self, h: jax.Array, start: int = 0, stop: int | None = None
@@ -630,6 +843,65 @@ class Llama(nnx.Module):
       return (z, z)
     z = jnp.zeros(shape, cfg.param_dtype)
     return [(z, z) for _ in range(cfg.n_layers)]
+
+
+def model_from_arrays(
+    cfg: LlamaConfig,
+    get: Callable[[tuple[str, ...], int | None, tuple[int, ...]], np.ndarray],
+    *,
+    sharding: Any = None,
+) -> Llama:
+  """Builds a :class:`Llama` from a checkpoint, one tensor at a time.
+
+  Args:
+    cfg: The model's config (its ``dtype`` and ``scan_layers`` apply).
+    get: ``get(path, layer, shape)`` returns the parameter at ``path`` (inside
+      a block when ``layer`` is an int, e.g. ``("self_attn", "q_proj",
+      "kernel")``; else a top-level path such as ``("norm", "scale")``) as a
+      NumPy array (a memory-mapped view is fine) of the expected ``shape``; it
+      raises when the checkpoint disagrees. ``self_attn.sliding`` flags are not
+      asked for: they follow from ``cfg.layer_types``.
+    sharding: A ``jax.sharding.Sharding`` for every parameter, or a callable
+      ``path -> Sharding`` (paths as in ``nnx.to_pure_dict``); ``None`` puts
+      them on the default device.
+
+  Returns:
+    The model. Each parameter is converted to ``cfg.dtype`` and moved to its
+    device before the next is read, so host memory holds one tensor (one
+    stacked leaf in the stacked layout) beyond the model itself.
+  """
+  abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  flags = np.asarray(layer_flags(cfg)) if cfg.mixed_attention else None
+
+  def put(path, x):
+    target = sharding(path) if callable(sharding) else sharding
+    return jax.device_put(x, target) if target is not None else jnp.asarray(x)
+
+  def leaf(kpath, spec):
+    path = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in kpath)
+    dtype = np.dtype(spec.dtype)
+    if path[0] != "layers":
+      x = np.asarray(get(path, None, tuple(spec.shape)), dtype)
+    elif cfg.scan_layers:
+      inner = path[1:]
+      if inner == ("self_attn", "sliding"):
+        x = flags.astype(dtype)
+      else:
+        x = np.empty(spec.shape, dtype)
+        for i in range(cfg.n_layers):
+          x[i] = get(inner, i, tuple(spec.shape[1:]))
+    else:
+      i, inner = int(path[1]), path[2:]
+      if inner == ("self_attn", "sliding"):
+        x = flags[i].astype(dtype)
+      else:
+        x = np.asarray(get(inner, i, tuple(spec.shape)), dtype)
+    return put(path, x)
+
+  pure = nnx.to_pure_dict(state)
+  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(leaf, pure))
+  return nnx.merge(graphdef, state)
 
 
 def convert_layout(model: Llama, scan_layers: bool) -> Llama:

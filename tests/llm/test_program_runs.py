@@ -56,7 +56,7 @@ def files(tmp_path_factory):
 
 
 def base_args(files, out, *extra):
-  return ["--gguf", files["gguf"], "--data", files["data"], "--batch", "2", "--seq", "16",
+  return ["--model", files["gguf"], "--data", files["data"], "--batch", "2", "--seq", "16",
           "--eval-seqs", "2", "--no-progress", "--out", str(out), *extra]
 
 

@@ -1,0 +1,532 @@
+"""Hugging Face checkpoint directories: ``config.json``, safetensors, tokenizer.
+
+Reads (:func:`load_hf`) and writes (:func:`save_hf`) the layout
+``transformers`` uses for the supported families:
+
+==================================  ===========================================
+``architectures``                   what the model turns on
+==================================  ===========================================
+LlamaForCausalLM                    Llama 1-3 (``rope_type: llama3`` scaling),
+                                    SmolLM2
+MistralForCausalLM                  optional ``sliding_window``
+Qwen2ForCausalLM                    q/k/v biases
+Qwen3ForCausalLM                    q/k-norm, its own ``head_dim``
+Gemma3ForCausalLM,                  sliding/full alternation with two RoPE
+Gemma3ForConditionalGeneration      bases, q/k-norm, sandwich norms, GeGLU,
+(its text part)                     ``sqrt(d)``-scaled embeddings, (1 + w) norms
+==================================  ===========================================
+
+Weights are read tensor by tensor from memory-mapped safetensors files
+(one ``model.safetensors`` or shards listed in ``model.safetensors.index.json``)
+and converted straight to the target dtype; the reader is a few lines over
+``np.memmap`` because safetensors' NumPy API cannot return bfloat16.
+Linear weights are stored ``[out, in]`` there and ``[in, out]`` in the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Iterable, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from absign_jax.llm import model as model_lib
+from absign_jax.llm.model import Llama, LlamaConfig
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "SafetensorsFile",
+    "save_safetensors",
+    "config_from_hf",
+    "hf_config",
+    "hf_tensor_name",
+    "is_hf_dir",
+    "load_hf",
+    "save_hf",
+]
+
+# architectures entry -> family (LlamaConfig.arch)
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
+    "Gemma3ForConditionalGeneration": "gemma3",
+}
+_EXPORT_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "gemma3": "Gemma3ForCausalLM"}
+_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2",
+               "qwen3": "qwen3", "gemma3": "gemma3_text"}
+
+_ST_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+# Gemma3TextConfig defaults, for text_config entries a checkpoint leaves out.
+_GEMMA3_DEFAULTS = dict(
+    vocab_size=262208, hidden_size=2304, intermediate_size=9216,
+    num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+    head_dim=256, max_position_embeddings=131072, rms_norm_eps=1e-6,
+    rope_theta=1e6, rope_local_base_freq=1e4, query_pre_attn_scalar=256,
+    sliding_window=4096, sliding_window_pattern=6, tie_word_embeddings=True,
+    hidden_activation="gelu_pytorch_tanh",
+)
+
+
+# -- safetensors -------------------------------------------------------------------
+
+
+class SafetensorsFile:
+  """A memory-mapped ``.safetensors`` file; :meth:`get` returns zero-copy views.
+
+  Raises on construction when the header is malformed or the file is shorter
+  than its header says (a truncated download).
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = os.fspath(path)
+    size = os.path.getsize(self.path)
+    with open(self.path, "rb") as f:
+      head = f.read(8)
+      if len(head) < 8:
+        raise ValueError(f"{self.path}: not a safetensors file (shorter than 8 "
+                         "bytes); download it again")
+      n = int.from_bytes(head, "little")
+      if n > size - 8:
+        raise ValueError(
+            f"{self.path}: truncated safetensors file (header of {n} bytes, file"
+            f" of {size}); download it again")
+      try:
+        header = json.loads(f.read(n))
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{self.path}: not a safetensors file (unreadable header:"
+                         f" {e}); download it again") from None
+    self.metadata = header.pop("__metadata__", None) or {}
+    self._header = header
+    self._offset = 8 + n
+    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if self._offset + end > size:
+      raise ValueError(
+          f"{self.path}: truncated safetensors file (its tensors need"
+          f" {self._offset + end} bytes, the file has {size}); download it again")
+    self._map = (np.memmap(self.path, np.uint8, mode="r") if size > self._offset
+                 else np.zeros(0, np.uint8))
+
+  def keys(self) -> list[str]:
+    return list(self._header)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._header
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._header[name]["shape"])
+
+  def dtype(self, name: str) -> str:
+    return self._header[name]["dtype"]
+
+  def get(self, name: str) -> np.ndarray:
+    """The tensor as a read-only view of the mapped file."""
+    info = self._header[name]
+    if info["dtype"] not in _ST_DTYPES:
+      raise ValueError(f"{self.path}: tensor {name} has dtype {info['dtype']}, which"
+                       f" this reader does not handle ({sorted(_ST_DTYPES)})")
+    start, stop = (self._offset + int(o) for o in info["data_offsets"])
+    dtype = _ST_DTYPES[info["dtype"]]
+    return self._map[start:stop].view(dtype).reshape(info["shape"])
+
+
+def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+                     metadata: Mapping[str, str] | None = None) -> None:
+  """Writes ``tensors`` (NumPy, bfloat16 via ml_dtypes) as one safetensors file."""
+  header: dict[str, Any] = {}
+  if metadata:
+    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+  offset = 0
+  arrays = {}
+  for name, x in tensors.items():
+    x = np.ascontiguousarray(x)
+    if x.dtype not in _ST_NAMES:
+      raise ValueError(f"tensor {name}: dtype {x.dtype} cannot be written")
+    header[name] = {"dtype": _ST_NAMES[x.dtype], "shape": list(x.shape),
+                    "data_offsets": [offset, offset + x.nbytes]}
+    offset += x.nbytes
+    arrays[name] = x
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * ((-len(raw)) % 8)  # align the data to 8 bytes
+  with open(path, "wb") as f:
+    f.write(len(raw).to_bytes(8, "little"))
+    f.write(raw)
+    for x in arrays.values():
+      f.write(x.tobytes())
+
+
+# -- config ------------------------------------------------------------------------
+
+
+def is_hf_dir(path: str | os.PathLike) -> bool:
+  return os.path.isdir(path)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def config_from_hf(config: Mapping[str, Any], *, source: str = "config.json",
+                   **overrides: Any) -> LlamaConfig:
+  """:class:`LlamaConfig` from a Hugging Face ``config.json`` dict."""
+  archs = list(config.get("architectures") or [])
+  known = [a for a in archs if a in SUPPORTED_ARCHITECTURES]
+  if not known:
+    raise ValueError(
+        f"{source}: architectures {archs} is not supported; supported:"
+        f" {', '.join(SUPPORTED_ARCHITECTURES)}")
+  arch = SUPPORTED_ARCHITECTURES[known[0]]
+  c = dict(config)
+  if arch == "gemma3":
+    c = {**_GEMMA3_DEFAULTS, **dict(config.get("text_config") or config)}
+
+  def need(key):
+    if key not in c:
+      raise ValueError(f"{source}: {key} is missing")
+    return c[key]
+
+  def unsupported(what):
+    return ValueError(f"{source}: {what} is not supported by this loader")
+
+  dim, n_heads = int(need("hidden_size")), int(need("num_attention_heads"))
+  head_dim = c.get("head_dim") or dim // n_heads
+  act = c.get("hidden_activation") or c.get("hidden_act", "silu")
+  cfg = dict(
+      arch=arch, vocab_size=int(need("vocab_size")), dim=dim,
+      n_layers=int(need("num_hidden_layers")), n_heads=n_heads,
+      n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
+      hidden_dim=int(need("intermediate_size")),
+      rope_theta=float(c.get("rope_theta", 10000.0)),
+      norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+      max_seq_len=int(c.get("max_position_embeddings", 2048)),
+      tie_embeddings=bool(c.get("tie_word_embeddings", arch == "gemma3")),
+      head_dim=int(head_dim) if head_dim * n_heads != dim else None,
+  )
+  if c.get("mlp_bias"):
+    raise unsupported("mlp_bias")
+  if arch == "qwen2":
+    cfg["attn_bias"] = True
+    if c.get("use_sliding_window"):
+      raise unsupported("use_sliding_window")
+  elif c.get("attention_bias"):
+    raise unsupported("attention_bias (o_proj bias)")
+  if arch == "qwen3":
+    cfg["qk_norm"] = True
+    if c.get("use_sliding_window"):
+      raise unsupported("use_sliding_window")
+  if arch == "mistral" and c.get("sliding_window"):
+    cfg["sliding_window"] = int(c["sliding_window"])
+  scaling = c.get("rope_scaling")
+  if scaling:
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in (None, "default"):
+      if kind not in ("llama3", "linear"):
+        raise ValueError(f"{source}: rope_scaling type {kind!r} is not supported;"
+                         " supported: llama3, linear")
+      cfg["rope_scaling"] = tuple(sorted({**scaling, "rope_type": kind}.items()))
+      cfg["rope_scaling"] = tuple((k, v) for k, v in cfg["rope_scaling"]
+                                  if k != "type")
+  if arch == "gemma3":
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+      raise unsupported(f"hidden_activation {act!r}")
+    for cap in ("final_logit_softcapping", "attn_logit_softcapping"):
+      if c.get(cap):
+        raise unsupported(cap)
+    n = cfg["n_layers"]
+    types = c.get("layer_types")
+    if not types:
+      pattern = int(c.get("sliding_window_pattern") or 6)
+      types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+               for i in range(n)]
+    cfg.update(
+        mlp_act="gelu_tanh", qk_norm=True, sandwich_norm=True,
+        norm_unit_offset=True, embed_scale=True,
+        query_scale=float(c["query_pre_attn_scalar"]) ** -0.5,
+        sliding_window=int(c["sliding_window"]), layer_types=tuple(types),
+        rope_local_theta=float(c.get("rope_local_base_freq", 10000.0)),
+    )
+  elif act != "silu":
+    raise unsupported(f"hidden_act {act!r}")
+  cfg.update(overrides)
+  return LlamaConfig(**cfg)
+
+
+def hf_config(cfg: LlamaConfig, *, torch_dtype: str = "float32",
+              bos_id: int | None = None, eos_id: int | None = None) -> dict[str, Any]:
+  """The ``config.json`` dict of ``cfg`` (inverse of :func:`config_from_hf`)."""
+  c: dict[str, Any] = {
+      "architectures": [_EXPORT_ARCH[cfg.arch]],
+      "model_type": _MODEL_TYPE[cfg.arch],
+      "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+      "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
+      "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+      "head_dim": cfg.head_size, "rms_norm_eps": cfg.norm_eps,
+      "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len,
+      "tie_word_embeddings": cfg.tie_embeddings,
+      "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
+      "torch_dtype": torch_dtype, "attention_dropout": 0.0,
+  }
+  if bos_id is not None:
+    c["bos_token_id"] = bos_id
+  if eos_id is not None:
+    c["eos_token_id"] = eos_id
+  if cfg.arch == "gemma3":
+    c.update(
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=(cfg.query_scale or cfg.head_size ** -0.5) ** -2,
+        sliding_window=cfg.sliding_window,
+        layer_types=list(cfg.layer_types or ["full_attention"] * cfg.n_layers),
+        rope_local_base_freq=cfg.rope_local_theta or cfg.rope_theta,
+        final_logit_softcapping=None, attn_logit_softcapping=None,
+        attention_bias=False,
+    )
+    return c
+  c.update(hidden_act="silu", attention_bias=False, mlp_bias=False)
+  if cfg.arch in ("qwen2", "qwen3"):
+    c["use_sliding_window"] = False
+  if cfg.arch == "mistral" or cfg.sliding_window:
+    c["sliding_window"] = cfg.sliding_window
+  return c
+
+
+# -- tensor names ------------------------------------------------------------------
+
+
+def hf_tensor_name(path: tuple, layer: int | None, prefix: str = "model.") -> str:
+  """Hugging Face name of our parameter ``path`` (inside ``layer`` if given)."""
+  *mods, leaf = path
+  if mods == ["lm_head"]:
+    return "lm_head.weight"
+  if mods == ["embed_tokens"]:
+    return prefix + "embed_tokens.weight"
+  base = ".".join(str(m) for m in mods)
+  if layer is not None:
+    base = f"layers.{layer}.{base}"
+  return prefix + base + (".bias" if leaf == "bias" else ".weight")
+
+
+def _transposed(path: tuple) -> bool:
+  return path[-1] == "kernel"
+
+
+class _Tensors:
+  """Name -> file over one file or a sharded set, with clear errors."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    index = os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.isfile(index):
+      weight_map = _read_json(index).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: no weight_map; the index is malformed")
+      files = {}
+      for fname in sorted(set(weight_map.values())):
+        fpath = os.path.join(directory, fname)
+        if not os.path.isfile(fpath):
+          raise FileNotFoundError(
+              f"{fpath}: shard listed in {index} is missing; download it")
+        files[fname] = SafetensorsFile(fpath)
+      self.where = {}
+      for name, fname in weight_map.items():
+        if name not in files[fname]:
+          raise ValueError(f"{index}: tensor {name} is listed in {fname}, which"
+                           " does not hold it; the shard set is inconsistent")
+        self.where[name] = files[fname]
+    elif os.path.isfile(single):
+      f = SafetensorsFile(single)
+      self.where = {name: f for name in f.keys()}
+    else:
+      raise FileNotFoundError(
+          f"{directory}: no model.safetensors or model.safetensors.index.json;"
+          " a Hugging Face checkpoint directory needs its safetensors weights"
+          " (PyTorch .bin files are not read)")
+    self.used: set[str] = set()
+
+  def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    f = self.where.get(name)
+    if f is None:
+      raise ValueError(f"{self.directory}: tensor {name} is missing; the weights"
+                       " do not match config.json")
+    if f.shape(name) != tuple(shape):
+      raise ValueError(
+          f"{f.path}: tensor {name} has shape {f.shape(name)}, config.json implies"
+          f" {tuple(shape)}; the weights do not match config.json")
+    if f.dtype(name) not in ("F32", "F16", "BF16", "F64"):
+      raise ValueError(f"{f.path}: tensor {name} has dtype {f.dtype(name)}, expected"
+                       " a float type (F32, F16, BF16)")
+    self.used.add(name)
+    return f.get(name)
+
+
+def _prefix(names: Iterable[str]) -> str:
+  names = set(names)
+  for p in ("model.", "model.language_model.", "language_model.model."):
+    if p + "embed_tokens.weight" in names:
+      return p
+  return "model."
+
+
+# Tensors of a Gemma 3 multimodal checkpoint that the text model does not use.
+_IGNORED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                     "model.multi_modal_projector.")
+
+
+def load_hf(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = "float32",
+    scan_layers: bool = False,
+    remat: bool = False,
+    loss_chunk: int = 0,
+    max_seq_len: int | None = None,
+    sharding: Any = None,
+) -> tuple[LlamaConfig, Llama, dict[str, Any]]:
+  """Reads a Hugging Face checkpoint directory into a :class:`Llama`.
+
+  Args:
+    path: Directory with ``config.json`` and ``model.safetensors`` (or a
+      sharded set with ``model.safetensors.index.json``).
+    dtype: Parameter dtype, ``"float32"`` or ``"bfloat16"``.
+    scan_layers: Build the stacked layout.
+    remat: Checkpoint every layer.
+    loss_chunk: Chunk size of the cross-entropy (0 = unchunked).
+    max_seq_len: Override of ``max_position_embeddings``.
+    sharding: Where each parameter goes (see
+      :func:`absign_jax.llm.model.model_from_arrays`).
+
+  Returns:
+    ``(config, model, info)``; ``info["config"]`` is the ``config.json`` dict.
+
+  Raises:
+    FileNotFoundError: No directory, no ``config.json``, or missing weights.
+    ValueError: Unsupported architecture, missing/extra tensors, shapes that
+      disagree with the config, a truncated file.
+  """
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: no such directory")
+  config_path = os.path.join(path, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(
+        f"{path}: no config.json; pass a Hugging Face checkpoint directory"
+        " (config.json, model*.safetensors, tokenizer.json) or a .gguf file")
+  config = _read_json(config_path)
+  overrides = dict(dtype=dtype, scan_layers=scan_layers, remat=remat,
+                   loss_chunk=loss_chunk)
+  if max_seq_len is not None:
+    overrides["max_seq_len"] = max_seq_len
+  cfg = config_from_hf(config, source=config_path, **overrides)
+  tensors = _Tensors(path)
+  prefix = _prefix(tensors.where)
+  if cfg.tie_embeddings and "lm_head.weight" in tensors.where:
+    # Some exporters store the tied head anyway; it must equal the embedding.
+    tensors.used.add("lm_head.weight")
+
+  def get(p, layer, shape):
+    name = hf_tensor_name(p, layer, prefix)
+    if _transposed(p):
+      return tensors.get(name, tuple(reversed(shape))).T
+    return tensors.get(name, shape)
+
+  model = model_lib.model_from_arrays(cfg, get, sharding=sharding)
+  extra = sorted(n for n in tensors.where if n not in tensors.used
+                 and not n.startswith(_IGNORED_PREFIXES))
+  if extra:
+    raise ValueError(
+        f"{path}: tensors {extra[:8]}{' ...' if len(extra) > 8 else ''} are not"
+        f" part of a {cfg.arch} model with this config.json; the weights do not"
+        " match config.json")
+  return cfg, model, {"config": config, "path": path}
+
+
+def save_hf(model: Llama, out_dir: str | os.PathLike, *, dtype: Any = None,
+            tokenizer: Any = None, max_shard_bytes: int = 4 << 30) -> str:
+  """Writes ``model`` (and ``tokenizer``) as a Hugging Face checkpoint directory.
+
+  Args:
+    model: The model (either layout).
+    out_dir: Directory to create or fill.
+    dtype: Weight dtype (``"float32"``, ``"bfloat16"``, ``"float16"``);
+      ``None`` keeps the model's.
+    tokenizer: A :class:`absign_jax.llm.tokenizer.Tokenizer`; writes
+      ``tokenizer.json`` and ``tokenizer_config.json`` (with the chat template).
+    max_shard_bytes: Above this, weights are split into shards with an index.
+
+  Returns:
+    ``out_dir``.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  out_dir = os.fspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  cfg = model.config
+  np_dtype = np.dtype(ml_dtypes.bfloat16 if str(dtype or cfg.dtype) == "bfloat16"
+                      else (dtype or cfg.dtype))
+  pure = nnx.to_pure_dict(nnx.state(model))
+  tensors: dict[str, np.ndarray] = {}
+
+  def add(p, layer, x):
+    if p[-1] == "sliding":
+      return
+    x = np.asarray(x)
+    if _transposed(p):
+      x = x.T
+    tensors[hf_tensor_name(p, layer)] = np.ascontiguousarray(x.astype(np_dtype))
+
+  for kpath, x in jax.tree_util.tree_leaves_with_path(pure):
+    p = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in kpath)
+    if p[0] != "layers":
+      add(p, None, x)
+    elif cfg.scan_layers:
+      for i in range(cfg.n_layers):
+        add(p[1:], i, np.asarray(x[i]))
+    else:
+      add(p[2:], int(p[1]), x)
+  total = sum(x.nbytes for x in tensors.values())
+  meta = {"format": "pt"}
+  if total <= max_shard_bytes:
+    save_safetensors(os.path.join(out_dir, "model.safetensors"), tensors, meta)
+  else:
+    shards, cur, size = [], {}, 0
+    for name, x in tensors.items():
+      if cur and size + x.nbytes > max_shard_bytes:
+        shards.append(cur)
+        cur, size = {}, 0
+      cur[name] = x
+      size += x.nbytes
+    shards.append(cur)
+    weight_map = {}
+    for k, shard in enumerate(shards):
+      fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+      save_safetensors(os.path.join(out_dir, fname), shard, meta)
+      weight_map.update({name: fname for name in shard})
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f,
+                indent=2)
+  config = hf_config(cfg, torch_dtype=np_dtype.name,
+                     bos_id=getattr(tokenizer, "bos_id", None),
+                     eos_id=getattr(tokenizer, "eos_id", None))
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  if tokenizer is not None:
+    tokenizer.save_hf(out_dir)
+  return out_dir
