@@ -743,28 +743,32 @@ def generate(
   return out
 
 
-def _masked_layer_decode(layer, h, positions, start, cache, mask):
+def _masked_layer_decode(layer, h, positions, start, k_cache, v_cache, mask):
   """One block's incremental forward with an explicit attention mask.
 
   Like :meth:`LlamaBlock.decode`, but ``mask`` (bool, broadcastable to
-  ``[B, n_kv_heads, groups, T, S]``) also hides each row's left padding.
+  ``[B, n_kv_heads, groups, T, S]``) also hides each row's left padding. Returns
+  the new hidden states and this step's keys and values ``[B, T, kv, hd]``.
   """
   attn = layer.self_attn
   b, t, _ = h.shape
   q, k, v = attn._qkv(layer.input_layernorm(h), positions)  # pylint: disable=protected-access
-  k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k, start, axis=1)
-  v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v, start, axis=1)
+  k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, start, axis=1)
+  v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, start, axis=1)
   out = attn._attend(q, k_cache, v_cache, mask)  # pylint: disable=protected-access
   h = h + attn.o_proj(out).reshape(b, t, -1)
-  return h + layer.mlp(layer.post_attention_layernorm(h)), (k_cache, v_cache)
+  return h + layer.mlp(layer.post_attention_layernorm(h)), k, v
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
 def _generate_left_padded(graphdef, state, prompt, pad, eos_id, *, max_new_tokens):
   model = nnx.merge(graphdef, state)
+  cfg = model.config
   b, t = prompt.shape
   total = t + max_new_tokens
-  caches = model.init_cache(b, total)
+  # One [L, B, S, kv, hd] buffer per keys/values, carried and updated in place.
+  shape = (cfg.n_layers, b, total, cfg.n_kv_heads, cfg.head_size)
+  caches = (jnp.zeros(shape, cfg.param_dtype), jnp.zeros(shape, cfg.param_dtype))
   slots = jnp.arange(total)
   real = slots[None, :] >= pad[:, None]  # [B, S]: key slots that hold real tokens
 
@@ -772,23 +776,27 @@ def _generate_left_padded(graphdef, state, prompt, pad, eos_id, *, max_new_token
     positions = start + jnp.arange(tokens.shape[1])
     causal = slots[None, :] <= positions[:, None]  # [T, S]
     mask = (real[:, None, :] & causal[None])[:, None, None]  # [B, 1, 1, T, S]
-    h = model.embed(tokens)
+
+    def run(layer, carry, i):
+      h, kc, vc = carry
+      h, k, v = _masked_layer_decode(layer, h, positions, start, kc[i], vc[i], mask)
+      at = (i, 0, start, 0, 0)
+      return (h, jax.lax.dynamic_update_slice(kc, k[None], at),
+              jax.lax.dynamic_update_slice(vc, v[None], at))
+
+    carry = (model.embed(tokens), *caches)
     if model.stacked:
       graphdef_l, state_l = nnx.split(model.layers)
 
       def body(carry, xs):
-        layer_state, cache = xs
-        return _masked_layer_decode(nnx.merge(graphdef_l, layer_state), carry,
-                                    positions, start, cache, mask)
+        layer_state, i = xs
+        return run(nnx.merge(graphdef_l, layer_state), carry, i), None
 
-      h, caches = jax.lax.scan(body, h, (state_l, caches))
+      carry, _ = jax.lax.scan(body, carry, (state_l, jnp.arange(cfg.n_layers)))
     else:
-      new = []
-      for layer, cache in zip(model.layers, caches):
-        h, cache = _masked_layer_decode(layer, h, positions, start, cache, mask)
-        new.append(cache)
-      caches = new
-    return h[:, -1], caches
+      for i, layer in enumerate(model.layers):
+        carry = run(layer, carry, i)
+    return carry[0][:, -1], carry[1:]
 
   def pick(h):
     return jnp.argmax(model.logits(h), axis=-1).astype(jnp.int32)
