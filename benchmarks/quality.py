@@ -1,24 +1,42 @@
-"""Held-out perplexity at equal wall-clock: the sweep behind the README's defaults.
+"""Quality at equal wall-clock: the task sweep against the peers, and the prose sweep.
 
-Every setting fine-tunes SmolLM2-135M from the same pretrained weights on the same
-data order and seed for the same wall-clock budget (``--budget`` seconds of training;
-evaluations excluded), then reports held-out perplexity, the forgetting measure
-(perplexity on a second text the tuning never sees, before and after) and memory.
+Task sweep (default, ``--sweep tasks``): every setting fine-tunes SmolLM2-135M from
+the same pretrained weights for the same wall-clock budget (``--budget`` seconds of
+training; first step and evaluations excluded; the cosine schedule ends at the
+budget), then reports accuracy (``math``), held-out loss, compiled step memory,
+steps taken and forgetting (perplexity on a text the tuning never sees and answers
+to fixed chat prompts, before and after). Three phases:
 
-    python benchmarks/quality.py --budget 180 --out runs/quality
+1. ``math``: each method's learning rate bracketed with three values (BRACKETS);
+2. ``chat``: each method at its best ``math`` setting (highest accuracy, then
+   lowest held-out loss);
+3. ``seed``: the top settings of both tasks again with a second seed.
 
-Each setting's cosine schedule ends at the budget (the program's ``--time-budget``),
-so settings with slower steps get the same decay in fewer steps.
+    python benchmarks/quality.py --phase math --budget 300 --out runs/tasks
+    python benchmarks/quality.py --phase chat --budget 300 --out runs/tasks
+    python benchmarks/quality.py --phase seed --budget 300 --out runs/tasks
+    python benchmarks/quality.py --list --out runs/tasks      # settings, done or not
+    python benchmarks/quality.py --report --out runs/tasks    # tables and plots only
 
-Writes ``quality.json``, ``quality.md`` (printed last) and ``quality.png``
-(held-out perplexity against wall-clock, one curve per setting).
+The sweep is resumable: a setting whose ``summary.json`` and ``curve.json`` exist
+is not run again, so a sweep can be stopped and restarted, or run in pieces
+(``--only "math adamw lr=1e-4 seed=0,..."``), one setting at a time on a machine
+with nothing else running. Writes ``tasks.md`` (printed), ``tasks.json`` and
+``<task>.png`` (held-out loss against wall-clock, the best setting per method).
+
+Prose sweep (``--sweep prose``): held-out perplexity on the default prose data,
+the sweep behind the README's defaults (``--budget 180``); writes ``quality.json``,
+``quality.md`` and ``quality.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
+import shutil
 
 from absign_jax.llm import finetune
 
@@ -49,7 +67,16 @@ SETTINGS += [
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  if "--sweep" in (argv if argv is not None else __import__("sys").argv[1:]):
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--sweep", choices=("tasks", "prose"), default="tasks")
+    known, rest = p.parse_known_args(argv)
+    return prose_main(rest) if known.sweep == "prose" else tasks_main(rest)
+  return tasks_main(argv)
+
+
+def prose_main(argv=None):
+  p = argparse.ArgumentParser(description="the prose sweep (see the module doc)")
   p.add_argument("--budget", type=float, default=180.0, help="training seconds per setting")
   p.add_argument("--max-steps", type=int, default=2000,
                  help="step cap (the budget normally stops first; the cosine "
@@ -135,6 +162,213 @@ def report(dirs: list[str], out: str, budget: float) -> None:
     raise SystemExit(f"no summary.json of a known setting under {dirs}")
   write_report(rows, {}, out, budget)
 
+
+# -- the task sweep --------------------------------------------------------------------
+
+# Three learning rates per method, centred on what worked on SmolLM2 before.
+BRACKETS = {
+    "absignsgd": (3e-4, 1e-3, 3e-3),
+    "adamw": (3e-5, 1e-4, 3e-4),
+    "block_adam": (3e-5, 1e-4, 3e-4),
+    "lora": (1e-4, 3e-4, 1e-3),
+    "galore": (1e-4, 3e-4, 1e-3),
+    "alias_absignsgd": (None,),  # parameter-free
+}
+# Knobs fixed for the sweep: BAdam switches every 10 steps, so a budget of a few
+# hundred steps visits most of the 30 layers (its default of 50 would visit ~3).
+METHOD_OPTIONS = {"block_adam": {"switch_every": 10}}
+TOP_FOR_SEED = 3  # settings per task repeated with the second seed
+SECOND_SEED = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  task: str
+  method: str
+  lr: float | None
+  seed: int = 0
+
+  @property
+  def label(self) -> str:
+    lr = "free" if self.lr is None else f"{self.lr:g}"
+    return f"{self.task} {self.method} lr={lr} seed={self.seed}"
+
+  def directory(self, out: str) -> str:
+    return os.path.join(out, self.label.replace(" ", "_").replace("=", ""))
+
+
+def math_settings() -> list[Setting]:
+  return [Setting("math", m, lr) for m, lrs in BRACKETS.items() for lr in lrs]
+
+
+def _score(row) -> tuple:
+  """Sort key, best first: accuracy (math), then held-out loss."""
+  return (-(row.get("accuracy_after") or 0.0), row["heldout_loss_after"])
+
+
+def best_per_method(rows: list[dict], task: str, seed: int = 0) -> dict[str, dict]:
+  best = {}
+  for r in rows:
+    if r["task"] == task and r["seed"] == seed:
+      if r["method"] not in best or _score(r) < _score(best[r["method"]]):
+        best[r["method"]] = r
+  return best
+
+
+def chat_settings(rows: list[dict]) -> list[Setting]:
+  best = best_per_method(rows, "math")
+  missing = [m for m in BRACKETS if m not in best]
+  if missing:
+    raise SystemExit(f"the chat phase takes each method's best math setting: finish the "
+                     f"math settings of {missing} first (--phase math)")
+  return [Setting("chat", m, best[m]["lr"]) for m in BRACKETS]
+
+
+def seed_settings(rows: list[dict]) -> list[Setting]:
+  out = []
+  for task in ("math", "chat"):
+    ranked = sorted(best_per_method(rows, task).values(), key=_score)
+    if not ranked:
+      raise SystemExit(f"no finished {task} setting: run --phase {task} first")
+    out += [Setting(task, r["method"], r["lr"], SECOND_SEED) for r in ranked[:TOP_FOR_SEED]]
+  return out
+
+
+def load_rows(out: str) -> list[dict]:
+  """Finished settings under ``out`` (summary.json and curve.json both written)."""
+  rows = []
+  if not os.path.isdir(out):
+    return rows
+  for name in sorted(os.listdir(out)):
+    summary, curve = (os.path.join(out, name, f) for f in ("summary.json", "curve.json"))
+    if os.path.exists(summary) and os.path.exists(curve):
+      with open(summary) as f, open(curve) as g:
+        rows.append({**json.load(f), **json.load(g)})
+  return rows
+
+
+def run_setting(s: Setting, a, loaded_by_task: dict) -> None:
+  from absign_jax.llm import finetune
+
+  base = finetune.parse_args([
+      "--task", s.task, "--optimizer", s.method, "--steps", str(a.max_steps),
+      "--time-budget", str(a.budget), "--batch", str(a.batch), "--seq", str(a.seq),
+      "--eval-every", str(a.eval_every), "--eval-problems", str(a.eval_problems),
+      "--seed", str(s.seed), "--forgetting", "--no-progress", "--ckpt-every", "0"]
+      + ([] if s.lr is None else ["--lr", repr(s.lr)]))
+  args = argparse.Namespace(**{**vars(base), **METHOD_OPTIONS.get(s.method, {})})
+  if s.task not in loaded_by_task:
+    loaded_by_task.clear()  # one task's data at a time
+    loaded_by_task[s.task] = finetune.load(args)
+  d = s.directory(a.out)
+  print(f"== {s.label} ({a.budget:g} s)", flush=True)
+  result = finetune.train(args, s.method, loaded_by_task[s.task], d)
+  shutil.rmtree(os.path.join(d, "checkpoints"), ignore_errors=True)  # not needed here
+  with open(os.path.join(d, "curve.json"), "w") as f:
+    json.dump({"setting": s.label, "task": s.task, "method": s.method, "seed": s.seed,
+               "lr_setting": s.lr, "budget_s": a.budget,
+               "heldout_loss_curve": [(t, math.log(p)) for t, p in result.eval_curve]}, f)
+
+
+def tasks_main(argv=None):
+  p = argparse.ArgumentParser(description="the task sweep (see the module doc)")
+  p.add_argument("--phase", default="all", choices=("math", "chat", "seed", "all"))
+  p.add_argument("--budget", type=float, default=300.0, help="training seconds per setting")
+  p.add_argument("--max-steps", type=int, default=5000,
+                 help="step cap (the budget normally stops first)")
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--seq", type=int, default=128)
+  p.add_argument("--eval-every", type=int, default=25)
+  p.add_argument("--eval-problems", type=int, default=200,
+                 help="held-out math problems scored for accuracy")
+  p.add_argument("--only", default=None,
+                 help="comma-separated setting labels to run (see --list)")
+  p.add_argument("--list", action="store_true", help="list the settings and exit")
+  p.add_argument("--report", action="store_true", help="only write the report")
+  p.add_argument("--out", default="runs/tasks")
+  a = p.parse_args(argv)
+  if a.budget <= 0:
+    p.error(f"--budget must be positive, got {a.budget}")
+
+  phases = ("math", "chat", "seed") if a.phase == "all" else (a.phase,)
+  keys = [k.strip() for k in a.only.split(",") if k.strip()] if a.only else None
+  matched: set[str] = set()
+  loaded: dict = {}
+  if not a.report:
+    for phase in phases:
+      rows = load_rows(a.out)
+      settings = {"math": math_settings, "chat": lambda: chat_settings(rows),
+                  "seed": lambda: seed_settings(rows)}[phase]()
+      done = {r["setting"] for r in rows}
+      if keys is not None:
+        settings = [s for s in settings if s.label in keys]
+        matched |= {s.label for s in settings}
+      for s in settings:
+        if a.list:
+          print(f"{'done' if s.label in done else 'todo'}  {s.label}")
+        elif s.label in done:
+          print(f"== {s.label}: done, skipped", flush=True)
+        else:
+          run_setting(s, a, loaded)
+    if keys is not None and set(keys) - matched:
+      print(f"--only: no setting of phase {a.phase} is labelled "
+            f"{sorted(set(keys) - matched)} (see --list)", flush=True)
+    if a.list:
+      return
+  write_tasks_report(load_rows(a.out), a.out)
+
+
+def write_tasks_report(rows: list[dict], out: str) -> None:
+  """tasks.md (printed), tasks.json and one plot per task."""
+  if not rows:
+    raise SystemExit(f"no finished setting under {out}")
+  from absign_jax.llm import finetune
+
+  with open(os.path.join(out, "tasks.json"), "w") as f:
+    json.dump(rows, f, indent=2)
+  adamw_mem = max((r["step_memory_bytes"] or 0) for r in rows if r["method"] == "adamw") \
+      if any(r["method"] == "adamw" for r in rows) else None
+  r0 = rows[0]
+  lines = [f"Budget {r0['budget_s']:g} s of training per setting, batch {r0['batch']} x "
+           f"seq {r0['seq']}, device {r0['device']}."]
+  for task in ("math", "chat"):
+    trs = sorted((r for r in rows if r["task"] == task),
+                 key=lambda r: (r["method"], r["seed"], r["lr"] or 0))
+    if not trs:
+      continue
+    lines += ["", f"### {task}", "",
+              "| setting | steps | accuracy before | after | held-out loss before | after "
+              "| step memory MB | x AdamW | second-text ppl before | after |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in trs:
+      acc = (f"{r['accuracy_before']:.3f} | {r['accuracy_after']:.3f}"
+             if r.get("accuracy_after") is not None else "- | -")
+      mem = r["step_memory_bytes"] or 0
+      ratio = f"{mem / adamw_mem:.2f}" if adamw_mem else "-"
+      lines.append(
+          f"| {r['setting']} | {r['steps']} | {acc} | {r['heldout_loss_before']:.4f} "
+          f"| {r['heldout_loss_after']:.4f} | {mem / 2**20:.0f} | {ratio} "
+          f"| {r['second_text_ppl_before']:.3f} | {r['second_text_ppl_after']:.3f} |")
+    best = best_per_method(rows, task)
+    lines += ["", "Best per method (seed 0), and whether its learning rate is inside the "
+              "bracket:"]
+    for m, r in sorted(best.items(), key=lambda kv: _score(kv[1])):
+      edge = ""
+      if m in BRACKETS and len(BRACKETS[m]) > 1 and task == "math":
+        edge = (" (at the edge of the bracket: extend it)"
+                if r["lr"] in (BRACKETS[m][0], BRACKETS[m][-1]) else " (inside)")
+      lines.append(f"- {r['setting']}{edge}")
+    finetune.plot_curves(
+        {m: [tuple(x) for x in r["heldout_loss_curve"]] for m, r in best.items()},
+        os.path.join(out, f"{task}.png"), ylabel=f"{task}: held-out loss")
+  lines += ["", "Chat answers to the fixed prompts, before -> after:"]
+  for r in rows:
+    for q, ans in r["chat_after"].items():
+      lines.append(f"- {r['setting']}: {q} {r['chat_before'][q]!r} -> {ans!r}")
+  table = "\n".join(lines)
+  with open(os.path.join(out, "tasks.md"), "w") as f:
+    f.write(table + "\n")
+  print(table)
 
 if __name__ == "__main__":
   main()

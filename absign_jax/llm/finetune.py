@@ -36,22 +36,30 @@ import absign_jax
 from absign_jax.llm import data as data_lib
 from absign_jax.llm import export as export_lib
 from absign_jax.llm import model as model_lib
+from absign_jax.llm import peers as peers_lib
+from absign_jax.llm import tasks as tasks_lib
 from absign_jax.llm.tokenizer import Tokenizer
 
 BLOCK_OPTIMIZERS = ("absignsgd", "absignsgd_uniform", "block_adam", "alias_absignsgd")
-FULL_OPTIMIZERS = ("adamw", "sign_sgd", "sgd_sai", "alias_sign_sgd")
+FULL_OPTIMIZERS = ("adamw", "sign_sgd", "sgd_sai", "alias_sign_sgd", "lora", "galore")
 PARAMETER_FREE = ("alias_absignsgd", "alias_sign_sgd")
 OPTIMIZERS = BLOCK_OPTIMIZERS + FULL_OPTIMIZERS
 # Learning rates that work for each optimizer on SmolLM2-135M (see README, "Defaults").
 DEFAULT_LR = {"absignsgd": 1e-3, "absignsgd_uniform": 1e-3, "block_adam": 1e-4,
               "adamw": 1e-4, "sign_sgd": 1e-5, "sgd_sai": 1e-3,
-              "alias_absignsgd": None, "alias_sign_sgd": None}
+              "alias_absignsgd": None, "alias_sign_sgd": None,
+              "lora": 3e-4, "galore": 1e-4}
+# BAdam's switching orders and the selection schemes that implement them.
+BLOCK_ORDERS = {"random": "random_reshuffle", "ascending": "cyclic",
+                "descending": "cyclic_descending"}
 PROG = "python -m absign_jax.llm"
 # Settings a resumed run must share with the checkpoint it continues: each changes the
 # data, the model or the training trajectory. --allow-changed accepts named changes.
-RESUME_SETTINGS = ("optimizer", "precision", "model", "data", "seq", "batch", "seed",
-                   "lr", "schedule", "warmup", "steps", "time_budget", "weight_decay",
-                   "depth_bias", "selection")
+RESUME_SETTINGS = ("optimizer", "precision", "model", "task", "data", "seq", "batch",
+                   "seed", "lr", "schedule", "warmup", "steps", "time_budget",
+                   "weight_decay", "depth_bias", "selection", "switch_every",
+                   "block_order", "lora_rank", "lora_alpha", "lora_targets",
+                   "galore_rank", "galore_gap", "galore_scale")
 CHAT_PROMPTS = ("What is the capital of France?",
                 "Explain in one sentence what a Python list is.")
 
@@ -72,6 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="weight dtype of --export (default: the training dtype)")
   p.add_argument("--data", default=None, help="plain-text or JSONL chat file "
                  "(default: Python's pydoc_data.topics prose)")
+  p.add_argument("--task", default=None, choices=tasks_lib.TASKS,
+                 help="a shipped task instead of --data: math (mathematics-dataset "
+                 "problems; accuracy of the greedy answer) or chat (ShareGPT)")
+  p.add_argument("--eval-problems", type=int, default=tasks_lib.MATH_HELDOUT_PROBLEMS,
+                 help="--task math: held-out problems scored for accuracy")
   p.add_argument("--optimizer", default="absignsgd", choices=OPTIMIZERS)
   p.add_argument("--compare", default=None,
                  help="comma-separated optimizers to train one after another")
@@ -93,6 +106,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--selection", default="depth_biased",
                  choices=absign_jax.blocks.selection.SCHEMES)
   p.add_argument("--weight-decay", type=float, default=0.0)
+  p.add_argument("--switch-every", type=int, default=50,
+                 help="block_adam: steps on a block before switching (BAdam's K)")
+  p.add_argument("--block-order", default="random", choices=tuple(BLOCK_ORDERS),
+                 help="block_adam: BAdam's switching order (random: a new "
+                 "permutation per pass)")
+  p.add_argument("--lora-rank", type=int, default=8)
+  p.add_argument("--lora-alpha", type=float, default=16.0)
+  p.add_argument("--lora-targets", default=",".join(peers_lib.ATTENTION + peers_lib.MLP),
+                 help="lora: comma-separated projections that get adapters")
+  p.add_argument("--galore-rank", type=int, default=128)
+  p.add_argument("--galore-gap", type=int, default=200,
+                 help="galore: steps between SVD refreshes of the projections")
+  p.add_argument("--galore-scale", type=float, default=0.25, help="galore: alpha")
   p.add_argument("--eval-every", type=int, default=20,
                  help="held-out evaluation every this many steps (0: only at the end)")
   p.add_argument("--eval-seqs", type=int, default=16,
@@ -149,6 +175,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   args.allow_changed = allowed
   if args.resume and args.compare:
     p.error("--resume continues one run: drop --compare")
+  if args.task and args.data:
+    p.error("--task and --data both choose the training data: give one")
+  for option in ("eval_problems", "switch_every", "lora_rank", "galore_rank",
+                 "galore_gap"):
+    value = getattr(args, option)
+    need("--" + option.replace("_", "-"), value, value >= 1, "an integer >= 1")
+  for option in ("lora_alpha", "galore_scale"):
+    value = getattr(args, option)
+    need("--" + option.replace("_", "-"), value, finite(value) and value > 0,
+         "a finite number > 0")
+  targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+  bad = [t for t in targets if t not in peers_lib.ATTENTION + peers_lib.MLP]
+  if bad or not targets:
+    p.error(f"--lora-targets: unknown {bad or '(none)'}; choose from "
+            f"{','.join(peers_lib.ATTENTION + peers_lib.MLP)}")
+  args.lora_targets = ",".join(targets)
   if args.compare:
     names = [n.strip() for n in args.compare.split(",") if n.strip()]
     bad = [n for n in names if n not in OPTIMIZERS]
@@ -205,8 +247,13 @@ def make_optimizer(args, name: str) -> optax.GradientTransformation:
           seed=args.seed),
       "absignsgd_uniform": lambda lr: absign_jax.absignsgd(
           lr, selection="uniform", weight_decay=wd, seed=args.seed),
-      "block_adam": lambda lr: absign_jax.block_adam(lr, weight_decay=wd,
-                                                     seed=args.seed),
+      "block_adam": lambda lr: absign_jax.block_adam(
+          lr, weight_decay=wd, seed=args.seed, steps_per_block=args.switch_every,
+          selection=BLOCK_ORDERS[args.block_order]),
+      "lora": lambda lr: optax.adamw(lr, weight_decay=wd),
+      "galore": lambda lr: peers_lib.galore(
+          lr, rank=args.galore_rank, update_proj_gap=args.galore_gap,
+          scale=args.galore_scale, weight_decay=wd),
       "adamw": lambda lr: optax.adamw(lr, weight_decay=wd),
       "sign_sgd": lambda lr: absign_jax.sign_sgd(lr, weight_decay=wd),
       "sgd_sai": lambda lr: absign_jax.sgd_sai(lr, weight_decay=wd),
@@ -216,6 +263,17 @@ def make_optimizer(args, name: str) -> optax.GradientTransformation:
   make = factories[name]
   return optax.inject_hyperparams(lambda learning_rate: make(learning_rate))(
       learning_rate=peak_learning_rate(args, name))
+
+
+def model_parts(args, name: str, model):
+  """The model taken apart for the step: LoRA adapters or layers (GaLore) trained
+  with the rest frozen, else every parameter (see :mod:`absign_jax.llm.peers`)."""
+  if name == "lora":
+    return peers_lib.lora_parts(model, rank=args.lora_rank, alpha=args.lora_alpha,
+                                targets=args.lora_targets.split(","), seed=args.seed)
+  if name == "galore":
+    return peers_lib.layer_parts(model)
+  return absign_jax.split_nnx(model)
 
 
 def set_learning_rate(opt_state, lr: float):
@@ -371,6 +429,16 @@ def run_settings(args, name: str, loaded) -> dict[str, Any]:
     settings["depth_bias"] = args.depth_bias
   if name == "absignsgd":
     settings["selection"] = args.selection
+  if args.task:
+    settings["task"] = args.task
+  if name == "block_adam":
+    settings.update(switch_every=args.switch_every, block_order=args.block_order)
+  if name == "lora":
+    settings.update(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                    lora_targets=args.lora_targets)
+  if name == "galore":
+    settings.update(galore_rank=args.galore_rank, galore_gap=args.galore_gap,
+                    galore_scale=args.galore_scale)
   return settings
 
 
@@ -463,7 +531,7 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
   _, model, _ = export_lib.load_model(
       args.model, dtype=model_dtype(policy), scan_layers=True, remat=args.remat,
       loss_chunk=512)
-  parts = absign_jax.split_nnx(model)
+  parts = model_parts(args, name, model)
   params = policy.cast_params(parts.params)
   tx = make_optimizer(args, name)
   if name in BLOCK_OPTIMIZERS:
@@ -476,6 +544,9 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
     step = absign_jax.FullTrainStep(parts.loss_fn, tx, seed=args.seed)
   state = step.init(params)
   batches = data_lib.Batches(train_set, args.batch, seed=args.seed)
+  # LoRA / GaLore: the frozen weights ride in the step's batch argument.
+  step_batch = getattr(parts, "wrap", lambda batch: batch)
+  problems = loaded.task.problems if loaded.task is not None else None
   settings = run_settings(args, name, loaded)
   ckpt = absign_jax.Checkpointer(
       os.path.join(out_dir, "checkpoints"), max_to_keep=2,
@@ -509,6 +580,9 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
   before = loaded.cache.setdefault((args.precision, args.forgetting), {})
   if not before:
     before["ppl_before"] = math.exp(evaluate(parts, pretrained, heldout, args.batch))
+    if problems:
+      before["accuracy_before"], _ = tasks_lib.math_accuracy(
+          parts.merge(pretrained), tokenizer, problems, progress=not args.no_progress)
     if args.forgetting:
       second = second_text_set(tokenizer, args.seq)
       before["second_text_ppl_before"] = math.exp(
@@ -516,7 +590,8 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
       before["chat_before"] = {q: chat(parts, pretrained, tokenizer, q)
                                for q in CHAT_PROMPTS}
   ppl_before = before["ppl_before"]
-  forgetting = {k: v for k, v in before.items() if k != "ppl_before"}
+  forgetting = {k: v for k, v in before.items()
+                if k not in ("ppl_before", "accuracy_before")}
   del pretrained
   print(f"[{name}] held-out perplexity before: {ppl_before:.3f}", flush=True)
 
@@ -540,7 +615,7 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
         lr = learning_rate_at(args, peak_lr, step_idx, progress)
         state = state._replace(opt_state=set_learning_rate(state.opt_state, lr))
       t0 = time.perf_counter()
-      state, metrics = step(state, batch)
+      state, metrics = step(state, step_batch(batch))
       loss = float(metrics["loss"])  # waits for the step: the clock covers its compute
       record = {"step": step_idx, "loss": loss, "lr": lr,
                 "block": int(metrics["block"]) if "block" in metrics else None,
@@ -582,9 +657,23 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
   eval_curve = [(0.0, ppl_before)] + [(r["wall_s"], r["heldout_ppl_subset"])
                                       for r in records if "heldout_ppl_subset" in r]
   ppl_after = None
+  task_figures = {}
   if not interrupted:
     ppl_after = math.exp(evaluate(parts, params, heldout, args.batch))
     eval_curve.append((wall, ppl_after))
+    if loaded.task is not None:
+      task_figures = {"task": loaded.task.name,
+                      "heldout_loss_before": math.log(ppl_before),
+                      "heldout_loss_after": math.log(ppl_after)}
+    if problems:
+      accuracy, answers = tasks_lib.math_accuracy(
+          parts.merge(params), tokenizer, problems, progress=not args.no_progress)
+      task_figures.update(accuracy_before=before["accuracy_before"],
+                          accuracy_after=accuracy)
+      with open(os.path.join(out_dir, "answers.jsonl"), "w") as f:
+        for p, a in zip(problems, answers):
+          f.write(json.dumps({"question": p.question, "reference": p.answer, "answer": a,
+                              "correct": tasks_lib.answers_match(a, p.answer)}) + "\n")
     if args.forgetting:
       forgetting["second_text_ppl_after"] = math.exp(
           evaluate(parts, params, second_text_set(tokenizer, args.seq), args.batch))
@@ -607,13 +696,14 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
       "first_step_s": sum(r.get("first_step_s", 0.0) for r in records),
       "optimizer_state_bytes": absign_jax.profiling.tree_bytes(opt_state),
       # (not when stopped on request: compiling again would delay the exit)
-      "step_memory_bytes": step_memory_bytes(step, state, batch)
+      "step_memory_bytes": step_memory_bytes(step, state, step_batch(batch))
                            if batch is not None and not interrupted else None,
       "param_bytes": absign_jax.profiling.tree_bytes(params),
       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
       "peak_device_bytes": peak_device_bytes(),
       "batch": args.batch, "seq": args.seq, "precision": args.precision,
       "device": str(jax.devices()[0].device_kind),
+      **task_figures,
       **forgetting,
   }
   if interrupted:
@@ -626,6 +716,10 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
           f"{ckpt.latest_step()} saved, summary so far in {summary_path}); continue "
           f"with:\n  {resume_command(args, name, out_dir)}", flush=True)
     return RunResult(name, summary, curve, eval_curve)
+  if problems:
+    print(f"[{name}] accuracy on {len(problems)} held-out problems "
+          f"{task_figures['accuracy_before']:.3f} -> {task_figures['accuracy_after']:.3f}",
+          flush=True)
   print(f"[{name}] held-out perplexity {ppl_before:.3f} -> {ppl_after:.3f} in "
         f"{step_idx} steps, {wall:.1f} s + {summary['first_step_s']:.1f} s first step "
         f"({tokens / max(wall, 1e-9):.0f} tokens/s)", flush=True)
@@ -737,23 +831,32 @@ class Loaded:
   train: data_lib.SequenceSet
   heldout: data_lib.SequenceSet
   cache: dict = dataclasses.field(default_factory=dict)
+  task: tasks_lib.Task | None = None
 
 
 def load(args) -> Loaded:
   """Model config, tokenizer and data, shared by every run."""
   cfg, tokenizer = export_lib.read_config_and_tokenizer(args.model)
+  task = None
   try:
-    train_set, heldout = data_lib.load_dataset(tokenizer, args.data, args.seq,
-                                               max_seq_len=cfg.max_seq_len)
+    if args.task:
+      task = tasks_lib.load_task(args.task, tokenizer, args.seq,
+                                 max_seq_len=cfg.max_seq_len,
+                                 eval_problems=args.eval_problems)
+      train_set, heldout = task.train, task.heldout
+      print(f"task {task.name}: {task.info}", flush=True)
+    else:
+      train_set, heldout = data_lib.load_dataset(tokenizer, args.data, args.seq,
+                                                 max_seq_len=cfg.max_seq_len)
   except (OSError, ValueError) as e:  # the messages name the file and the problem
-    raise UsageError(f"--data: {e}") from None
+    raise UsageError(f"--{'task' if args.task else 'data'}: {e}") from None
   if len(heldout) == 0:
     raise UsageError(f"--data {args.data}: the held-out split (the last "
                      f"{data_lib.HOLDOUT_FRACTION:.0%}) holds no sequence of {args.seq} "
                      "tokens: give a longer file or a smaller --seq")
   print(f"model: {cfg.n_layers} layers, d {cfg.dim}; data: {len(train_set)} train / "
         f"{len(heldout)} held-out sequences of {args.seq} tokens", flush=True)
-  return Loaded(cfg, tokenizer, train_set, heldout)
+  return Loaded(cfg, tokenizer, train_set, heldout, task=task)
 
 
 def make_output_dir(path: str) -> None:

@@ -47,7 +47,8 @@ The partial-backprop training step runs the model piece by piece:
 ``sum(nll * mask) / sum(mask)``.
 
 Also here: :func:`generate` (greedy or sampled, with a key/value cache, in one
-jitted ``while_loop``), :func:`eval_loss` (token-weighted loss over batches)
+jitted ``while_loop``), :func:`generate_batch` (greedy, prompts of different
+lengths left-padded into batches), :func:`eval_loss` (token-weighted loss over batches)
 and :func:`convert_layout` (list <-> stacked copy of the same weights).
 
 Precision: matmuls run in the parameter dtype (float32 or bfloat16) with float32
@@ -60,7 +61,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +84,7 @@ __all__ = [
     "layer_flags",
     "apply_rope",
     "generate",
+    "generate_batch",
     "eval_loss",
 ]
 
@@ -1035,6 +1037,145 @@ def generate(
     if eos_id is not None and (hits := np.flatnonzero(out == eos_id)).size:
       out = out[: hits[0] + 1]
   return out
+
+
+def _masked_layer_decode(layer, h, positions, start, k_cache, v_cache, mask):
+  """One block's incremental forward with an explicit attention mask.
+
+  Like :meth:`LlamaBlock.decode`, but ``mask`` (bool, broadcastable to
+  ``[B, n_kv_heads, groups, T, S]``) also hides each row's left padding. Returns
+  the new hidden states and this step's keys and values ``[B, T, kv, hd]``.
+  """
+  attn = layer.self_attn
+  b, t, _ = h.shape
+  q, k, v = attn._qkv(layer.input_layernorm(h), positions)  # pylint: disable=protected-access
+  k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, start, axis=1)
+  v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, start, axis=1)
+  out = attn._attend(q, k_cache, v_cache, mask)  # pylint: disable=protected-access
+  h = h + attn.o_proj(out).reshape(b, t, -1)
+  return h + layer.mlp(layer.post_attention_layernorm(h)), k, v
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
+def _generate_left_padded(graphdef, state, prompt, pad, eos_id, *, max_new_tokens):
+  model = nnx.merge(graphdef, state)
+  cfg = model.config
+  b, t = prompt.shape
+  total = t + max_new_tokens
+  # One [L, B, S, kv, hd] buffer per keys/values, carried and updated in place.
+  shape = (cfg.n_layers, b, total, cfg.n_kv_heads, cfg.head_size)
+  caches = (jnp.zeros(shape, cfg.param_dtype), jnp.zeros(shape, cfg.param_dtype))
+  slots = jnp.arange(total)
+  real = slots[None, :] >= pad[:, None]  # [B, S]: key slots that hold real tokens
+
+  def hidden(tokens, start, caches):
+    positions = start + jnp.arange(tokens.shape[1])
+    causal = slots[None, :] <= positions[:, None]  # [T, S]
+    mask = (real[:, None, :] & causal[None])[:, None, None]  # [B, 1, 1, T, S]
+
+    def run(layer, carry, i):
+      h, kc, vc = carry
+      h, k, v = _masked_layer_decode(layer, h, positions, start, kc[i], vc[i], mask)
+      at = (i, 0, start, 0, 0)
+      return (h, jax.lax.dynamic_update_slice(kc, k[None], at),
+              jax.lax.dynamic_update_slice(vc, v[None], at))
+
+    carry = (model.embed(tokens), *caches)
+    if model.stacked:
+      graphdef_l, state_l = nnx.split(model.layers)
+
+      def body(carry, xs):
+        layer_state, i = xs
+        return run(nnx.merge(graphdef_l, layer_state), carry, i), None
+
+      carry, _ = jax.lax.scan(body, carry, (state_l, jnp.arange(cfg.n_layers)))
+    else:
+      for i, layer in enumerate(model.layers):
+        carry = run(layer, carry, i)
+    return carry[0][:, -1], carry[1:]
+
+  def pick(h):
+    return jnp.argmax(model.logits(h), axis=-1).astype(jnp.int32)
+
+  h, caches = hidden(prompt, jnp.int32(0), caches)
+  tok = pick(h)
+  out = jnp.full((b, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(tok)
+  done = tok == eos_id
+
+  def cond(c):
+    i, _, _, _, done = c
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(c):
+    i, tok, caches, out, done = c
+    h, caches = hidden(tok[:, None], t + i - 1, caches)
+    nxt = jnp.where(done, eos_id, pick(h))
+    return i + 1, nxt, caches, out.at[:, i].set(nxt), done | (nxt == eos_id)
+
+  _, _, _, out, _ = jax.lax.while_loop(
+      cond, body, (jnp.int32(1), tok, caches, out, done))
+  return out
+
+
+def generate_batch(
+    model: Llama,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    eos_id: int,
+    batch_size: int | None = None,
+    bucket: int = 16,
+) -> list[list[int]]:
+  """Greedy answers to prompts of different lengths, batched (left padding).
+
+  Each batch is left-padded to a multiple of ``bucket`` tokens and the padding is
+  masked out of attention. Rotary embeddings depend only on the distance between
+  query and key, so a padded row computes what the unpadded prompt would (up to
+  float rounding). The batch is filled up to ``batch_size`` rows, so every batch
+  of a call shares one compilation per padded length.
+
+  Args:
+    model: The language model.
+    prompts: Token ids per prompt (non-empty).
+    max_new_tokens: Tokens to generate per prompt.
+    eos_id: Generation stops at this id (included in the output when produced).
+    batch_size: Prompts per batch (default: all at once).
+    bucket: Padded prompt lengths are multiples of this.
+
+  Returns:
+    The generated ids per prompt, cut after the first ``eos_id``.
+  """
+  if not prompts:
+    return []
+  if any(len(p) == 0 for p in prompts):
+    raise ValueError("generate_batch needs non-empty prompts")
+  if max_new_tokens <= 0:
+    return [[] for _ in prompts]
+  longest = max(len(p) for p in prompts)
+  if longest + max_new_tokens > model.config.max_seq_len:
+    raise ValueError(
+        f"the longest prompt ({longest}) + max_new_tokens ({max_new_tokens})"
+        f" exceeds the model context {model.config.max_seq_len}")
+  batch_size = len(prompts) if batch_size is None else int(batch_size)
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  graphdef, state = nnx.split(model)
+  results: list[list[int]] = []
+  for lo in range(0, len(prompts), batch_size):
+    chunk = [list(p) for p in prompts[lo:lo + batch_size]]
+    rows = chunk + [chunk[0]] * (batch_size - len(chunk))  # one shape per call
+    width = -(-max(len(p) for p in rows) // bucket) * bucket
+    pad = np.asarray([width - len(p) for p in rows], np.int32)
+    ids = np.zeros((batch_size, width), np.int32)
+    for r, p in enumerate(rows):
+      ids[r, pad[r]:] = p
+    out = np.asarray(_generate_left_padded(
+        graphdef, state, jnp.asarray(ids), jnp.asarray(pad), jnp.int32(eos_id),
+        max_new_tokens=max_new_tokens))
+    for row in out[:len(chunk)]:
+      hits = np.flatnonzero(row == eos_id)
+      results.append(row[: hits[0] + 1].tolist() if hits.size else row.tolist())
+  return results
 
 
 def eval_loss(
