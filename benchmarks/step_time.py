@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -795,7 +794,7 @@ def markdown(r: dict) -> str:
               for row in gpu]
   cs = r.get("compile_study")
   if cs:
-    lines += ["", f"Compile study (empty caches, compilation included):", "",
+    lines += ["", "Compile study (empty caches, compilation included):", "",
               "| method | steps | wall-clock (s) | programs compiled | compile (s) |",
               "|---|---:|---:|---:|---:|"]
     for m in ("absignsgd", "adamw"):

@@ -30,10 +30,7 @@ import importlib.util
 import os
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from absign_jax.llm import model as model_lib
 from absign_jax.llm.model import Llama, LlamaConfig
@@ -427,9 +424,7 @@ def save_gguf(model: Llama, path: str | os.PathLike, *, dtype: str | None = None
   Returns:
     ``path``.
   """
-  import jax  # pylint: disable=g-import-not-at-top
   import ml_dtypes  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
 
   gguf = _gguf()
   cfg = model.config
@@ -481,7 +476,6 @@ def save_gguf(model: Llama, path: str | os.PathLike, *, dtype: str | None = None
     for key, value in tokenizer.to_gguf_metadata().items():
       _add_kv(w, gguf, key, value)
 
-  pure = nnx.to_pure_dict(nnx.state(model))
   np_dtype = {"float32": np.float32, "float16": np.float16,
               "bfloat16": ml_dtypes.bfloat16}[dtype]
 
@@ -506,15 +500,8 @@ def save_gguf(model: Llama, path: str | os.PathLike, *, dtype: str | None = None
     else:
       w.add_tensor(name, x)
 
-  for kpath, x in jax.tree_util.tree_leaves_with_path(pure):
-    p = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in kpath)
-    if p[0] != "layers":
-      add(p, None, x)
-    elif cfg.scan_layers:
-      for i in range(cfg.n_layers):
-        add(p[1:], i, np.asarray(x[i]))
-    else:
-      add(p[2:], int(p[1]), x)
+  for key, layer, x in model_lib.named_tensors(model):
+    add(key, layer, x)
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()

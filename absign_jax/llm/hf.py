@@ -25,9 +25,7 @@ Linear weights are stored ``[out, in]`` there and ``[in, out]`` in the model.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 from typing import Any, Iterable, Mapping
 
@@ -473,15 +471,11 @@ def save_hf(model: Llama, out_dir: str | os.PathLike, *, dtype: Any = None,
   Returns:
     ``out_dir``.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   cfg = model.config
   np_dtype = np.dtype(ml_dtypes.bfloat16 if str(dtype or cfg.dtype) == "bfloat16"
                       else (dtype or cfg.dtype))
-  pure = nnx.to_pure_dict(nnx.state(model))
   tensors: dict[str, np.ndarray] = {}
 
   def add(p, layer, x):
@@ -492,15 +486,8 @@ def save_hf(model: Llama, out_dir: str | os.PathLike, *, dtype: Any = None,
       x = x.T
     tensors[hf_tensor_name(p, layer)] = np.ascontiguousarray(x.astype(np_dtype))
 
-  for kpath, x in jax.tree_util.tree_leaves_with_path(pure):
-    p = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in kpath)
-    if p[0] != "layers":
-      add(p, None, x)
-    elif cfg.scan_layers:
-      for i in range(cfg.n_layers):
-        add(p[1:], i, np.asarray(x[i]))
-    else:
-      add(p[2:], int(p[1]), x)
+  for key, layer, x in model_lib.named_tensors(model):
+    add(key, layer, x)
   total = sum(x.nbytes for x in tensors.values())
   meta = {"format": "pt"}
   if total <= max_shard_bytes:

@@ -847,6 +847,27 @@ class Llama(nnx.Module):
     return [(z, z) for _ in range(cfg.n_layers)]
 
 
+def named_tensors(model: Llama) -> Iterable[tuple[tuple, int | None, Any]]:
+  """Every parameter of ``model`` as ``(path, layer, array)``, whatever the layout.
+
+  ``path`` is the key path inside a layer (``("self_attn", "q_proj", "kernel")``) for
+  layer tensors, with ``layer`` its index, and the key path from the root with
+  ``layer=None`` for the others: what checkpoint writers name tensors by. Stacked
+  layers are sliced, so both layouts give the same sequence.
+  """
+  pure = nnx.to_pure_dict(nnx.state(model))
+  n_layers = model.config.n_layers
+  for kpath, x in jax.tree_util.tree_leaves_with_path(pure):
+    p = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in kpath)
+    if p[0] != "layers":
+      yield p, None, x
+    elif model.config.scan_layers:
+      for i in range(n_layers):
+        yield p[1:], i, np.asarray(x[i])
+    else:
+      yield p[2:], int(p[1]), x
+
+
 def model_from_arrays(
     cfg: LlamaConfig,
     get: Callable[[tuple[str, ...], int | None, tuple[int, ...]], np.ndarray],

@@ -133,8 +133,6 @@ def alias_absignsgd(
     >>> print(bool(loss(params) < 0.1 * start))
     True
   """
-  from absign_jax.optim.block_coordinate import block_coordinate  # no import cycle
-
   if not isinstance(steps_per_block, int) or isinstance(steps_per_block, bool):
     raise ValueError(
         "alias_absignsgd: steps_per_block must be a Python int (with "

@@ -1,6 +1,5 @@
 """A tiny GPT (the Llama NNX model at its `tiny` preset) learns with ABSignSGD."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

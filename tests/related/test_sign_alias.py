@@ -10,7 +10,6 @@ import pytest
 
 from absign_jax.related.sign_alias import (
     alias_sign_sgd,
-    scale_by_alias,
     sign_sgd_estimates,
     sos_step_size,
 )
