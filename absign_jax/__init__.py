@@ -30,6 +30,7 @@ from absign_jax.blocks.selection import (
 )
 from absign_jax.optim.block_coordinate import (
     BlockCoordinateState,
+    BlockOptions,
     active_block,
     block_coordinate,
     find_state,
@@ -66,7 +67,7 @@ __all__ = [
     "cyclic", "depth_biased", "fixed_order", "random_reshuffle", "uniform",
     # optim: the block-coordinate transformation and the ABSignSGD family
     "BlockCoordinateState", "absignsgd", "active_block", "alias_absignsgd",
-    "block_adam", "block_coordinate", "find_state", "sign_sgd",
+    "BlockOptions", "block_adam", "block_coordinate", "find_state", "sign_sgd",
     # related: other optimizers of the field
     "ScaleByAliasState", "ScaleBySaiState", "SignSGDEstimates", "alias_sign_sgd",
     "scale_by_alias", "scale_by_sai", "sgd_sai", "sign_sgd_estimates", "sos_step_size",

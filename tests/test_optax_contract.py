@@ -115,6 +115,22 @@ def test_inject_hyperparams_matches_the_plain_optimizer(case):
     assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates)), name
 
 
+def test_injected_schedule_equals_the_schedule_passed_directly(case):
+  """A schedule as the injected learning rate: the same trajectory as the optimizer
+  given the schedule itself, and the state shows the schedule's current value."""
+  name, fn, kw, static, changed, _ = case
+  if changed != "learning_rate":
+    pytest.skip(f"{name} has no learning rate")
+  sched = optax.linear_schedule(2 * kw["learning_rate"], kw["learning_rate"] / 4, 3)
+  kw = dict(kw, learning_rate=sched)
+  params = make_params()
+  want, _ = run(fn(**kw), params)
+  tx = optax.inject_hyperparams(fn, static_args=static)(**kw)
+  got, state = run(tx, params, update=jax.jit(tx.update))
+  assert_close(got, want, rtol=1e-5, atol=1e-6)
+  assert float(state.hyperparams["learning_rate"]) == pytest.approx(float(sched(STEPS - 1)))
+
+
 def test_inject_hyperparams_needs_static_integer_arguments():
   params = make_params()
   with pytest.raises(ValueError, match="static_args"):

@@ -29,6 +29,9 @@ Two calling modes:
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -80,6 +83,92 @@ class PartitionOptions:
         include_head=self.include_head, partition=partition)
 
 
+class BlockOptions(NamedTuple):
+  """Which blocks a block optimizer sees and how it picks the active one.
+
+  Every block optimizer (:func:`block_coordinate` and the optimizers built on it)
+  takes these as keyword arguments, declared once here through
+  :func:`takes_block_options`, and receives them gathered as ``blocks``.
+
+  Attributes:
+    selection: a scheme name (``"depth_biased"``, ``"uniform"``, ``"cyclic"``,
+      ``"cyclic_descending"``, ``"random_reshuffle"``) or a
+      :class:`~absign_jax.blocks.selection.BlockSelection`.
+    depth_bias: ``c`` of the depth-biased scheme, ``tau_i = N + c (N - i)``; 0 gives
+      equal visit rates.
+    seed: seed of the random schemes.
+    include_embedding: also train the embedding, as block 0.
+    include_head: also train the final norm / LM head, as the last block.
+    partition: an explicit partition (see :func:`absign_jax.block_spec`). With
+      ``optax.inject_hyperparams``, name it in ``static_args``.
+  """
+
+  selection: str | selection_lib.BlockSelection = "depth_biased"
+  depth_bias: float = 10.0
+  seed: int = 0
+  include_embedding: bool = False
+  include_head: bool = False
+  partition: partition_lib.PartitionFn | PyTree | None = None
+
+  def partition_options(self) -> "PartitionOptions":
+    return PartitionOptions(self.include_embedding, self.include_head, self.partition)
+
+
+def _option_docs() -> str:
+  """The ``Attributes:`` entries of :class:`BlockOptions`, as ``Args:`` entries."""
+  doc = inspect.cleandoc(BlockOptions.__doc__)
+  return doc.split("Attributes:\n", 1)[1]
+
+
+def takes_block_options(**defaults: Any) -> Callable[[Callable], Callable]:
+  """Gives an optimizer factory the :class:`BlockOptions` as keyword arguments.
+
+  The factory declares one keyword ``blocks``; the decorated function instead takes
+  every field of :class:`BlockOptions` as a keyword-only argument (with ``defaults``
+  overriding the class's), gathers them into ``blocks`` and calls the factory. Its
+  signature shows the fields, so ``optax.inject_hyperparams`` and ``help()`` see
+  them, and its docstring lists them after the factory's own arguments.
+
+  Args:
+    **defaults: per-optimizer defaults, e.g. ``selection="random_reshuffle"``.
+
+  Returns:
+    The decorator.
+  """
+  unknown = set(defaults) - set(BlockOptions._fields)
+  if unknown:
+    raise TypeError(f"takes_block_options: unknown block options {sorted(unknown)}; "
+                    f"the options are {list(BlockOptions._fields)}.")
+  base = BlockOptions()._replace(**defaults)
+  # NamedTuple keeps string annotations as ForwardRefs; show the plain strings.
+  hints = {name: getattr(hint, "__forward_arg__", hint)
+           for name, hint in BlockOptions.__annotations__.items()}
+
+  def decorate(factory: Callable) -> Callable:
+    signature = inspect.signature(factory)
+    own = [p for p in signature.parameters.values() if p.name != "blocks"]
+    options = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                 default=getattr(base, name), annotation=hints[name])
+               for name in BlockOptions._fields]
+
+    @functools.wraps(factory)
+    def with_options(*args, **kwargs):
+      blocks = base._replace(**{name: kwargs.pop(name) for name in BlockOptions._fields
+                                if name in kwargs})
+      return factory(*args, blocks=blocks, **kwargs)
+
+    with_options.__signature__ = signature.replace(parameters=own + options)
+    doc = factory.__doc__ or ""
+    marker = "\n\n  Returns:"  # the options go at the end of the factory's Args
+    if marker in doc:
+      entries = "\n".join(f"  {line}" if line else "" for line in _option_docs().splitlines())
+      doc = doc.replace(marker, "\n" + entries.rstrip() + marker, 1)
+    with_options.__doc__ = doc
+    return with_options
+
+  return decorate
+
+
 class BlockCoordinateState(NamedTuple):
   """State of :func:`block_coordinate`.
 
@@ -122,34 +211,22 @@ def _check_block_count(state: BlockCoordinateState, spec) -> None:
         "a checkpoint of this model).")
 
 
+@takes_block_options()
 def block_coordinate(
     inner: optax.GradientTransformation,
     *,
-    selection: str | selection_lib.BlockSelection = "depth_biased",
-    depth_bias: float = 10.0,
-    seed: int = 0,
     steps_per_block: int = 1,
     reset_on_switch: bool = False,
-    include_embedding: bool = False,
-    include_head: bool = False,
-    partition: partition_lib.PartitionFn | PyTree | None = None,
+    blocks: BlockOptions = BlockOptions(),
 ) -> optax.GradientTransformationExtraArgs:
   """Turns ``inner`` into a transformation that updates one block per step.
 
   Args:
     inner: the transformation applied to the active block's leaves (given as a list
       of arrays, slices for stacked leaves).
-    selection: a scheme name (``"depth_biased"``, ``"uniform"``, ``"cyclic"``,
-      ``"cyclic_descending"``, ``"random_reshuffle"``) or a
-      :class:`~absign_jax.blocks.selection.BlockSelection`.
-    depth_bias: ``c`` of the depth-biased scheme.
-    seed: seed of the random schemes.
     steps_per_block: updates per block before switching (BAdam's K).
     reset_on_switch: re-initialise the inner state whenever a new block becomes
       active (BAdam's Adam state reset). Otherwise the group's state carries over.
-    include_embedding: train the embedding as block 0.
-    include_head: train the final norm / LM head as the last block.
-    partition: explicit partition, see :func:`absign_jax.block_spec`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -160,10 +237,11 @@ def block_coordinate(
     k = np.asarray(steps_per_block)
     if k.ndim or not np.issubdtype(k.dtype, np.integer) or int(k) < 1:
       raise ValueError(f"steps_per_block must be an int >= 1, got {steps_per_block!r}.")
-  scheme = selection_lib.resolve(selection, depth_bias=depth_bias, seed=seed)
+  scheme = selection_lib.resolve(blocks.selection, depth_bias=blocks.depth_bias,
+                                 seed=blocks.seed)
   inner = optax.with_extra_args_support(inner)
 
-  options = PartitionOptions(include_embedding, include_head, partition)
+  options = blocks.partition_options()
   spec_of = options.spec
 
   def init(params):

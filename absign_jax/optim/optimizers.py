@@ -7,7 +7,6 @@ transformation and the learning rate, in the optax style.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,11 +14,8 @@ import numpy as np
 import optax
 
 from absign_jax._checks import concrete_float
-from absign_jax.blocks import partition as partition_lib
-from absign_jax.blocks import selection as selection_lib
-from absign_jax.optim.block_coordinate import block_coordinate
+from absign_jax.optim.block_coordinate import BlockOptions, block_coordinate, takes_block_options
 
-PyTree = Any
 ScalarOrSchedule = float | jax.Array | optax.Schedule
 
 
@@ -110,16 +106,12 @@ def checked_learning_rate(learning_rate: ScalarOrSchedule) -> ScalarOrSchedule:
   return guard(learning_rate)
 
 
+@takes_block_options()
 def absignsgd(
     learning_rate: ScalarOrSchedule = 1e-3,
     *,
-    depth_bias: float = 10.0,
-    selection: str | selection_lib.BlockSelection = "depth_biased",
     weight_decay: float = 0.0,
-    seed: int = 0,
-    include_embedding: bool = False,
-    include_head: bool = False,
-    partition: partition_lib.PartitionFn | PyTree | None = None,
+    blocks: BlockOptions = BlockOptions(),
 ) -> optax.GradientTransformationExtraArgs:
   r"""ABSignSGD: sign descent on one block (transformer layer) per step.
 
@@ -137,14 +129,7 @@ def absignsgd(
       SmolLM2-135M (with warm-up and a cosine decay to 1e-4; 3e-4 and 3e-3 were
       worse). A constant 1e-3 over a long run is too high for chat behaviour there:
       decay it.
-    depth_bias: ``c`` in ``tau_i = N + c (N - i)``; 0 gives equal visit rates.
-    selection: block selection scheme (see :mod:`absign_jax.blocks.selection`).
     weight_decay: decoupled decay, applied to the active block only.
-    seed: seed of random selection schemes.
-    include_embedding: also train the embedding, as block 0.
-    include_head: also train the final norm / LM head, as the last block.
-    partition: explicit block partition (see :func:`absign_jax.block_spec`). With
-      ``optax.inject_hyperparams``, name it in ``static_args``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -167,14 +152,12 @@ def absignsgd(
   # Python 0 (optax skips the decay) or an array injected by inject_hyperparams.
   inner = optax.chain(optax.scale_by_sign(), optax.add_decayed_weights(weight_decay))
   return optax.chain(
-      block_coordinate(
-          inner, selection=selection, depth_bias=depth_bias, seed=seed,
-          include_embedding=include_embedding, include_head=include_head,
-          partition=partition),
+      block_coordinate(inner, **blocks._asdict()),
       optax.scale_by_learning_rate(checked_learning_rate(learning_rate)),
   )
 
 
+@takes_block_options(selection="random_reshuffle")
 def block_adam(
     learning_rate: ScalarOrSchedule = 1e-5,
     *,
@@ -183,17 +166,24 @@ def block_adam(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     steps_per_block: int = 50,
-    selection: str | selection_lib.BlockSelection = "random_reshuffle",
-    seed: int = 0,
-    include_embedding: bool = False,
-    include_head: bool = False,
-    partition: partition_lib.PartitionFn | PyTree | None = None,
+    blocks: BlockOptions = BlockOptions(),
 ) -> optax.GradientTransformationExtraArgs:
   """A BAdam-style baseline: Adam on one block for ``steps_per_block`` steps.
 
   The Adam moments exist for one block only and are reset at every switch (BAdam's
   memory saving); the order is a fresh random permutation per pass by default, or
   ``"cyclic"`` / ``"cyclic_descending"``.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's denominator offset.
+    weight_decay: decoupled decay, applied to the active block only.
+    steps_per_block: Adam steps on a block before the next one (BAdam's K).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
   """
   check_hyperparams(learning_rate, weight_decay, "block_adam")
   _check_range("block_adam", "b1", b1, 0.0, 1.0)
@@ -202,10 +192,8 @@ def block_adam(
   inner = optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
                       optax.add_decayed_weights(weight_decay))
   return optax.chain(
-      block_coordinate(
-          inner, selection=selection, seed=seed, steps_per_block=steps_per_block,
-          reset_on_switch=True, include_embedding=include_embedding,
-          include_head=include_head, partition=partition),
+      block_coordinate(inner, steps_per_block=steps_per_block, reset_on_switch=True,
+                       **blocks._asdict()),
       optax.scale_by_learning_rate(checked_learning_rate(learning_rate)),
   )
 

@@ -7,11 +7,11 @@ block switches (see :func:`alias_absignsgd`).
 
 from __future__ import annotations
 
-from typing import Any
 
 import optax
 
-from absign_jax.optim.block_coordinate import block_coordinate
+from absign_jax.optim.block_coordinate import (
+    BlockOptions, block_coordinate, takes_block_options)
 from absign_jax.related.sign_alias import scale_by_alias
 
 
@@ -32,6 +32,7 @@ def _mark_block_starts(
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
+@takes_block_options()
 def alias_absignsgd(
     d0: float = 1e-8,
     l0: float = 1.0,
@@ -44,12 +45,7 @@ def alias_absignsgd(
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     steps_per_block: int = 2,
-    depth_bias: float = 10.0,
-    selection: Any = "depth_biased",
-    seed: int = 0,
-    include_embedding: bool = False,
-    include_head: bool = False,
-    partition: Any = None,
+    blocks: BlockOptions = BlockOptions(),
 ) -> optax.GradientTransformationExtraArgs:
   r"""Parameter-free ABSignSGD: ALIAS step sizes on one block per step.
 
@@ -99,12 +95,6 @@ def alias_absignsgd(
     weight_decay: decoupled weight decay of the active block, scaled by
       ``gamma_t``.
     steps_per_block: updates per block visit (>= 2).
-    depth_bias: ``c`` of the depth-biased selection.
-    selection: block selection scheme (see :mod:`absign_jax.blocks.selection`).
-    seed: seed of random selection schemes.
-    include_embedding: also train the embedding, as block 0.
-    include_head: also train the final norm / LM head, as the last block.
-    partition: explicit block partition (see :func:`absign_jax.block_spec`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -150,10 +140,6 @@ def alias_absignsgd(
       warmup_steps=warmup_steps, warmup_learning_rate=warmup_learning_rate,
       momentum=momentum, weight_decay=weight_decay,
   )
-  blocks = block_coordinate(
-      inner, selection=selection, depth_bias=depth_bias, seed=seed,
-      steps_per_block=steps_per_block, reset_on_switch=False,
-      include_embedding=include_embedding, include_head=include_head,
-      partition=partition,
-  )
-  return optax.chain(_mark_block_starts(blocks), optax.scale(-1.0))
+  one_block = block_coordinate(inner, steps_per_block=steps_per_block,
+                               reset_on_switch=False, **blocks._asdict())
+  return optax.chain(_mark_block_starts(one_block), optax.scale(-1.0))

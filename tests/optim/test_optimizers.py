@@ -6,6 +6,8 @@ Numerics are compared with float64 references computed here with NumPy. A sign s
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -269,16 +271,6 @@ def _applied_step_sizes(tx, params, steps, jit=True):
     sizes.append(-float(u.flat[0]))
     params = optax.apply_updates(params, updates)
   return np.asarray(sizes), state
-
-
-def test_inject_hyperparams_with_schedule():
-  sched = optax.linear_schedule(0.1, 0.01, transition_steps=8)
-  tx = optax.inject_hyperparams(absign_jax.absignsgd)(learning_rate=sched)
-  sizes, state = _applied_step_sizes(tx, make_params(), 10)
-  want = np.asarray([sched(k) for k in range(10)], np.float32)
-  np.testing.assert_allclose(sizes, want, rtol=1e-6)
-  assert sizes[0] == pytest.approx(0.1) and sizes[-1] == pytest.approx(0.01)
-  assert float(state.hyperparams["learning_rate"]) == pytest.approx(float(sched(9)))
 
 
 def test_inject_hyperparams_warmup_from_zero_and_manual_change():
@@ -575,3 +567,49 @@ def test_bad_hyperparameters():
     tx = absign_jax.absignsgd(1e-3)
     params = make_params()
     tx.update(params, tx.init(params))
+
+
+# ---------------------------------------------------------------------------------
+# The block options, declared once for every block optimizer
+# ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", [absign_jax.absignsgd, absign_jax.block_adam,
+                                absign_jax.alias_absignsgd, absign_jax.block_coordinate])
+def test_every_block_optimizer_takes_the_block_options(fn):
+  parameters = inspect.signature(fn).parameters
+  for name in absign_jax.BlockOptions._fields:
+    assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+    assert f"    {name}: " in fn.__doc__, name  # documented in the Args section
+  assert "blocks" not in parameters
+
+
+def test_block_options_reach_the_selection_and_partition():
+  params = make_params()
+  # block_adam's own default order is a random reshuffle; cyclic_descending given as
+  # an option starts at the deepest layer and walks down.
+  assert inspect.signature(absign_jax.block_adam).parameters["selection"].default == (
+      "random_reshuffle")
+  tx = absign_jax.block_adam(1e-2, steps_per_block=1, selection="cyclic_descending")
+  state = tx.init(params)
+  order = []
+  for k in range(3):
+    order.append(int(absign_jax.active_block(state)))
+    _, state = tx.update(make_grads(params, k), state, params)
+  assert order == [3, 2, 1]
+  # include_head: the head is one more block, the deepest, so depth-biased selection
+  # picks it first, and only the head moves.
+  tx = absign_jax.absignsgd(0.1, include_head=True)
+  state = tx.init(params)
+  assert int(absign_jax.active_block(state)) == N_LAYERS
+  updates, _ = tx.update(make_grads(params, 0), state, params)
+  new = optax.apply_updates(params, updates)
+  assert not np.array_equal(new["head"]["kernel"], params["head"]["kernel"])
+  for old_layer, new_layer in zip(params["layers"], new["layers"]):
+    assert all(np.array_equal(bits(a), bits(b)) for a, b in
+               zip(jax.tree.leaves(old_layer), jax.tree.leaves(new_layer)))
+
+
+def test_unknown_block_option_is_an_error():
+  with pytest.raises(TypeError, match="depth_bais"):
+    absign_jax.absignsgd(0.1, depth_bais=2.0)
