@@ -9,7 +9,8 @@
   template) or ``<out>/model.gguf`` (llama.cpp's names and metadata, the
   tokenizer copied).
 * ``python -m absign_jax.llm export --model PATH --to hf|gguf --out DIR``
-  converts without training (:func:`main`).
+  converts without training (:func:`main`); ``PATH`` may also be a run of the
+  fine-tuning program (its ``--out`` directory): its newest checkpoint is exported.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from absign_jax.llm import hf as hf_lib
 from absign_jax.llm.model import Llama, LlamaConfig
 from absign_jax.llm.tokenizer import Tokenizer
 
-__all__ = ["load_model", "read_config_and_tokenizer", "export_model", "main",
+__all__ = ["load_model", "read_config_and_tokenizer", "export_model", "is_run_directory", "main",
            "EXPORT_FORMATS", "EXPORT_DTYPES"]
 
 EXPORT_FORMATS = ("hf", "gguf")
@@ -51,7 +52,9 @@ def read_config_and_tokenizer(
     if not os.path.isfile(config_path):
       raise FileNotFoundError(
           f"{path}: no config.json; pass a Hugging Face checkpoint directory"
-          " (config.json, model*.safetensors, tokenizer.json) or a .gguf file")
+          " (config.json, model*.safetensors, tokenizer.json) or a .gguf file (a"
+          " fine-tuning run's --out directory converts with `python -m absign_jax.llm"
+          " export --model RUN_DIR --to hf|gguf --out DIR`)")
     with open(config_path, encoding="utf-8") as f:
       import json  # pylint: disable=g-import-not-at-top
       cfg = hf_lib.config_from_hf(json.load(f), source=config_path)
@@ -108,20 +111,40 @@ def export_model(model: Llama, tokenizer: Tokenizer | None, to: str,
                             tokenizer=tokenizer)
 
 
+def is_run_directory(path: str | os.PathLike | None) -> bool:
+  """Whether ``path`` is a fine-tuning run's output (checkpoints, no config.json)."""
+  if path is None or not os.path.isdir(path):
+    return False
+  if os.path.isfile(os.path.join(path, "config.json")):
+    return False
+  return os.path.isdir(os.path.join(path, "checkpoints")) or any(
+      os.path.isdir(os.path.join(path, d, "checkpoints")) for d in os.listdir(path))
+
+
 def main(argv: list[str] | None = None) -> str:
   """``python -m absign_jax.llm export``: convert a checkpoint without training."""
   p = argparse.ArgumentParser(
       prog="python -m absign_jax.llm export",
       description="Convert a GGUF file or Hugging Face directory to either form.")
   p.add_argument("--model", default=None,
-                 help="GGUF file or Hugging Face directory (default: SmolLM2-135M)")
+                 help="GGUF file, Hugging Face directory, or a fine-tuning run's --out "
+                      "directory (its checkpoint; default: SmolLM2-135M)")
+  p.add_argument("--step", type=int, default=None,
+                 help="with a run directory: the checkpoint step (default: the newest)")
   p.add_argument("--to", required=True, choices=EXPORT_FORMATS)
   p.add_argument("--out", required=True, help="writes OUT/hf/ or OUT/model.gguf")
   p.add_argument("--dtype", default="float32", choices=EXPORT_DTYPES,
                  help="weight dtype of the export")
   args = p.parse_args(argv)
-  load_dtype = "bfloat16" if args.dtype == "bfloat16" else "float32"
-  _, model, tokenizer = load_model(args.model, dtype=load_dtype)
+  if is_run_directory(args.model):
+    from absign_jax.llm import finetune  # pylint: disable=g-import-not-at-top
+    _, model, tokenizer = finetune.load_run(args.model, args.step)
+  else:
+    if args.step is not None:
+      p.error("--step applies to a fine-tuning run's directory, not to "
+              f"{args.model or 'the default model'}")
+    load_dtype = "bfloat16" if args.dtype == "bfloat16" else "float32"
+    _, model, tokenizer = load_model(args.model, dtype=load_dtype)
   path = export_model(model, tokenizer, args.to, args.out, args.dtype)
   print(f"wrote {path}")
   return path

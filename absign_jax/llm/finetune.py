@@ -276,6 +276,57 @@ def model_parts(args, name: str, model):
   return absign_jax.split_nnx(model)
 
 
+def load_run(run_dir: str, step: int | None = None):
+  """The model a run of this program tuned, from its checkpoint in ``run_dir``.
+
+  Reads the settings saved with the checkpoint (the base model, precision, optimizer
+  and, for LoRA, the adapters' shape), loads the base model as the run did, reads
+  the checkpoint's parameters (not its optimizer state) into it and, for LoRA, folds
+  the adapters into the kernels.
+
+  Args:
+    run_dir: a run's ``--out`` directory (with ``checkpoints/``); with ``--compare``,
+      one optimizer's subdirectory.
+    step: the checkpoint to read; the newest intact one by default.
+
+  Returns:
+    ``(config, model, tokenizer)``, as :func:`absign_jax.llm.export.load_model`.
+
+  Raises:
+    UsageError: ``run_dir`` holds no checkpoints of this program (the message says
+      what it holds), or no checkpoint ``step``.
+  """
+  ckpt_dir = os.path.join(run_dir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    runs = sorted(d for d in os.listdir(run_dir)
+                  if os.path.isdir(os.path.join(run_dir, d, "checkpoints")))
+    hint = (f"; it holds the runs {', '.join(runs)}: pass one of "
+            f"{', '.join(os.path.join(run_dir, d) for d in runs)}" if runs else "")
+    raise UsageError(f"{run_dir}: no checkpoints/ directory, so it is not a run of this "
+                     f"program{hint}")
+  with absign_jax.Checkpointer(ckpt_dir) as ckpt:
+    steps = ckpt.all_steps()
+    if not steps or (step is not None and step not in steps):
+      raise UsageError(f"{ckpt_dir}: no checkpoint {'' if step is None else step} to "
+                       f"read (complete checkpoints: {steps or 'none'})")
+    step = steps[-1] if step is None else step
+    user = ckpt.metadata_at(step).get("user", {})
+    settings = user.get("settings")
+    if not settings or "optimizer" not in user:
+      raise UsageError(f"checkpoint {step} in {ckpt_dir} records no run settings, so the "
+                       "base model it was tuned from is unknown")
+    policy = absign_jax.policy(user["precision"])
+    cfg, model, tokenizer = export_lib.load_model(
+        settings["model"], dtype=model_dtype(policy), scan_layers=True)
+    options = argparse.Namespace(
+        seed=settings.get("seed", 0), lora_rank=settings.get("lora_rank"),
+        lora_alpha=settings.get("lora_alpha"), lora_targets=settings.get("lora_targets"))
+    parts = model_parts(options, user["optimizer"], model)
+    target = jax.eval_shape(policy.cast_params, parts.params)
+    params = ckpt.restore_params(step, target)
+  return cfg, peers_lib.fold_lora(parts.merge(params)), tokenizer
+
+
 def set_learning_rate(opt_state, lr: float):
   """``opt_state`` of :func:`make_optimizer` with its learning rate set to ``lr``."""
   if "learning_rate" not in getattr(opt_state, "hyperparams", {}):
@@ -726,8 +777,9 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
   if args.generate:
     print(f"[{name}] {args.generate!r} -> {chat(parts, params, tokenizer, args.generate)!r}")
   if args.export:
-    path = export_lib.export_model(parts.merge(params), tokenizer, args.export, out_dir,
-                                   args.export_dtype)
+    # LoRA: the adapters folded into the kernels, so the export is the base model's.
+    path = export_lib.export_model(peers_lib.fold_lora(parts.merge(params)), tokenizer,
+                                   args.export, out_dir, args.export_dtype)
     print(f"[{name}] exported to {path}", flush=True)
   return RunResult(name, summary, curve, eval_curve)
 

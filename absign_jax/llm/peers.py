@@ -36,6 +36,7 @@ __all__ = [
     "LoRAParam",
     "LoRALinear",
     "add_lora",
+    "fold_lora",
     "PartialParts",
     "lora_parts",
     "layer_parts",
@@ -102,6 +103,34 @@ def add_lora(model, *, rank: int = 8, alpha: float = 16.0,
       for name in targets:
         if hasattr(owner, name):
           setattr(owner, name, LoRALinear(getattr(owner, name), rank, alpha, rngs))
+  return model
+
+
+def fold_lora(model):
+  """Folds every LoRA adapter into its kernel, in place: ``W + (alpha / r) A B``.
+
+  The sum is taken in float32 and rounded once to the kernel's dtype. The model is
+  its base architecture again (plain linear layers, the base parameter paths): what
+  the checkpoint writers export and other runtimes load. A model without adapters
+  comes back unchanged.
+
+  Returns:
+    The model.
+  """
+  for block in _blocks(model):
+    for owner in (block.self_attn, block.mlp):
+      for name in ATTENTION + MLP:
+        lora = getattr(owner, name, None)
+        if not isinstance(lora, LoRALinear):
+          continue
+        w = lora.kernel[...]
+        delta = (lora.lora_a[...].astype(jnp.float32)
+                 @ lora.lora_b[...].astype(jnp.float32)) * lora.scale
+        linear = nnx.Linear(w.shape[-2], w.shape[-1], use_bias=False, dtype=w.dtype,
+                            param_dtype=w.dtype, kernel_init=nnx.initializers.zeros,
+                            rngs=nnx.Rngs(0))
+        linear.kernel = nnx.Param((w.astype(jnp.float32) + delta).astype(w.dtype))
+        setattr(owner, name, linear)
   return model
 
 

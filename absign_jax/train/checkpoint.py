@@ -381,6 +381,59 @@ class Checkpointer:
         + "\n  - ".join(f"step {k}: {why}" for k, why in skipped)
         + "\nRemove them to start afresh, or restore a copy of the directory.")
 
+  def restore_params(self, step: int, target: PyTree) -> PyTree:
+    """Reads only the parameters of checkpoint ``step``, not the optimizer state.
+
+    For a state saved as a :class:`~absign_jax.TrainState` (or any NamedTuple whose
+    ``params`` field holds the parameters): what an exporter or an evaluation needs,
+    without building the optimizer that trained them or reading its state.
+
+    Args:
+      step: a step from :meth:`all_steps`.
+      target: the parameter tree to read into (arrays or ``jax.ShapeDtypeStruct``).
+
+    Raises:
+      CheckpointMismatchError: the checkpoint has no ``params`` or they do not match
+        ``target`` (the message lists the differences).
+      FileNotFoundError: there is no checkpoint ``step``.
+    """
+    step = int(step)
+    if step not in self._manager.all_steps():
+      raise FileNotFoundError(f"no complete checkpoint for step {step} in "
+                              f"{self.directory} (steps: {self.all_steps()}).")
+    meta = self.metadata_at(step)
+    where = f"checkpoint {step} in {self.directory}"
+    if meta.get("format") != FORMAT_VERSION:
+      raise CheckpointMismatchError(f"{where} has format {meta.get('format')!r}; this "
+                                    f"library reads {FORMAT_VERSION}.")
+    # The saved leaves are numbered in flattening order; the parameters are those
+    # whose path starts with the ``params`` field.
+    index = {path[len(".params"):]: i for i, (path, _, _) in enumerate(meta["tree"]["leaves"])
+             if path.startswith(".params")}
+    if not index:
+      raise CheckpointMismatchError(
+          f"{where} holds no `params` field (its leaves start with "
+          f"{meta['tree']['leaves'][0][0] if meta['tree']['leaves'] else 'nothing'}); "
+          "restore_params reads states saved as a TrainState. Use restore() instead.")
+    saved = {"leaves": [[p, s, d] for p, s, d in meta["tree"]["leaves"]
+                        if p.startswith(".params")]}
+    saved["leaves"] = [[p[len(".params"):], s, d] for p, s, d in saved["leaves"]]
+    check_compatible(saved, describe(target), where=where + " (its params)")
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(target)
+    paths = [jax.tree_util.keystr(k) for k, _ in with_paths]
+    flat = [x for _, x in with_paths]
+    abstract = {_leaf_name(index[p]): _abstract(x) for p, x in zip(paths, flat) if np.size(x)}
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    restore_args = {k: ocp.ArrayRestoreArgs(sharding=v.sharding or default)
+                    for k, v in abstract.items()}
+    out = ocp.PyTreeCheckpointer().restore(
+        os.path.join(self.directory, str(step), "state"),
+        args=ocp.args.PyTreeRestore(abstract, restore_args=restore_args,
+                                    partial_restore=True))
+    leaves = [_like_target(out[_leaf_name(index[p])], x) if np.size(x) else _empty_like(x)
+              for p, x in zip(paths, flat)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
   # -- lifetime ---------------------------------------------------------------------
 
   def close(self) -> None:

@@ -464,3 +464,40 @@ def test_program_export_reloads_to_the_same_perplexity(tmp_path, llm_tokenizer):
   from_gguf = finetune.main(["--model", gguf_path, "--steps", "1",
                              "--out", str(tmp_path / "d"), *common])[0].summary
   assert from_gguf["ppl_before"] == pytest.approx(first["ppl_after"], rel=1e-5)
+  # The run's checkpoint exports to the same tensors as --export did at the end.
+  E.main(["--model", str(tmp_path / "a"), "--to", "hf", "--out", str(tmp_path / "e")])
+  assert_same_tensors(tmp_path / "e" / "hf", tmp_path / "a" / "hf")
+  with pytest.raises(finetune.UsageError, match="not a run of this program"):
+    finetune.load_run(str(tmp_path / "c"))
+
+
+def assert_same_tensors(dir_a, dir_b):
+  a, b = (H.SafetensorsFile(os.path.join(d, "model.safetensors")) for d in (dir_a, dir_b))
+  assert sorted(a.keys()) == sorted(b.keys())
+  for name in a.keys():
+    x, y = a.get(name), b.get(name)
+    assert x.dtype == y.dtype and np.array_equal(x, y), name
+
+
+def test_lora_run_exports_the_folded_model(tmp_path, llm_tokenizer):
+  """A LoRA run's export (at the end, and from its checkpoint) is the base
+  architecture with the adapters folded in: it loads to the tuned perplexity."""
+  from absign_jax.llm import finetune
+
+  c = dict(CONFIGS["llama"], vocab_size=llm_tokenizer.vocab_size, num_hidden_layers=2)
+  src = write_hf_dir(tmp_path / "src", c, random_weights(c))
+  llm_tokenizer.save_hf(src)
+  text = tmp_path / "text.txt"
+  words = "a small model learns the words of a short file one step at a time".split()
+  text.write_text(" ".join(np.random.default_rng(1).choice(words, 3000)))
+  common = ["--data", str(text), "--seq", "32", "--batch", "2", "--no-progress",
+            "--eval-every", "100", "--ckpt-every", "0"]
+  tuned = finetune.main(["--model", src, "--optimizer", "lora", "--lr", "1e-2",
+                         "--steps", "2", "--export", "hf", "--out", str(tmp_path / "a"),
+                         *common])[0].summary
+  assert tuned["ppl_after"] != tuned["ppl_before"]
+  reloaded = finetune.main(["--model", str(tmp_path / "a" / "hf"), "--steps", "1",
+                            "--out", str(tmp_path / "b"), *common])[0].summary
+  assert reloaded["ppl_before"] == pytest.approx(tuned["ppl_after"], rel=1e-5)
+  E.main(["--model", str(tmp_path / "a"), "--to", "hf", "--out", str(tmp_path / "c")])
+  assert_same_tensors(tmp_path / "c" / "hf", tmp_path / "a" / "hf")

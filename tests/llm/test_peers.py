@@ -149,3 +149,30 @@ def test_block_adam_random_order_is_a_permutation_per_pass():
   assert active[1::2] == pairs  # two steps per block
   assert sorted(pairs[:4]) == [0, 1, 2, 3] and sorted(pairs[4:]) == [0, 1, 2, 3]
   assert pairs != [0, 1, 2, 3, 0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_fold_lora_gives_the_base_architecture_with_the_same_function(scan):
+  """Folding ``W + (alpha / r) A B`` into the kernels: the model's logits are those of
+  the adapted model (float32 rounding of the sum), with no adapter left, and the
+  folded kernel equals a float64 sum computed here."""
+  model = _tiny(scan)
+  parts = peers.lora_parts(model, rank=4, alpha=8.0, seed=1)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.05, x.dtype),
+                        parts.params)
+  adapted = parts.merge(params)
+  inputs = _batch()["inputs"]
+  want = np.asarray(adapted(inputs))
+  q = adapted.layers.self_attn.q_proj if scan else adapted.layers[0].self_attn.q_proj
+  w, a, b = (np.asarray(v[...], np.float64) for v in (q.kernel, q.lora_a, q.lora_b))
+  folded = peers.fold_lora(adapted)
+  assert not jax.tree.leaves(nnx.state(folded, peers.LoRAParam))
+  q = folded.layers.self_attn.q_proj if scan else folded.layers[0].self_attn.q_proj
+  assert isinstance(q, nnx.Linear)
+  np.testing.assert_allclose(np.asarray(q.kernel[...], np.float64), w + 2.0 * a @ b,
+                             rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(folded(inputs)), want, rtol=2e-4, atol=2e-5)
+  # Same parameter paths as the base model: a checkpoint writer sees the base layout.
+  base_paths = {p for p, _, _ in model_lib.named_tensors(_tiny(scan))}
+  assert {p for p, _, _ in model_lib.named_tensors(folded)} == base_paths
