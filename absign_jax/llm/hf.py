@@ -286,9 +286,12 @@ def hf_config(cfg: LlamaConfig, *, torch_dtype: str = "float32",
   if eos_id is not None:
     c["eos_token_id"] = eos_id
   if cfg.arch == "gemma3":
+    # transformers declares query_pre_attn_scalar an int (it is one in every Gemma 3).
+    scalar = (cfg.query_scale or cfg.head_size ** -0.5) ** -2
     c.update(
         hidden_activation="gelu_pytorch_tanh",
-        query_pre_attn_scalar=(cfg.query_scale or cfg.head_size ** -0.5) ** -2,
+        query_pre_attn_scalar=round(scalar) if abs(scalar - round(scalar)) < 1e-6 * scalar
+        else scalar,
         sliding_window=cfg.sliding_window,
         layer_types=list(cfg.layer_types or ["full_attention"] * cfg.n_layers),
         rope_local_base_freq=cfg.rope_local_theta or cfg.rope_theta,

@@ -129,3 +129,18 @@ def test_learning_rate_schedule_ends_at_the_budget():
   assert at(50, 1.0) == pytest.approx(0.1) == at(60, 1.7)  # ends at peak / 10
   args = finetune.parse_args(["--warmup", "0", "--schedule", "constant"])
   assert finetune.learning_rate_at(args, 2e-4, 1, 0.9) == 2e-4
+
+
+def test_default_learning_rate_follows_the_model_family():
+  from absign_jax.llm import finetune
+
+  args = finetune.parse_args([])
+  args.model_family = "gemma3"
+  assert finetune.peak_learning_rate(args, "absignsgd") == finetune.FAMILY_LR[
+      ("gemma3", "absignsgd")] != finetune.DEFAULT_LR["absignsgd"]
+  assert finetune.peak_learning_rate(args, "adamw") == finetune.DEFAULT_LR["adamw"]
+  args.model_family = "llama"
+  assert finetune.peak_learning_rate(args, "absignsgd") == finetune.DEFAULT_LR["absignsgd"]
+  args = finetune.parse_args(["--lr", "3e-3"])
+  args.model_family = "gemma3"
+  assert finetune.peak_learning_rate(args, "absignsgd") == 3e-3  # --lr always wins

@@ -249,6 +249,23 @@ def test_sliding_window_and_rope_bases_matter(tmp_path):
   np.testing.assert_allclose(got, b, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_export_runs_in_transformers(tmp_path, name):
+  """What --export hf writes loads in Hugging Face transformers (the serving recipe)
+  and computes the same logits as the model that wrote it."""
+  torch = pytest.importorskip("torch", reason="optional: pip install torch==2.13.0 transformers")
+  transformers = pytest.importorskip("transformers")
+  c = CONFIGS[name]
+  _, model, _ = H.load_hf(write_hf_dir(tmp_path / "in", c, random_weights(c)),
+                          scan_layers=True)
+  out = H.save_hf(model, tmp_path / "out")
+  theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+  with torch.no_grad():
+    got = theirs(torch.tensor(IDS[None])).logits[0].numpy()
+  want = np.asarray(logits_of(model, jnp.asarray(IDS[None], jnp.int32)))[0]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("name", ["qwen2", "qwen3", "gemma3", "mistral"])
 def test_tiny_hf_to_gguf_and_back(tmp_path, name):
   c = CONFIGS[name]
