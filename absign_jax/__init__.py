@@ -35,7 +35,8 @@ from absign_jax.optim.block_coordinate import (
     block_coordinate,
     find_state,
 )
-from absign_jax.optim.optimizers import absignsgd, block_adam, sign_sgd
+from absign_jax.optim.optimizers import (
+    absignsgd, block_adam, scale_by_param_rms, sign_sgd)
 from absign_jax.optim.parameter_free import alias_absignsgd
 from absign_jax.related.sgd_sai import ScaleBySaiState, scale_by_sai, sgd_sai
 from absign_jax.related.sign_alias import (
@@ -67,7 +68,8 @@ __all__ = [
     "cyclic", "depth_biased", "fixed_order", "random_reshuffle", "uniform",
     # optim: the block-coordinate transformation and the ABSignSGD family
     "BlockCoordinateState", "absignsgd", "active_block", "alias_absignsgd",
-    "BlockOptions", "block_adam", "block_coordinate", "find_state", "sign_sgd",
+    "BlockOptions", "block_adam", "block_coordinate", "find_state", "scale_by_param_rms",
+    "sign_sgd",
     # related: other optimizers of the field
     "ScaleByAliasState", "ScaleBySaiState", "SignSGDEstimates", "alias_sign_sgd",
     "scale_by_alias", "scale_by_sai", "sgd_sai", "sign_sgd_estimates", "sos_step_size",

@@ -53,6 +53,10 @@ DEFAULT_LR = {"absignsgd": 1e-3, "absignsgd_uniform": 1e-3, "block_adam": 1e-4,
 # active layer by exactly lr, so the right lr follows the weights' scale. Gemma 3
 # 270M: held-out perplexity rose at 1e-3 and fell 15% in 30 steps at 1e-4 (README).
 FAMILY_LR = {("gemma3", "absignsgd"): 1e-4, ("gemma3", "absignsgd_uniform"): 1e-4}
+# absignsgd --relative: lr is a fraction of each leaf's RMS. 5e-3 is SmolLM2's absolute
+# 1e-3 on its layer matrices (median RMS 0.19); Gemma 3 270M's are 0.04.
+RELATIVE_LR = 5e-3
+RELATIVE_OPTIMIZERS = ("absignsgd", "absignsgd_uniform")
 # BAdam's switching orders and the selection schemes that implement them.
 BLOCK_ORDERS = {"random": "random_reshuffle", "ascending": "cyclic",
                 "descending": "cyclic_descending"}
@@ -63,7 +67,7 @@ RESUME_SETTINGS = ("optimizer", "precision", "model", "task", "data", "seq", "ba
                    "seed", "lr", "schedule", "warmup", "steps", "time_budget",
                    "weight_decay", "depth_bias", "selection", "switch_every",
                    "block_order", "lora_rank", "lora_alpha", "lora_targets",
-                   "galore_rank", "galore_gap", "galore_scale")
+                   "galore_rank", "galore_gap", "galore_scale", "relative")
 CHAT_PROMPTS = ("What is the capital of France?",
                 "Explain in one sentence what a Python list is.")
 
@@ -111,6 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--selection", default="depth_biased",
                  choices=absign_jax.blocks.selection.SCHEMES)
   p.add_argument("--weight-decay", type=float, default=0.0)
+  p.add_argument("--relative", action="store_true",
+                 help="absignsgd: step relative to each weight matrix's RMS (lr * rms * "
+                 f"sign(g)); default lr {RELATIVE_LR}, whatever the model family")
   p.add_argument("--switch-every", type=int, default=50,
                  help="block_adam: steps on a block before switching (BAdam's K)")
   p.add_argument("--block-order", default="random", choices=tuple(BLOCK_ORDERS),
@@ -182,6 +189,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.error("--resume continues one run: drop --compare")
   if args.task and args.data:
     p.error("--task and --data both choose the training data: give one")
+  chosen = args.compare.split(",") if args.compare else [args.optimizer]
+  if args.relative and not set(chosen) & set(RELATIVE_OPTIMIZERS):
+    p.error(f"--relative applies to {', '.join(RELATIVE_OPTIMIZERS)}; the run trains "
+            f"{', '.join(chosen)}")
   for option in ("eval_problems", "switch_every", "lora_rank", "galore_rank",
                  "galore_gap"):
     value = getattr(args, option)
@@ -221,6 +232,8 @@ def peak_learning_rate(args, name: str) -> float | None:
   then DEFAULT_LR); None for the parameter-free ones."""
   if args.lr is not None:
     return args.lr
+  if getattr(args, "relative", False) and name in RELATIVE_OPTIMIZERS:
+    return RELATIVE_LR
   return FAMILY_LR.get((getattr(args, "model_family", None), name), DEFAULT_LR[name])
 
 
@@ -252,9 +265,10 @@ def make_optimizer(args, name: str) -> optax.GradientTransformation:
   factories = {
       "absignsgd": lambda lr: absign_jax.absignsgd(
           lr, depth_bias=args.depth_bias, selection=args.selection, weight_decay=wd,
-          seed=args.seed),
+          seed=args.seed, relative=args.relative),
       "absignsgd_uniform": lambda lr: absign_jax.absignsgd(
-          lr, selection="uniform", weight_decay=wd, seed=args.seed),
+          lr, selection="uniform", weight_decay=wd, seed=args.seed,
+          relative=args.relative),
       "block_adam": lambda lr: absign_jax.block_adam(
           lr, weight_decay=wd, seed=args.seed, steps_per_block=args.switch_every,
           selection=BLOCK_ORDERS[args.block_order]),
@@ -488,6 +502,8 @@ def run_settings(args, name: str, loaded) -> dict[str, Any]:
     settings["depth_bias"] = args.depth_bias
   if name == "absignsgd":
     settings["selection"] = args.selection
+  if name in RELATIVE_OPTIMIZERS and args.relative:
+    settings["relative"] = True
   if args.task:
     settings["task"] = args.task
   if name == "block_adam":

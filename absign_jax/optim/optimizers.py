@@ -7,6 +7,7 @@ transformation and the learning rate, in the optax style.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -106,11 +107,55 @@ def checked_learning_rate(learning_rate: ScalarOrSchedule) -> ScalarOrSchedule:
   return guard(learning_rate)
 
 
+class ScaleByParamRmsState(NamedTuple):
+  """:func:`scale_by_param_rms` keeps no state."""
+
+
+def scale_by_param_rms(min_scale: float = 1e-3) -> optax.GradientTransformation:
+  """Multiplies each leaf's update by the RMS of that leaf's parameters.
+
+  ``u <- u * max(rms(p), min_scale)``, computed in float32. After a sign this makes
+  the step *relative*: every leaf moves by the same fraction of its typical weight,
+  so one learning rate suits matrices (RMS ~ 0.02) and norm scales (RMS ~ 1) alike,
+  and transfers between model families whose weights have other scales. The floor
+  (Adafactor's ``epsilon2``) lets leaves that start at zero move.
+
+  Args:
+    min_scale: the smallest scale a leaf gets (> 0).
+
+  Returns:
+    An ``optax.GradientTransformation`` (stateless; needs ``params`` in ``update``).
+  """
+  _check_range("scale_by_param_rms", "min_scale", min_scale, 0.0, lo_open=True)
+
+  def init(params):
+    del params
+    return ScaleByParamRmsState()
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("scale_by_param_rms needs the parameters: call "
+                       "update(updates, state, params).")
+
+    def scale(u, p):
+      if u is None:
+        return None
+      p32 = jnp.asarray(p, jnp.float32)
+      rms = jnp.sqrt(jnp.mean(jnp.square(p32))) if p32.size else jnp.float32(0)
+      return (u * jnp.maximum(rms, min_scale)).astype(u.dtype)
+
+    return jax.tree.map(scale, updates, params, is_leaf=lambda x: x is None), state
+
+  return optax.GradientTransformation(init, update)
+
+
 @takes_block_options()
 def absignsgd(
     learning_rate: ScalarOrSchedule = 1e-3,
     *,
     weight_decay: float = 0.0,
+    relative: bool = False,
+    min_scale: float = 1e-3,
     blocks: BlockOptions = BlockOptions(),
 ) -> optax.GradientTransformationExtraArgs:
   r"""ABSignSGD: sign descent on one block (transformer layer) per step.
@@ -130,6 +175,11 @@ def absignsgd(
       worse). A constant 1e-3 over a long run is too high for chat behaviour there:
       decay it.
     weight_decay: decoupled decay, applied to the active block only.
+    relative: step relative to each leaf's scale: ``-lr * max(rms(p), min_scale) *
+      sign(g)`` for every leaf ``p`` of the active block (per layer for stacked
+      leaves; see :func:`scale_by_param_rms`). The learning rate is then a fraction
+      of each weight's RMS, so it needs a larger value than the absolute step.
+    min_scale: with ``relative``, the smallest scale a leaf gets.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -150,7 +200,8 @@ def absignsgd(
   check_hyperparams(learning_rate, weight_decay, "absignsgd")
   # Always the same chain, so the state has one structure whether weight_decay is a
   # Python 0 (optax skips the decay) or an array injected by inject_hyperparams.
-  inner = optax.chain(optax.scale_by_sign(), optax.add_decayed_weights(weight_decay))
+  step = (optax.scale_by_sign(),) + ((scale_by_param_rms(min_scale),) if relative else ())
+  inner = optax.chain(*step, optax.add_decayed_weights(weight_decay))
   return optax.chain(
       block_coordinate(inner, **blocks._asdict()),
       optax.scale_by_learning_rate(checked_learning_rate(learning_rate)),

@@ -144,3 +144,20 @@ def test_default_learning_rate_follows_the_model_family():
   args = finetune.parse_args(["--lr", "3e-3"])
   args.model_family = "gemma3"
   assert finetune.peak_learning_rate(args, "absignsgd") == 3e-3  # --lr always wins
+
+
+def test_relative_flag_builds_the_relative_step_with_its_own_default_lr():
+  from absign_jax.llm import finetune
+
+  args = finetune.parse_args(["--relative"])
+  args.model_family = "gemma3"  # the relative lr does not depend on the family
+  assert finetune.peak_learning_rate(args, "absignsgd") == finetune.RELATIVE_LR
+  tx = finetune.make_optimizer(args, "absignsgd")
+  params = {"layers": [{"w": jnp.full((4,), 2.0)} for _ in range(2)]}
+  state = finetune.set_learning_rate(tx.init(params), 0.25)
+  grads = {"layers": [{"w": jnp.asarray([1.0, -2.0, 0.5, 3.0])} for _ in range(2)]}
+  updates, _ = tx.update(grads, state, params)
+  active = [u["w"] for u in updates["layers"] if np.any(np.asarray(u["w"]))]
+  np.testing.assert_array_equal(active[0], [-0.5, 0.5, -0.5, -0.5])  # 0.25 * rms 2
+  with pytest.raises(SystemExit):
+    finetune.parse_args(["--optimizer", "adamw", "--relative"])

@@ -613,3 +613,48 @@ def test_block_options_reach_the_selection_and_partition():
 def test_unknown_block_option_is_an_error():
   with pytest.raises(TypeError, match="depth_bais"):
     absign_jax.absignsgd(0.1, depth_bais=2.0)
+
+
+# ---------------------------------------------------------------------------------
+# The relative step (lr times each leaf's RMS)
+# ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_relative_step_moves_each_leaf_by_lr_times_its_rms(stacked):
+  params = make_params()
+  params["layers"][2]["b"] = jnp.zeros(3)  # a zero leaf moves by lr * min_scale
+  if stacked:
+    params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *params["layers"])
+  grads = make_grads(params, 3)
+  lr, wd = 0.05, 0.1
+  tx = absign_jax.absignsgd(lr, weight_decay=wd, relative=True, min_scale=1e-3,
+                            selection="cyclic_descending")
+  state = tx.init(params)
+  for active in (3, 2):
+    updates, state = tx.update(grads, state, params)
+    new = optax.apply_updates(params, updates)
+    for name in ("w", "b"):
+      if stacked:
+        p, g, got = (np.asarray(t["layers"][name][active], np.float64)
+                     for t in (params, grads, new))
+      else:
+        p, g, got = (np.asarray(t["layers"][active][name], np.float64)
+                     for t in (params, grads, new))
+      scale = max(np.sqrt(np.mean(p ** 2)), 1e-3)
+      want = p - lr * (scale * np.sign(g) + wd * p)
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+      if name == "b" and active == 2:
+        np.testing.assert_allclose(np.abs(got - p), lr * 1e-3, rtol=1e-6)
+    untouched = jax.tree.map(lambda a, b: np.array_equal(bits(a), bits(b)),
+                             params["embed"], new["embed"])
+    assert all(jax.tree.leaves(untouched))
+    params = new
+
+
+def test_scale_by_param_rms_errors():
+  with pytest.raises(ValueError, match="min_scale"):
+    absign_jax.scale_by_param_rms(0.0)
+  tx = absign_jax.scale_by_param_rms()
+  with pytest.raises(ValueError, match="needs the parameters"):
+    tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.ones(2)}))
