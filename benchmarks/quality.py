@@ -10,11 +10,15 @@ to fixed chat prompts, before and after). Three phases:
 1. ``math``: each method's learning rate bracketed with three values (BRACKETS);
 2. ``chat``: each method at its best ``math`` setting (highest accuracy, then
    lowest held-out loss);
-3. ``seed``: the top settings of both tasks again with a second seed.
+3. ``seed``: the top settings of both tasks again with a second seed;
+4. ``options``: ABSignSGD's options beyond the paper (VARIANTS, e.g. the step
+   relative to each leaf's RMS) against the plain method at its default, on both
+   tasks and both seeds: an option becomes a default only if it wins all four.
 
     python benchmarks/quality.py --phase math --budget 300 --out runs/tasks
     python benchmarks/quality.py --phase chat --budget 300 --out runs/tasks
     python benchmarks/quality.py --phase seed --budget 300 --out runs/tasks
+    python benchmarks/quality.py --phase options --budget 300 --out runs/tasks
     python benchmarks/quality.py --list --out runs/tasks      # settings, done or not
     python benchmarks/quality.py --report --out runs/tasks    # tables and plots only
 
@@ -177,6 +181,10 @@ BRACKETS = {
 # Knobs fixed for the sweep: BAdam switches every 10 steps, so a budget of a few
 # hundred steps visits most of the 30 layers (its default of 50 would visit ~3).
 METHOD_OPTIONS = {"block_adam": {"switch_every": 10}}
+# Options of ABSignSGD beyond the paper: method label -> (optimizer, program options,
+# the learning rate it is measured at).
+VARIANTS = {"absignsgd_relative": ("absignsgd", {"relative": True}, 5e-3)}
+PLAIN = ("absignsgd", 1e-3)  # the plain method at its default, the comparison
 TOP_FOR_SEED = 3  # settings per task repeated with the second seed
 SECOND_SEED = 1
 
@@ -234,6 +242,12 @@ def seed_settings(rows: list[dict]) -> list[Setting]:
   return out
 
 
+def options_settings() -> list[Setting]:
+  runs = [PLAIN] + [(m, lr) for m, (_, _, lr) in VARIANTS.items()]
+  return [Setting(task, m, lr, seed) for task in ("math", "chat")
+          for seed in (0, SECOND_SEED) for m, lr in runs]
+
+
 def load_rows(out: str) -> list[dict]:
   """Finished settings under ``out`` (summary.json and curve.json both written)."""
   rows = []
@@ -250,19 +264,20 @@ def load_rows(out: str) -> list[dict]:
 def run_setting(s: Setting, a, loaded_by_task: dict) -> None:
   from absign_jax.llm import finetune
 
+  optimizer, variant, _ = VARIANTS.get(s.method, (s.method, {}, None))
   base = finetune.parse_args([
-      "--task", s.task, "--optimizer", s.method, "--steps", str(a.max_steps),
+      "--task", s.task, "--optimizer", optimizer, "--steps", str(a.max_steps),
       "--time-budget", str(a.budget), "--batch", str(a.batch), "--seq", str(a.seq),
       "--eval-every", str(a.eval_every), "--eval-problems", str(a.eval_problems),
       "--seed", str(s.seed), "--forgetting", "--no-progress", "--ckpt-every", "0"]
       + ([] if s.lr is None else ["--lr", repr(s.lr)]))
-  args = argparse.Namespace(**{**vars(base), **METHOD_OPTIONS.get(s.method, {})})
+  args = argparse.Namespace(**{**vars(base), **METHOD_OPTIONS.get(s.method, {}), **variant})
   if s.task not in loaded_by_task:
     loaded_by_task.clear()  # one task's data at a time
     loaded_by_task[s.task] = finetune.load(args)
   d = s.directory(a.out)
   print(f"== {s.label} ({a.budget:g} s)", flush=True)
-  result = finetune.train(args, s.method, loaded_by_task[s.task], d)
+  result = finetune.train(args, optimizer, loaded_by_task[s.task], d)
   shutil.rmtree(os.path.join(d, "checkpoints"), ignore_errors=True)  # not needed here
   with open(os.path.join(d, "curve.json"), "w") as f:
     json.dump({"setting": s.label, "task": s.task, "method": s.method, "seed": s.seed,
@@ -272,7 +287,8 @@ def run_setting(s: Setting, a, loaded_by_task: dict) -> None:
 
 def tasks_main(argv=None):
   p = argparse.ArgumentParser(description="the task sweep (see the module doc)")
-  p.add_argument("--phase", default="all", choices=("math", "chat", "seed", "all"))
+  p.add_argument("--phase", default="all",
+                 choices=("math", "chat", "seed", "options", "all"))
   p.add_argument("--budget", type=float, default=300.0, help="training seconds per setting")
   p.add_argument("--max-steps", type=int, default=5000,
                  help="step cap (the budget normally stops first)")
@@ -290,7 +306,7 @@ def tasks_main(argv=None):
   if a.budget <= 0:
     p.error(f"--budget must be positive, got {a.budget}")
 
-  phases = ("math", "chat", "seed") if a.phase == "all" else (a.phase,)
+  phases = ("math", "chat", "seed", "options") if a.phase == "all" else (a.phase,)
   keys = [k.strip() for k in a.only.split(",") if k.strip()] if a.only else None
   matched: set[str] = set()
   loaded: dict = {}
@@ -298,7 +314,7 @@ def tasks_main(argv=None):
     for phase in phases:
       rows = load_rows(a.out)
       settings = {"math": math_settings, "chat": lambda: chat_settings(rows),
-                  "seed": lambda: seed_settings(rows)}[phase]()
+                  "seed": lambda: seed_settings(rows), "options": options_settings}[phase]()
       done = {r["setting"] for r in rows}
       if keys is not None:
         settings = [s for s in settings if s.label in keys]
