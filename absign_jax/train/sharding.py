@@ -14,7 +14,8 @@ partitioner):
   unless a rule keyed on the parameter's path says otherwise
   (``rules=[(r"embed", P(None, "fsdp"))]``, first matching regex wins);
 * optimizer-state leaves shaped like a parameter, at the parameter's path, take the
-  parameter's sharding; the float32 master copy of the precision state takes the
+  parameter's sharding; other floating-point state (a block optimizer's moments,
+  the float32 master copy: shaped like the active block's leaves) takes the
   inferred sharding of its shape; every other leaf (counters, keys, the selection
   state) is replicated;
 * the batch is split over ``(data, fsdp)``;
@@ -63,6 +64,7 @@ __all__ = [
     "Sharded",
     "ShardedBlockStep",
     "ShardedFullStep",
+    "collective_bytes_by_axis",
     "infer_spec",
     "make_mesh",
     "param_specs",
@@ -238,9 +240,11 @@ def state_specs(state: TrainState, params_spec: PyTree, mesh: Mesh,
   """The ``PartitionSpec`` of every leaf of a :class:`TrainState`.
 
   Optimizer-state leaves whose key path ends with a parameter's path and whose shape
-  is that parameter's (optax's moments, BAdam's moments) get the parameter's spec;
-  the master copy's leaves get :func:`infer_spec` of their shape; every other leaf
-  is replicated.
+  is that parameter's (optax's moments) get the parameter's spec; other
+  floating-point leaves of the optimizer and precision state (a block optimizer's
+  moments and the master copy, shaped like the active block's leaves) get
+  :func:`infer_spec` of their shape, as their parameters do unless a rule says
+  otherwise; every other leaf (counters, keys, the selection state) is replicated.
   """
   size = int(mesh.shape[fsdp_axis]) if fsdp_axis in mesh.axis_names else 1
   by_path = {}
@@ -249,20 +253,19 @@ def state_specs(state: TrainState, params_spec: PyTree, mesh: Mesh,
     by_path[tuple(path)] = (tuple(np.shape(x)), spec)
   lengths = sorted({len(p) for p in by_path}, reverse=True)
 
-  def opt_spec(path, x):
+  def spec_of(path, x):
     path, shape = tuple(path), tuple(np.shape(x))
     for n in lengths:
       hit = by_path.get(path[-n:]) if n <= len(path) else None
       if hit is not None and hit[0] == shape:
         return hit[1]
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      return infer_spec(shape, size, fsdp_axis)
     return P()
 
-  prec = state.precision
-  master = jax.tree.map(lambda x: infer_spec(np.shape(x), size, fsdp_axis), prec.master)
-  prec_spec = jax.tree.map(lambda _: P(), prec._replace(master=()))._replace(master=master)
   return TrainState(params_spec,
-                    jax.tree_util.tree_map_with_path(opt_spec, state.opt_state),
-                    prec_spec)
+                    jax.tree_util.tree_map_with_path(spec_of, state.opt_state),
+                    jax.tree_util.tree_map_with_path(spec_of, state.precision))
 
 
 def _is_spec(x) -> bool:
@@ -282,6 +285,76 @@ def per_device_bytes(tree: PyTree) -> dict[int, int]:
       for dim, sl in zip(x.shape, index):
         n *= len(range(*sl.indices(dim)))
       out[device.id] = out.get(device.id, 0) + n * item
+  return out
+
+
+# -- collectives per mesh axis, from the compiled HLO ----------------------------------
+
+_GROUPS_ATTR = re.compile(
+    r"replica_groups=(\{\{[0-9,{} ]*\}\}|\[[0-9,]+\]<=\[[0-9,]+\](?:T\([0-9,]+\))?)")
+
+
+def _replica_groups(attr: str) -> list[frozenset[int]]:
+  """Replica groups from their HLO text: ``{{0,4},{1,5}}`` or ``[4,2]<=[2,4]T(1,0)``."""
+  if attr.startswith("{"):
+    return [frozenset(int(v) for v in g.split(",") if v.strip())
+            for g in re.findall(r"\{([0-9, ]*)\}", attr[1:-1])]
+  m = re.fullmatch(r"\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", attr)
+  out_shape = [int(v) for v in m.group(1).split(",")]
+  ids = np.arange(int(np.prod(out_shape))).reshape([int(v) for v in m.group(2).split(",")])
+  if m.group(3):
+    ids = ids.transpose([int(v) for v in m.group(3).split(",")])
+  ids = ids.reshape(out_shape[0], -1)
+  return [frozenset(int(v) for v in row) for row in ids]
+
+
+def collective_axis(groups: list[frozenset[int]], mesh: Mesh) -> str:
+  """The mesh axis a collective's replica groups run along: an axis name, ``"all"``
+  (every device in one group) or ``"other"``."""
+  ids = np.arange(mesh.size).reshape(tuple(mesh.shape.values()))
+  names = list(mesh.shape)
+  if len(groups) == 1 and len(groups[0]) == mesh.size:
+    return "all"
+  for k, name in enumerate(names):
+    along = np.moveaxis(ids, k, -1).reshape(-1, ids.shape[k])
+    if {frozenset(int(v) for v in row) for row in along} == set(groups):
+      return name
+  return "other"
+
+
+def collective_bytes_by_axis(compiled: Any, mesh: Mesh) -> dict[str, dict]:
+  """:func:`absign_jax.profiling.collective_bytes` of a compiled step, per mesh axis.
+
+  Each collective of the optimized HLO is attributed to the axis its replica groups
+  run along (device ids are positions in the mesh). Under :class:`Sharded`, the
+  ``fsdp`` entry holds the parameter gathers (``all-gather``) and the reduction of a
+  worker's gradient over its devices; the ``data`` entry holds the vote.
+
+  Returns:
+    ``{axis: collective_bytes dict}`` for each mesh axis, plus ``"all"`` and
+    ``"other"`` when some collective spans the whole mesh or neither axis.
+  """
+  from absign_jax import profiling  # imported here: the step does not need it
+
+  text = compiled if isinstance(compiled, str) else compiled.as_text()
+  lines = text.splitlines()
+  axis_of = []
+  for line in lines:
+    m = _GROUPS_ATTR.search(line)
+    opcode = re.search(r"\b(" + "|".join(profiling.COLLECTIVE_OPS) + r")(?:-start)?\(", line)
+    axis_of.append(collective_axis(_replica_groups(m.group(1)), mesh)
+                   if m and opcode else None)
+  out = {}
+  for axis in [*mesh.axis_names, "all", "other"]:
+    kept = []
+    for line, a in zip(lines, axis_of):
+      if a is not None and a != axis:  # another axis's collective: not counted here
+        line = re.sub(r"\b(" + "|".join(profiling.COLLECTIVE_OPS) + r")((?:-start)?)\(",
+                      r"custom-call(", line, count=1)
+      kept.append(line)
+    counted = profiling.collective_bytes("\n".join(kept), num_devices=mesh.size)
+    if axis in mesh.axis_names or counted["ops"]:
+      out[axis] = counted
   return out
 
 
@@ -444,6 +517,9 @@ class Sharded:
   def place_batch(self, batch):
     """The batch split over ``(data, fsdp)`` (global arrays are checked and kept).
 
+    Host values hold the *global* batch; with several processes every process
+    passes the same global batch and places only its own devices' rows.
+
     Raises:
       ValueError: when a leaf's leading dimension does not divide over the
         ``data x fsdp`` devices.
@@ -458,17 +534,7 @@ class Sharded:
             f"{self.num_workers} x {self.fsdp_size} devices of mesh axes "
             f"({self.data_axis!r}, {self.fsdp_axis!r}): use a global batch size that "
             f"is a multiple of {n} (e.g. {max(n, -(-(rows or 0) // n) * n)}).")
-    if jax.process_count() > 1:
-      return batch
     return jax.tree.map(lambda x: dp._global(x, self.batch_sharding), batch)
-
-  def shard_batch(self, local_batch: PyTree) -> PyTree:
-    """Global batch arrays from each process's own rows (its share of the batch)."""
-    if jax.process_count() == 1:
-      return jax.device_put(local_batch, self.batch_sharding)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(self.batch_sharding,
-                                                         np.asarray(x)), local_batch)
 
 
 def ShardedBlockStep(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh, *,
