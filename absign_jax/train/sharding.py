@@ -309,16 +309,21 @@ def _replica_groups(attr: str) -> list[frozenset[int]]:
 
 
 def collective_axis(groups: list[frozenset[int]], mesh: Mesh) -> str:
-  """The mesh axis a collective's replica groups run along: an axis name, ``"all"``
-  (every device in one group) or ``"other"``."""
+  """The mesh axis a collective's replica groups run along.
+
+  An axis name (the first axis whose groups these are: with ``fsdp=1`` the ``data``
+  groups span the whole mesh), ``"local"`` (every group one device: nothing moves),
+  ``"all"`` (one group of every device, spanning several axes) or ``"other"``.
+  """
+  if all(len(g) <= 1 for g in groups):
+    return "local"
   ids = np.arange(mesh.size).reshape(tuple(mesh.shape.values()))
-  names = list(mesh.shape)
-  if len(groups) == 1 and len(groups[0]) == mesh.size:
-    return "all"
-  for k, name in enumerate(names):
+  for k, name in enumerate(mesh.shape):
     along = np.moveaxis(ids, k, -1).reshape(-1, ids.shape[k])
     if {frozenset(int(v) for v in row) for row in along} == set(groups):
       return name
+  if len(groups) == 1 and len(groups[0]) == mesh.size:
+    return "all"
   return "other"
 
 
@@ -331,8 +336,9 @@ def collective_bytes_by_axis(compiled: Any, mesh: Mesh) -> dict[str, dict]:
   worker's gradient over its devices; the ``data`` entry holds the vote.
 
   Returns:
-    ``{axis: collective_bytes dict}`` for each mesh axis, plus ``"all"`` and
-    ``"other"`` when some collective spans the whole mesh or neither axis.
+    ``{axis: collective_bytes dict}`` for each mesh axis, plus ``"all"``,
+    ``"other"`` and ``"local"`` (see :func:`collective_axis`) when some collective
+    is of that kind.
   """
   from absign_jax import profiling  # imported here: the step does not need it
 
@@ -345,7 +351,7 @@ def collective_bytes_by_axis(compiled: Any, mesh: Mesh) -> dict[str, dict]:
     axis_of.append(collective_axis(_replica_groups(m.group(1)), mesh)
                    if m and opcode else None)
   out = {}
-  for axis in [*mesh.axis_names, "all", "other"]:
+  for axis in [*mesh.axis_names, "all", "other", "local"]:
     kept = []
     for line, a in zip(lines, axis_of):
       if a is not None and a != axis:  # another axis's collective: not counted here
