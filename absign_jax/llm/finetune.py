@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 import absign_jax
 from absign_jax.llm import data as data_lib
@@ -575,20 +576,37 @@ def params_digest(params) -> str:
   return h.hexdigest()
 
 
-def make_step(args, name: str, parts, tx, policy):
-  """The training step: on one device, or on the ``--mesh`` (sharded, voting)."""
-  mesh = None
-  if args.mesh is not None or jax.device_count() > 1:
-    if name in ("lora", "galore"):
-      raise UsageError(f"{name} runs on one device: drop --mesh (and use one device)")
-    try:
-      mesh = sharding_lib.make_mesh(args.mesh)
-    except ValueError as e:
-      raise UsageError(f"--mesh: {e}") from None
-    rows = mesh.size
-    if args.batch % rows:
-      raise UsageError(f"--batch {args.batch} does not divide over the {rows} devices "
-                       f"of the mesh {dict(mesh.shape)}: use a multiple of {rows}")
+def run_mesh(args, name: str):
+  """The ``--mesh`` of a run (None: one device, the plain steps)."""
+  if args.mesh is None and jax.device_count() == 1:
+    return None
+  if name in ("lora", "galore"):
+    raise UsageError(f"{name} runs on one device: drop --mesh (and use one device)")
+  try:
+    mesh = sharding_lib.make_mesh(args.mesh)
+  except ValueError as e:
+    raise UsageError(f"--mesh: {e}") from None
+  if args.batch % mesh.size:
+    raise UsageError(f"--batch {args.batch} does not divide over the {mesh.size} "
+                     f"devices of the mesh {dict(mesh.shape)}: use a multiple of "
+                     f"{mesh.size}")
+  return mesh
+
+
+def load_options(args, policy, mesh, cfg: model_lib.LlamaConfig) -> dict:
+  """How the program loads the model; on a mesh, each device reads its own slices."""
+  options = dict(dtype=model_dtype(policy), scan_layers=True, remat=args.remat,
+                 loss_chunk=512)
+  if mesh is not None:
+    cfg = cfg.replace(**options)
+    abstract = nnx.eval_shape(lambda: model_lib.Llama(cfg, rngs=nnx.Rngs(0)))
+    options["sharding"] = sharding_lib.Sharded(mesh).loader_sharding(
+        nnx.to_pure_dict(nnx.state(abstract)))
+  return options
+
+
+def make_step(args, name: str, parts, tx, policy, mesh):
+  """The training step: on one device (``mesh`` None), or sharded and voting."""
   if name in BLOCK_OPTIMIZERS:
     options = dict(layered=parts.layered, seed=args.seed, **policy.step_options())
     if mesh is None:
@@ -612,13 +630,13 @@ def train(args, name: str, loaded, out_dir: str, ckpt_dir: str | None = None
   tokenizer, train_set, heldout = loaded.tokenizer, loaded.train, loaded.heldout
   os.makedirs(out_dir, exist_ok=True)
   policy = absign_jax.policy(args.precision)
+  mesh = run_mesh(args, name)
   _, model, _ = export_lib.load_model(
-      args.model, dtype=model_dtype(policy), scan_layers=True, remat=args.remat,
-      loss_chunk=512)
+      args.model, **load_options(args, policy, mesh, loaded.config))
   parts = model_parts(args, name, model)
   params = policy.cast_params(parts.params)
   tx = make_optimizer(args, name)
-  step, mesh = make_step(args, name, parts, tx, policy)
+  step, mesh = make_step(args, name, parts, tx, policy, mesh)
   state = step.init(params)
   batches = data_lib.Batches(train_set, args.batch, seed=args.seed)
   # LoRA / GaLore: the frozen weights ride in the step's batch argument.
@@ -631,9 +649,9 @@ def train(args, name: str, loaded, out_dir: str, ckpt_dir: str | None = None
   start = 0
   wall = 0.0  # training wall-clock: evaluations and the first (compiling) step excluded
   summary_path = os.path.join(out_dir, "summary.json")
-  # Restoring reads into new arrays; these stay valid. Several processes: the host
-  # copy, which every process holds whole.
-  pretrained = state.params if jax.process_count() == 1 else params
+  # Restoring reads into new arrays; these stay valid. Several processes: gathered,
+  # so that every process evaluates the whole model.
+  pretrained = host_params(state.params)
   if args.resume:
     try:
       state, start, wall = restore_run(args, name, ckpt, state, settings)

@@ -508,6 +508,21 @@ class Sharded:
                         param_specs(params, self.mesh, self.rules, self.fsdp_axis),
                         is_leaf=_is_spec)
 
+  def loader_sharding(self, abstract_params: PyTree) -> Callable[[tuple], Any]:
+    """``path -> NamedSharding`` for reading a checkpoint straight onto the mesh.
+
+    For the ``sharding=`` option of :func:`absign_jax.llm.hf.load_hf` and
+    :func:`absign_jax.llm.gguf.load_gguf`: each tensor is read from the file (a
+    memory map) and each device receives only its slice, so no device ever holds
+    a whole parameter it does not need. ``abstract_params`` (shapes, e.g. from
+    ``nnx.eval_shape``) gives the shapes the inferred shardings depend on; a path
+    it does not hold gets None (the default device; :meth:`place_state` moves it).
+    """
+    specs = param_specs(abstract_params, self.mesh, self.rules, self.fsdp_axis)
+    by_name = {path_name(path): NamedSharding(self.mesh, spec) for path, spec in
+               jax.tree_util.tree_flatten_with_path(specs, is_leaf=_is_spec)[0]}
+    return lambda path: by_name.get("/".join(str(k) for k in path))
+
   def compile(self, program, donate: bool):
     return _Compiled(self, program, donate)
 
