@@ -18,9 +18,7 @@ tests below use one device.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 
