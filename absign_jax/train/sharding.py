@@ -291,20 +291,42 @@ def per_device_bytes(tree: PyTree) -> dict[int, int]:
 # -- collectives per mesh axis, from the compiled HLO ----------------------------------
 
 _GROUPS_ATTR = re.compile(
-    r"replica_groups=(\{\{[0-9,{} ]*\}\}|\[[0-9,]+\]<=\[[0-9,]+\](?:T\([0-9,]+\))?)")
+    r"replica_groups=(\{\{[0-9,{} ]*\}\}|\{\}|\[[0-9,]+\]<=\[[0-9,]+\](?:T\([0-9,]+\))?"
+    r"|mesh\[[^\]]*\](?:<=\[[0-9,]+\](?:T\([0-9,]+\))?)?\s*\{[^}]*\})")
 
 
-def _replica_groups(attr: str) -> list[frozenset[int]]:
-  """Replica groups from their HLO text: ``{{0,4},{1,5}}`` or ``[4,2]<=[2,4]T(1,0)``."""
+def _iota(dims: list[int], src: str | None, perm: str | None) -> np.ndarray:
+  """Device ids laid out as ``dims``: ``iota(src).transpose(perm)`` (HLO's ``<=``)."""
+  if src is None:
+    return np.arange(int(np.prod(dims))).reshape(dims)
+  ids = np.arange(int(np.prod(dims))).reshape([int(v) for v in src.split(",")])
+  if perm:
+    ids = ids.transpose([int(v) for v in perm.split(",")])
+  return ids.reshape(dims)
+
+
+def _replica_groups(attr: str, num_devices: int) -> list[frozenset[int]]:
+  """Replica groups from their HLO text: ``{{0,4},{1,5}}``, ``{}`` (every device),
+  ``[4,2]<=[2,4]T(1,0)`` or ``mesh['a'=2,'b'=4] {'a'}`` (groups vary along ``a``)."""
+  if attr == "{}":
+    return [frozenset(range(num_devices))]
   if attr.startswith("{"):
     return [frozenset(int(v) for v in g.split(",") if v.strip())
             for g in re.findall(r"\{([0-9, ]*)\}", attr[1:-1])]
+  if attr.startswith("mesh"):
+    m = re.fullmatch(r"mesh\[([^\]]*)\](?:<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?)?\s*"
+                     r"\{([^}]*)\}", attr)
+    axes = re.findall(r"'([^']+)'\s*=\s*(\d+)", m.group(1))
+    names, dims = [a for a, _ in axes], [int(v) for _, v in axes]
+    ids = _iota(dims, m.group(2), m.group(3))
+    chosen = [names.index(a) for a in re.findall(r"'([^']+)'", m.group(4))]
+    rest = [k for k in range(len(dims)) if k not in chosen]
+    size = int(np.prod([dims[k] for k in chosen])) if chosen else 1
+    rows = ids.transpose(rest + chosen).reshape(-1, size)
+    return [frozenset(int(v) for v in row) for row in rows]
   m = re.fullmatch(r"\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", attr)
   out_shape = [int(v) for v in m.group(1).split(",")]
-  ids = np.arange(int(np.prod(out_shape))).reshape([int(v) for v in m.group(2).split(",")])
-  if m.group(3):
-    ids = ids.transpose([int(v) for v in m.group(3).split(",")])
-  ids = ids.reshape(out_shape[0], -1)
+  ids = _iota(out_shape, m.group(2), m.group(3)).reshape(out_shape[0], -1)
   return [frozenset(int(v) for v in row) for row in ids]
 
 
@@ -327,6 +349,19 @@ def collective_axis(groups: list[frozenset[int]], mesh: Mesh) -> str:
   return "other"
 
 
+def _pairs_axis(pairs: list[frozenset[int]], mesh: Mesh) -> str:
+  """The axis of a collective-permute: the first whose groups hold every pair."""
+  if all(len(p) <= 1 for p in pairs):
+    return "local"
+  ids = np.arange(mesh.size).reshape(tuple(mesh.shape.values()))
+  for k, name in enumerate(mesh.shape):
+    along = [frozenset(int(v) for v in row)
+             for row in np.moveaxis(ids, k, -1).reshape(-1, ids.shape[k])]
+    if all(any(p <= g for g in along) for p in pairs):
+      return name
+  return "all"
+
+
 def collective_bytes_by_axis(compiled: Any, mesh: Mesh) -> dict[str, dict]:
   """:func:`absign_jax.profiling.collective_bytes` of a compiled step, per mesh axis.
 
@@ -345,11 +380,25 @@ def collective_bytes_by_axis(compiled: Any, mesh: Mesh) -> dict[str, dict]:
   text = compiled if isinstance(compiled, str) else compiled.as_text()
   lines = text.splitlines()
   axis_of = []
+  everyone = [frozenset(range(mesh.size))]
   for line in lines:
+    opcode = re.search(r"\b(" + "|".join(profiling.COLLECTIVE_OPS) + r")(?:-start)?\(",
+                       line)
+    if opcode is None:
+      axis_of.append(None)
+      continue
     m = _GROUPS_ATTR.search(line)
-    opcode = re.search(r"\b(" + "|".join(profiling.COLLECTIVE_OPS) + r")(?:-start)?\(", line)
-    axis_of.append(collective_axis(_replica_groups(m.group(1)), mesh)
-                   if m and opcode else None)
+    pairs = re.search(r"source_target_pairs=\{([0-9,{} ]*)\}", line)
+    if m:
+      groups = _replica_groups(m.group(1), mesh.size)
+    elif pairs:  # a permute: each pair is a group; its axis is the one holding both
+      groups = [frozenset(int(v) for v in p.split(","))
+                for p in re.findall(r"\{([0-9, ]+)\}", pairs.group(1))]
+      axis_of.append(_pairs_axis(groups, mesh))
+      continue
+    else:  # replica_groups={} (or none): every device
+      groups = everyone
+    axis_of.append(collective_axis(groups, mesh))
   out = {}
   for axis in [*mesh.axis_names, "all", "other", "local"]:
     kept = []
