@@ -578,10 +578,12 @@ def params_digest(params) -> str:
 
 def run_mesh(args, name: str):
   """The ``--mesh`` of a run (None: one device, the plain steps)."""
+  if name in ("lora", "galore"):  # their frozen weights ride in the batch argument
+    if args.mesh is not None:
+      raise UsageError(f"{name} runs on one device: drop --mesh")
+    return None
   if args.mesh is None and jax.device_count() == 1:
     return None
-  if name in ("lora", "galore"):
-    raise UsageError(f"{name} runs on one device: drop --mesh (and use one device)")
   try:
     mesh = sharding_lib.make_mesh(args.mesh)
   except ValueError as e:
