@@ -238,3 +238,19 @@ ENTRY %main (p: f32[16], q: s8[4]) -> f32[16] {
   assert out["fsdp"]["all-gather"] == 64 and out["fsdp"]["all-reduce"] == 0
   assert out["data"]["all-reduce"] == 4 and out["data"]["all-gather"] == 0
   assert set(out) == {"data", "fsdp"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mesh", "data=2,model=4"], "--mesh: unknown mesh axis 'model'"),
+    (["--mesh", "data:2"], "is not AXIS=SIZE"),
+    (["--num-processes", "2"], "needs --coordinator HOST:PORT and --process-id K"),
+    (["--num-processes", "2", "--coordinator", "h:1", "--process-id", "2"],
+     "--process-id must be in [0, 2), got 2"),
+])
+def test_program_refuses_bad_mesh_and_process_options(argv, message, capsys):
+  from absign_jax.llm import finetune
+
+  with pytest.raises(SystemExit) as e:
+    finetune.parse_args(argv)
+  assert e.value.code == 2
+  assert message in capsys.readouterr().err
