@@ -374,15 +374,29 @@ def check_fsdp_comm_bytes():
     axes = sharding.collective_bytes_by_axis(
         step.lower(step.init(params), batch).compile(), mesh)
     out[agg] = {a: {k: v[k] for k in keep} for a, v in axes.items()}
+  # The int8 majority on fsdp slices: the simulated vote of the 2 workers, bit for bit.
+  b = int(absign_jax.active_block(step.init(params).opt_state))
+  vote, _ = simulate_vote(parts.loss_fn, host(params), [
+      jax.tree.map(lambda x: x[:4], batch), jax.tree.map(lambda x: x[4:], batch)], b,
+      wrt="block")
+  out["majority_bit_equal"] = bit_equal(step(step.init(params), batch)[0].params,
+                                        expected_params(host(params), b, vote))
   full = sharding.ShardedFullStep(parts.loss_fn, optax.adamw(1e-3), mesh, donate=False)
   state = full.init(params)
   axes = sharding.collective_bytes_by_axis(full.lower(state, batch).compile(), mesh)
   out["adamw"] = {a: {k: v[k] for k in keep} for a, v in axes.items()}
+  # AdamW on the shardings vs. one device (the mean gradient's sums run in another
+  # order, so to float32 rounding: a sign flip of a ~0 gradient moves a weight 2 lr).
+  one = absign_jax.FullTrainStep(parts.loss_fn, optax.adamw(1e-3), donate=False)
+  got = jax.tree.leaves(host(full(state, batch)[0].params))
+  want = jax.tree.leaves(host(one(one.init(params), batch)[0].params))
+  out["adamw_max_abs_diff"] = max(float(np.max(np.abs(g - w))) for g, w in zip(got, want))
   moments = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x)]
   out["adamw_state_bytes"] = sum(x.nbytes for x in moments)
   out["adamw_state_bytes_per_device"] = sorted(
       set(sharding.per_device_bytes(moments).values()))
-  emit("fsdp_comm_bytes", True, **out)
+  emit("fsdp_comm_bytes", out["majority_bit_equal"] and out["adamw_max_abs_diff"] < 1e-5,
+       **out)
 
 
 def check_fsdp_checkpoint():

@@ -66,6 +66,14 @@ def test_collective_bytes_split_into_gathers_and_votes(checks):
   assert r["adamw_state_bytes_per_device"] == [r["adamw_state_bytes"] // 4]
 
 
+def test_int8_majority_and_adamw_on_fsdp_slices_equal_one_device(checks):
+  """data=2,fsdp=4: the int8 vote on slices equals the simulated 2-worker vote bit for
+  bit; AdamW on the same shardings equals AdamW on one device to float32 rounding."""
+  r = _ok(checks, "fsdp_comm_bytes")
+  assert r["majority_bit_equal"]
+  assert r["adamw_max_abs_diff"] < 1e-5
+
+
 def test_sharded_checkpoint_restores_onto_other_mesh_shapes(checks):
   r = _ok(checks, "fsdp_checkpoint")
   for shape in ("data=4,fsdp=2", "data=8"):
