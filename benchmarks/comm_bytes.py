@@ -13,6 +13,16 @@ of the 135M model's size is allocated. Run::
 
     python benchmarks/comm_bytes.py                     # tiny and smollm2-135m, 8 devices
     python benchmarks/comm_bytes.py --presets tiny --devices 4
+
+``--fsdp 1,2,4,8`` instead compiles the block step on ``(data, fsdp)`` meshes of the
+simulated devices (parameters sharded along ``fsdp``, :mod:`absign_jax.train.sharding`)
+and prints, per mesh, the compiled memory per device (``memory_analysis``, no
+allocation: it runs for qwen3-8b on a CPU) beside the parameters' bytes per device
+read from their shardings, and the collective bytes per step split by mesh axis
+(``fsdp``: parameter gathers and the reduction of a worker's gradient; ``data``: the
+vote)::
+
+    python benchmarks/comm_bytes.py --presets qwen3-8b --fsdp 1,2,4,8
 """
 
 from __future__ import annotations
@@ -29,6 +39,10 @@ def main(argv=None) -> None:
   ap.add_argument("--devices", type=int, default=8)
   ap.add_argument("--seq-len", type=int, default=128)
   ap.add_argument("--rows-per-device", type=int, default=1)
+  ap.add_argument("--fsdp", default=None, metavar="1,2,4,8",
+                  help="compile the sharded block step for these fsdp sizes instead")
+  ap.add_argument("--aggregation", default="majority_1bit",
+                  help="--fsdp: the vote of the sharded step")
   args = ap.parse_args(argv)
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={args.devices}")
@@ -47,6 +61,9 @@ def main(argv=None) -> None:
   from absign_jax.profiling import collective_bytes
   from absign_jax.train import data_parallel as dist
   from absign_jax.llm.model import Llama, LlamaConfig
+
+  if args.fsdp:
+    return fsdp_table(args)
 
   mesh = dist.data_mesh("data")
   n = mesh.size
@@ -112,6 +129,69 @@ def main(argv=None) -> None:
           f"(1 bit of one block vs 32 bits of all N blocks; embeddings and head add "
           f"{info['params'] / (info['blocks'] * info['block_params']):.2f}x to the "
           "AdamW side).")
+
+
+def fsdp_table(args) -> None:
+  """Compiled bytes per device of the sharded block step for each fsdp size."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+  import absign_jax
+  from absign_jax.llm.model import Llama, LlamaConfig
+  from absign_jax.profiling import program_memory
+  from absign_jax.train import sharding
+
+  sizes = [int(v) for v in args.fsdp.split(",")]
+  n = jax.device_count()
+  mib = lambda b: f"{b / 2**20:,.1f}"
+  for preset in args.presets:
+    layout = "stacked" if preset == "qwen3-8b" else "list"
+    cfg = LlamaConfig.preset(preset, max_seq_len=max(args.seq_len, 8),
+                             scan_layers=layout == "stacked")
+    parts = absign_jax.split_nnx(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), parts.params)
+    total = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                for x in jax.tree.leaves(params))
+    tokens = jax.ShapeDtypeStruct((n * args.rows_per_device, args.seq_len), jnp.int32)
+    batch = {"inputs": tokens, "targets": tokens,
+             "mask": jax.ShapeDtypeStruct(tokens.shape, jnp.float32)}
+    rows = []
+    for fsdp in sizes:
+      mesh = sharding.make_mesh(f"data={n // fsdp},fsdp={fsdp}")
+      step = sharding.ShardedBlockStep(
+          parts.loss_fn, absign_jax.absignsgd(1e-5), mesh, aggregation=args.aggregation,
+          layered=parts.layered)
+      state = jax.eval_shape(step.init, params)
+      t0 = time.time()
+      compiled = step.lower(state, batch, block=0).compile()  # the deepest backprop
+      mem = program_memory(compiled)
+      axes = sharding.collective_bytes_by_axis(compiled, mesh)
+      placed = step.placement.place_state(state)
+      per_device = {}
+      for x in jax.tree.leaves(placed.params):
+        shard = x.sharding.shard_shape(x.shape)
+        per_device[0] = per_device.get(0, 0) + int(np.prod(shard)) * x.dtype.itemsize
+      print(f"# {preset} fsdp={fsdp}: compiled in {time.time() - t0:.0f}s",
+            file=sys.stderr, flush=True)
+      rows.append((fsdp, mesh, mem, axes, per_device[0]))
+    print(f"\n{preset} ({total / 2**30:,.2f} GiB of {cfg.dtype} parameters, "
+          f"{cfg.n_layers} layers, {layout} layout), ABSignSGD block step "
+          f"({args.aggregation}), batch {n * args.rows_per_device} x {args.seq_len}, "
+          f"{n} simulated {jax.default_backend()} devices; bytes per device:\n")
+    print("| mesh | params / device (MiB) | params x fsdp / total | arguments (MiB) | "
+          "temp (MiB) | output (MiB) | total (MiB) | gathers+reduce over fsdp (MiB) | "
+          "vote over data (bytes) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for fsdp, mesh, mem, axes, pbytes in rows:
+      over_fsdp = axes.get("fsdp", {}).get("total", 0)
+      vote = axes.get("data", {})
+      print(f"| data={mesh.shape['data']},fsdp={fsdp} | {mib(pbytes)} | "
+            f"{pbytes * fsdp / total:.4f} | {mib(mem['argument'])} | {mib(mem['temp'])} | "
+            f"{mib(mem['output'])} | {mib(mem['total'])} | {mib(over_fsdp)} | "
+            f"{vote.get('total', 0):,} (+{vote.get('conditional', 0):,} if a zero) |")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,15 @@ evaluation and outputs. Outputs go to ``--out`` (default ``runs/<optimizer>``):
 ``--compare absignsgd,adamw,block_adam`` trains each optimizer on the same data,
 steps and seed and writes ``compare.md`` and ``compare.png`` (loss against
 wall-clock time, one curve per optimizer).
+
+``--mesh data=2,fsdp=4`` trains on a mesh of devices (default: every device on
+``data``): workers along ``data`` vote on the active block's gradient
+(``--aggregation``), devices along ``fsdp`` hold a slice of every parameter (see
+:mod:`absign_jax.train.sharding`). Several processes (one per host) join with
+``--coordinator HOST:PORT --num-processes N --process-id K`` (or ``--distributed``
+where ``jax.distributed.initialize()`` finds them itself); every process reads the
+same model and data and places its own devices' slices. Process 0 writes the
+outputs, the others write theirs under ``OUT/process_K``; checkpoints are shared.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 import absign_jax
 from absign_jax.llm import data as data_lib
@@ -39,6 +49,8 @@ from absign_jax.llm import model as model_lib
 from absign_jax.llm import peers as peers_lib
 from absign_jax.llm import tasks as tasks_lib
 from absign_jax.llm.tokenizer import Tokenizer
+from absign_jax.train import data_parallel as dp_lib
+from absign_jax.train import sharding as sharding_lib
 
 BLOCK_OPTIMIZERS = ("absignsgd", "absignsgd_uniform", "block_adam", "alias_absignsgd")
 FULL_OPTIMIZERS = ("adamw", "sign_sgd", "sgd_sai", "alias_sign_sgd", "lora", "galore")
@@ -152,6 +164,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="also measure perplexity on a second text the tuning never sees, "
                  "and chat answers to fixed prompts, before and after")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--mesh", default=None, metavar="data=N,fsdp=M",
+                 help="device mesh: workers along data vote, devices along fsdp hold a "
+                 "slice of every parameter (default: every device on data)")
+  p.add_argument("--aggregation", default="majority", choices=dp_lib.AGGREGATIONS,
+                 help="how the workers along data combine the block gradient")
+  p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                 help="several processes: the address of process 0 (jax.distributed)")
+  p.add_argument("--num-processes", type=int, default=1,
+                 help="several processes: how many join (with --coordinator)")
+  p.add_argument("--process-id", type=int, default=None,
+                 help="several processes: this process's index (with --coordinator)")
+  p.add_argument("--distributed", action="store_true",
+                 help="call jax.distributed.initialize() with the cluster's own "
+                 "settings (SLURM, TPU pods, ...)")
   args = p.parse_args(argv)
   args.argv = list(sys.argv[1:] if argv is None else argv)
 
@@ -185,6 +211,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   if allowed and not args.resume:
     p.error("--allow-changed only applies with --resume")
   args.allow_changed = allowed
+  need("--num-processes", args.num_processes, args.num_processes >= 1, "an integer >= 1")
+  if args.num_processes > 1 and (args.coordinator is None or args.process_id is None):
+    p.error("--num-processes > 1 needs --coordinator HOST:PORT and --process-id K")
+  if args.process_id is not None and not 0 <= args.process_id < args.num_processes:
+    p.error(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
+  if args.mesh is not None:
+    try:  # the names and syntax now; the sizes once the devices are known
+      sharding_lib.parse_mesh(args.mesh, -1)
+    except ValueError as e:
+      if "device" not in str(e):
+        p.error(f"--mesh: {e}")
   if args.resume and args.compare:
     p.error("--resume continues one run: drop --compare")
   if args.task and args.data:
@@ -376,7 +413,7 @@ def model_dtype(policy: absign_jax.Policy) -> str:
 
 
 def peak_device_bytes() -> int | None:
-  stats = jax.devices()[0].memory_stats() or {}
+  stats = jax.local_devices()[0].memory_stats() or {}
   return stats.get("peak_bytes_in_use")
 
 
@@ -598,25 +635,85 @@ class RunResult:
   eval_curve: list[tuple[float, float]]  # (wall-clock s, held-out ppl)
 
 
-def train(args, name: str, loaded, out_dir: str) -> RunResult:
-  """Trains one optimizer from the pretrained weights; writes its outputs."""
+def host_params(params):
+  """``params`` as arrays this process can read whole (gathered across processes)."""
+  if jax.process_count() == 1:
+    return params
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(jnp.asarray, multihost_utils.process_allgather(params, tiled=True))
+
+
+def params_digest(params) -> str:
+  """SHA-256 of every parameter's bytes in tree order (equal runs, equal digests)."""
+  h = hashlib.sha256()
+  for x in jax.tree.leaves(params):
+    h.update(np.ascontiguousarray(np.asarray(x)).tobytes())
+  return h.hexdigest()
+
+
+def run_mesh(args, name: str):
+  """The ``--mesh`` of a run (None: one device, the plain steps)."""
+  if name in ("lora", "galore"):  # their frozen weights ride in the batch argument
+    if args.mesh is not None:
+      raise UsageError(f"{name} runs on one device: drop --mesh")
+    return None
+  if args.mesh is None and jax.device_count() == 1:
+    return None
+  try:
+    mesh = sharding_lib.make_mesh(args.mesh)
+  except ValueError as e:
+    raise UsageError(f"--mesh: {e}") from None
+  if args.batch % mesh.size:
+    raise UsageError(f"--batch {args.batch} does not divide over the {mesh.size} "
+                     f"devices of the mesh {dict(mesh.shape)}: use a multiple of "
+                     f"{mesh.size}")
+  return mesh
+
+
+def load_options(args, policy, mesh, cfg: model_lib.LlamaConfig) -> dict:
+  """How the program loads the model; on a mesh, each device reads its own slices."""
+  options = dict(dtype=model_dtype(policy), scan_layers=True, remat=args.remat,
+                 loss_chunk=512)
+  if mesh is not None:
+    cfg = cfg.replace(**options)
+    abstract = nnx.eval_shape(lambda: model_lib.Llama(cfg, rngs=nnx.Rngs(0)))
+    options["sharding"] = sharding_lib.Sharded(mesh).loader_sharding(
+        nnx.to_pure_dict(nnx.state(abstract)))
+  return options
+
+
+def make_step(args, name: str, parts, tx, policy, mesh):
+  """The training step: on one device (``mesh`` None), or sharded and voting."""
+  if name in BLOCK_OPTIMIZERS:
+    options = dict(layered=parts.layered, seed=args.seed, **policy.step_options())
+    if mesh is None:
+      return absign_jax.BlockTrainStep(parts.loss_fn, tx, **options), None
+    return sharding_lib.ShardedBlockStep(parts.loss_fn, tx, mesh,
+                                         aggregation=args.aggregation, **options), mesh
+  if policy.name not in ("fp32", "bf16"):
+    raise ValueError(f"--precision {policy.name} needs a block optimizer "
+                     f"({', '.join(BLOCK_OPTIMIZERS)}); {name} supports fp32 and bf16.")
+  if mesh is None:
+    return absign_jax.FullTrainStep(parts.loss_fn, tx, seed=args.seed), None
+  return sharding_lib.ShardedFullStep(parts.loss_fn, tx, mesh, seed=args.seed), mesh
+
+
+def train(args, name: str, loaded, out_dir: str, ckpt_dir: str | None = None
+          ) -> RunResult:
+  """Trains one optimizer from the pretrained weights; writes its outputs.
+
+  ``ckpt_dir`` (default ``out_dir/checkpoints``) is shared by every process.
+  """
   tokenizer, train_set, heldout = loaded.tokenizer, loaded.train, loaded.heldout
   os.makedirs(out_dir, exist_ok=True)
   policy = absign_jax.policy(args.precision)
+  mesh = run_mesh(args, name)
   _, model, _ = export_lib.load_model(
-      args.model, dtype=model_dtype(policy), scan_layers=True, remat=args.remat,
-      loss_chunk=512)
+      args.model, **load_options(args, policy, mesh, loaded.config))
   parts = model_parts(args, name, model)
   params = policy.cast_params(parts.params)
   tx = make_optimizer(args, name)
-  if name in BLOCK_OPTIMIZERS:
-    step = absign_jax.BlockTrainStep(parts.loss_fn, tx, layered=parts.layered,
-                                     seed=args.seed, **policy.step_options())
-  else:
-    if policy.name not in ("fp32", "bf16"):
-      raise ValueError(f"--precision {policy.name} needs a block optimizer "
-                       f"({', '.join(BLOCK_OPTIMIZERS)}); {name} supports fp32 and bf16.")
-    step = absign_jax.FullTrainStep(parts.loss_fn, tx, seed=args.seed)
+  step, mesh = make_step(args, name, parts, tx, policy, mesh)
   state = step.init(params)
   batches = data_lib.Batches(train_set, args.batch, seed=args.seed)
   # LoRA / GaLore: the frozen weights ride in the step's batch argument.
@@ -624,12 +721,14 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
   problems = loaded.task.problems if loaded.task is not None else None
   settings = run_settings(args, name, loaded)
   ckpt = absign_jax.Checkpointer(
-      os.path.join(out_dir, "checkpoints"), max_to_keep=2,
+      ckpt_dir or os.path.join(out_dir, "checkpoints"), max_to_keep=2,
       metadata={"optimizer": name, "precision": args.precision, "settings": settings})
   start = 0
   wall = 0.0  # training wall-clock: evaluations and the first (compiling) step excluded
   summary_path = os.path.join(out_dir, "summary.json")
-  pretrained = state.params  # restoring reads into new arrays; these stay valid
+  # Restoring reads into new arrays; these stay valid. Several processes: gathered,
+  # so that every process evaluates the whole model.
+  pretrained = host_params(state.params)
   if args.resume:
     try:
       state, start, wall = restore_run(args, name, ckpt, state, settings)
@@ -708,7 +807,8 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
         bar.update(1)
       if args.eval_every and step_idx % args.eval_every == 0 and step_idx < args.steps:
         record["heldout_ppl_subset"] = math.exp(
-            evaluate(parts, state.params, heldout, args.batch, args.eval_seqs))
+            evaluate(parts, host_params(state.params), heldout, args.batch,
+                     args.eval_seqs))
       if "skipped" in metrics:
         record["skipped"] = int(metrics["skipped"])
       log.write(record)
@@ -724,7 +824,7 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
     if step_idx > start and (not args.ckpt_every or step_idx % args.ckpt_every):
       ckpt.save(step_idx, state, {"step": step_idx, "wall_s": wall})
     ckpt.close()  # waits for the saves: a signal now aborts the one in flight
-  params, opt_state = state.params, state.opt_state
+  params, opt_state = host_params(state.params), state.opt_state
   interrupted = signal.Signals(stop.signum).name if stop.signum is not None else None
 
   records = log.records
@@ -778,6 +878,11 @@ def train(args, name: str, loaded, out_dir: str) -> RunResult:
       "peak_device_bytes": peak_device_bytes(),
       "batch": args.batch, "seq": args.seq, "precision": args.precision,
       "device": str(jax.devices()[0].device_kind),
+      "processes": jax.process_count(),
+      "mesh": dict(mesh.shape) if mesh is not None else None,
+      "aggregation": args.aggregation if mesh is not None and name in BLOCK_OPTIMIZERS
+                     else None,
+      "params_sha256": params_digest(params),
       **task_figures,
       **forgetting,
   }
@@ -947,6 +1052,25 @@ def make_output_dir(path: str) -> None:
     raise UsageError(f"--out: the output directory {path} is not writable")
 
 
+def start_processes(args) -> None:
+  """Joins the other processes (``jax.distributed``) before JAX uses any device."""
+  if args.num_processes > 1:
+    try:
+      jax.distributed.initialize(coordinator_address=args.coordinator,
+                                 num_processes=args.num_processes,
+                                 process_id=args.process_id)
+    except (RuntimeError, ValueError) as e:
+      raise UsageError(f"--coordinator {args.coordinator}: could not join "
+                       f"{args.num_processes} processes ({e})") from None
+  elif args.distributed:
+    jax.distributed.initialize()
+  if args.mesh is not None:
+    try:
+      sharding_lib.parse_mesh(args.mesh, jax.device_count())
+    except ValueError as e:
+      raise UsageError(f"--mesh: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> list[RunResult]:
   """Runs the program; bad options or files exit with a message (code 2).
 
@@ -959,13 +1083,18 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
   out = args.out or os.path.join("runs", "compare" if args.compare else names[0])
   name, run_dir = names[0], out
   try:
+    start_processes(args)
+    shared = out  # checkpoints: one directory that every process writes its slices to
+    if jax.process_index() > 0:
+      out = os.path.join(out, f"process_{jax.process_index()}")
     for d in [out] + ([os.path.join(out, n) for n in names] if args.compare else []):
       make_output_dir(d)
     loaded = load(args)
     results = []
     for name in names:
       run_dir = os.path.join(out, name) if args.compare else out
-      results.append(train(args, name, loaded, run_dir))
+      ckpt_dir = os.path.join(shared, name if args.compare else "", "checkpoints")
+      results.append(train(args, name, loaded, run_dir, ckpt_dir))
       stopped = results[-1].summary.get("interrupted")
       if stopped:
         left = names[names.index(name) + 1:]

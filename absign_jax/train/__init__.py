@@ -6,5 +6,7 @@
 * :mod:`.precision` -- policies, loss scaling, stochastic rounding, the master copy and
   the step's update arithmetic;
 * :mod:`.data_parallel` -- majority votes over a mesh axis, composed into the steps;
+* :mod:`.sharding` -- parameters sharded over a ``(data, fsdp)`` mesh (FSDP), the
+  vote over ``data``;
 * :mod:`.checkpoint` -- orbax checkpoints that resume exactly.
 """

@@ -30,7 +30,11 @@ complete checkpoint.
 
 Restoring uses the *target's* structure (a state of the current model and optimizer,
 e.g. ``step.init(params)``, or its ``jax.eval_shape``): the arrays are read into that
-structure, with its shardings and dtypes. Before reading, the saved metadata is
+structure, with its shardings and dtypes. Sharded states (parameters and optimizer
+state sliced over a mesh, :mod:`absign_jax.train.sharding`) are saved by every process
+writing its own slices, and restore onto the target's shardings: the same mesh or
+another shape of it (``data=2,fsdp=4`` saved, ``data=4,fsdp=2`` or ``data=8``
+restored), each device reading only its slice. Before reading, the saved metadata is
 compared with the target's: another block count or layout, another parameter
 tree, shape or dtype is a ``ValueError`` that names the differences, never a silent
 partial restore.

@@ -305,6 +305,148 @@ def check_lm():
   emit("comm_bytes", True, **out)
 
 
+# -- parameters sharded over (data, fsdp) meshes ---------------------------------------
+
+FSDP_MESHES = ("data=8", "data=4,fsdp=2", "data=2,fsdp=4", "data=1,fsdp=8")
+_FSDP_STEPS = {}
+
+
+def fsdp_lm():
+  """A 2-layer small LM (every leaf divides by 8): the sharded checks compile less."""
+  from flax import nnx
+
+  from tests.models import Config, TinyLM
+  cfg = Config(n_layers=2)
+  return absign_jax.split_nnx(TinyLM(cfg, rngs=nnx.Rngs(0))), cfg
+
+
+def check_fsdp_meshes():
+  """Every mesh shape: the step equals the simulated vote of its ``data`` workers bit
+  for bit, and each device holds exactly 1/fsdp of the parameters' bytes."""
+  from absign_jax.train import sharding
+  parts, cfg = fsdp_lm()
+  params = parts.params
+  total = sum(np.asarray(x).nbytes for x in jax.tree.leaves(params))
+  for shape in FSDP_MESHES:
+    mesh = sharding.make_mesh(shape)
+    workers, fsdp = mesh.shape["data"], mesh.shape["fsdp"]
+    rows = NUM_DEVICES // workers
+    step = sharding.ShardedBlockStep(parts.loss_fn, absign_jax.absignsgd(LR), mesh,
+                                     aggregation="majority_1bit", donate=False,
+                                     dispatch="per_block")
+    _FSDP_STEPS[shape] = step, parts, cfg  # the bytes check reads its compiled program
+    state = step.init(params)
+    p, details, ok = host(params), [], True
+    for k in range(1):
+      batch = lm_batch(cfg, 100 + k)
+      b = int(absign_jax.active_block(state.opt_state))
+      shards = [jax.tree.map(lambda x: x[w * rows:(w + 1) * rows], batch)
+                for w in range(workers)]
+      vote, _ = simulate_vote(parts.loss_fn, p, shards, b, wrt="block")
+      want = expected_params(p, b, vote)
+      state, m = step(state, batch)
+      p = host(state.params)
+      per_device = sharding.per_device_bytes(state.params)
+      same = bit_equal(p, want)
+      ok &= same and int(m["skipped"]) == 0
+      details.append({"block": b, "bit_equal": same})
+    bytes_ok = (len(per_device) == NUM_DEVICES
+                and set(per_device.values()) == {total // fsdp} and total % fsdp == 0)
+    emit(f"fsdp_{shape}", ok and bytes_ok, steps=details, total_bytes=total,
+         per_device_bytes=sorted(set(per_device.values())), fsdp=fsdp)
+
+
+def check_fsdp_comm_bytes():
+  """Collective bytes per step on data=2,fsdp=4, per mesh axis, beside AdamW."""
+  from absign_jax.train import sharding
+  step, parts, cfg = _FSDP_STEPS["data=2,fsdp=4"]
+  params, batch = parts.params, lm_batch(cfg, 100)
+  mesh = step.placement.mesh
+  spec = absign_jax.block_spec(params)
+  out = {"block_params": spec.block_sizes(jax.tree.leaves(params))[spec.num_blocks - 1],
+         "params": sum(int(np.size(x)) for x in jax.tree.leaves(params))}
+  keep = ("all-reduce", "all-gather", "reduce-scatter", "total", "conditional", "wire")
+  for agg in ("majority_1bit", "majority"):
+    if agg == "majority":
+      step = sharding.ShardedBlockStep(parts.loss_fn, absign_jax.absignsgd(LR), mesh,
+                                       aggregation=agg, donate=False,
+                                       dispatch="per_block")
+    axes = sharding.collective_bytes_by_axis(
+        step.lower(step.init(params), batch).compile(), mesh)
+    out[agg] = {a: {k: v[k] for k in keep} for a, v in axes.items()}
+  # The int8 majority on fsdp slices: the simulated vote of the 2 workers, bit for bit.
+  b = int(absign_jax.active_block(step.init(params).opt_state))
+  vote, _ = simulate_vote(parts.loss_fn, host(params), [
+      jax.tree.map(lambda x: x[:4], batch), jax.tree.map(lambda x: x[4:], batch)], b,
+      wrt="block")
+  out["majority_bit_equal"] = bit_equal(step(step.init(params), batch)[0].params,
+                                        expected_params(host(params), b, vote))
+  full = sharding.ShardedFullStep(parts.loss_fn, optax.adamw(1e-3), mesh, donate=False)
+  state = full.init(params)
+  axes = sharding.collective_bytes_by_axis(full.lower(state, batch).compile(), mesh)
+  out["adamw"] = {a: {k: v[k] for k in keep} for a, v in axes.items()}
+  # AdamW on the shardings vs. one device (the mean gradient's sums run in another
+  # order, so to float32 rounding: a sign flip of a ~0 gradient moves a weight 2 lr).
+  one = absign_jax.FullTrainStep(parts.loss_fn, optax.adamw(1e-3), donate=False)
+  got = jax.tree.leaves(host(full(state, batch)[0].params))
+  want = jax.tree.leaves(host(one(one.init(params), batch)[0].params))
+  out["adamw_max_abs_diff"] = max(float(np.max(np.abs(g - w))) for g, w in zip(got, want))
+  moments = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x)]
+  out["adamw_state_bytes"] = sum(x.nbytes for x in moments)
+  out["adamw_state_bytes_per_device"] = sorted(
+      set(sharding.per_device_bytes(moments).values()))
+  emit("fsdp_comm_bytes", out["majority_bit_equal"] and out["adamw_max_abs_diff"] < 1e-5,
+       **out)
+
+
+def check_fsdp_checkpoint():
+  """A sharded state saved on data=2,fsdp=4 restores onto (4, 2) and (8, 1) meshes."""
+  import tempfile
+
+  from absign_jax.train import checkpoint, sharding
+  parts, cfg = fsdp_lm()
+  params = parts.params
+  tx = optax.chain(absign_jax.block_adam(1e-3))
+  saved_on = sharding.ShardedBlockStep(parts.loss_fn, tx, sharding.make_mesh(
+      "data=2,fsdp=4"), aggregation="mean", donate=False)
+  state, _ = saved_on(saved_on.init(params), lm_batch(cfg, 3))
+  ok, details = True, {}
+  with tempfile.TemporaryDirectory() as d:
+    with checkpoint.Checkpointer(d, async_save=False) as ckpt:
+      ckpt.save(1, state)
+      for shape in ("data=4,fsdp=2", "data=8"):
+        mesh = sharding.make_mesh(shape)
+        target_step = sharding.ShardedBlockStep(parts.loss_fn, tx, mesh,
+                                                aggregation="mean", donate=False)
+        target = target_step.init(params)
+        restored = ckpt.restore(1, target).state
+        same = bit_equal(restored, state)
+        placed = all(r.sharding == t.sharding for r, t in
+                     zip(jax.tree.leaves(restored), jax.tree.leaves(target)))
+        fsdp = mesh.shape["fsdp"]
+        moments = [x for x in jax.tree.leaves(restored.opt_state) if np.ndim(x) == 2]
+        sliced = all(s.data.size * fsdp == x.size for x in moments
+                     for s in x.addressable_shards)
+        ok &= same and placed and sliced and bool(moments)
+        details[shape] = {"bit_equal": same, "target_shardings": placed,
+                          "moments_sliced": sliced}
+  emit("fsdp_checkpoint", ok, **details)
+
+
+def check_fsdp_indivisible_batch():
+  """A batch of 4 rows on data=2,fsdp=4: a clear error before anything compiles."""
+  from absign_jax.train import sharding
+  parts, cfg = fsdp_lm()
+  step = sharding.ShardedBlockStep(parts.loss_fn, absign_jax.absignsgd(LR),
+                                   sharding.make_mesh("data=2,fsdp=4"), donate=False)
+  try:
+    step(step.init(parts.params), lm_batch(cfg, 0, rows=4))
+  except ValueError as e:
+    emit("fsdp_indivisible_batch", step.compiled_programs == 0, error=str(e))
+  else:
+    emit("fsdp_indivisible_batch", False, error="no error")
+
+
 CHECKS = {
     "toy_votes": check_toy_votes,
     "toy_2d_mesh": check_toy_2d_mesh,
@@ -312,6 +454,10 @@ CHECKS = {
     "nonfinite": check_nonfinite_skip,
     "indivisible_batch": check_indivisible_batch,
     "lm": check_lm,
+    "fsdp_meshes": check_fsdp_meshes,
+    "fsdp_comm_bytes": check_fsdp_comm_bytes,
+    "fsdp_checkpoint": check_fsdp_checkpoint,
+    "fsdp_indivisible_batch": check_fsdp_indivisible_batch,
 }
 
 
