@@ -79,11 +79,16 @@ Program = Callable[[PyTree, PyTree, precision_lib.PrecisionState, Batch], tuple]
 __all__ = [
     "Aggregated",
     "BlockTrainStep",
+    "DEFAULT_RESIDUALS",
+    "LayerCost",
+    "ResidualPolicy",
     "FullTrainStep",
     "Placement",
     "SingleDevice",
     "TrainState",
+    "keep_layers",
     "local",
+    "residual_budget",
 ]
 
 
@@ -212,6 +217,29 @@ def _take(stack, i):
   return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, False), stack)
 
 
+def _kept_layers(layer, stack, j, k, h):
+  """Layers ``j+1 .. j+k`` (those below ``n``) of ``stack`` applied to ``h``.
+
+  Differentiated by JAX's autodiff with their activations kept: each layer body is
+  rematerialised with ``dots_saveable``, so the backward keeps every matmul output
+  of these ``k`` layers and recomputes only the cheap elementwise work and the
+  layer's weight slice (never a copy of the weights).
+  """
+  n = jax.tree.leaves(stack)[0].shape[0]
+
+  def run(h, i):
+    return layer(_take(stack, jnp.minimum(i, n - 1)), h)
+
+  run = jax.checkpoint(run, policy=jax.checkpoint_policies.dots_saveable)
+
+  def body(h, t):
+    i = j + 1 + t
+    return jax.lax.cond(i < n, run, lambda h, i: h, h, i), None
+
+  h, _ = jax.lax.scan(body, h, jnp.arange(k))
+  return h
+
+
 def _layers_above(layer, stack, j, h):
   """Layers ``j+1 .. n-1`` of ``stack`` applied to ``h``; differentiable in ``h`` only.
 
@@ -256,6 +284,107 @@ def _layers_above(layer, stack, j, h):
   return run(h, stack, j)
 
 
+# ---------------------------------------------------------------------------------
+# What to keep of the layers above the active one
+# ---------------------------------------------------------------------------------
+
+
+class LayerCost(NamedTuple):
+  """What a residual policy is told about the model (all static, in bytes).
+
+  Attributes:
+    num_layers: layers in the stack.
+    layer_residual_bytes: the activations one layer keeps for its backward (its
+      matmul outputs, at this batch shape; an estimate from the traced layer).
+    layer_param_bytes: one layer's parameters.
+    stack_bytes: all layers' parameters.
+  """
+
+  num_layers: int
+  layer_residual_bytes: int
+  layer_param_bytes: int
+  stack_bytes: int
+
+
+class ResidualPolicy(Protocol):
+  """How many layers above the active one keep their activations.
+
+  Called once per compiled program with the model's :class:`LayerCost`; returns
+  ``k``: the nearest ``k`` layers above the active one keep their activations
+  (backward at no extra forward), the layers above those save only their input and
+  are recomputed in the backward (one extra forward each, no stored activations).
+  """
+
+  def __call__(self, cost: LayerCost) -> int:
+    ...
+
+
+class keep_layers(NamedTuple):  # noqa: N801 -- used like a function
+  """Keep the activations of the nearest ``k`` layers above the active one."""
+
+  k: int
+
+  def __call__(self, cost: LayerCost) -> int:
+    return self.k
+
+
+class residual_budget(NamedTuple):  # noqa: N801 -- used like a function
+  """Keep as many layers' activations as fit in a byte budget.
+
+  Attributes:
+    max_bytes: the budget in bytes; or None for ``fraction`` of the stacked
+      parameters' bytes.
+    fraction: the budget relative to the layers' parameter bytes.
+  """
+
+  max_bytes: int | None = None
+  fraction: float = 0.0
+
+  def __call__(self, cost: LayerCost) -> int:
+    budget = (self.max_bytes if self.max_bytes is not None
+              else self.fraction * cost.stack_bytes)
+    return int(budget // max(cost.layer_residual_bytes, 1))
+
+
+def _check_policy(residuals) -> ResidualPolicy:
+  if isinstance(residuals, (int, np.integer)) and not isinstance(residuals, bool):
+    if residuals < 0:
+      raise ValueError(f"residuals={residuals}: the number of layers whose "
+                       f"activations are kept must be >= 0.")
+    return keep_layers(int(residuals))
+  if callable(residuals):
+    return residuals
+  raise TypeError(f"residuals must be an int (layers kept), or a policy such as "
+                  f"absign_jax.residual_budget(...) or absign_jax.keep_layers(k); "
+                  f"got {type(residuals).__name__}.")
+
+
+def _tree_bytes(tree) -> int:
+  return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def _layer_cost(layer, stack, h) -> LayerCost:
+  """The :class:`LayerCost` of ``layer`` on ``h`` (traced abstractly, no compute)."""
+  n = jax.tree.leaves(stack)[0].shape[0]
+  w = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), stack)
+  x = jax.ShapeDtypeStruct(h.shape, h.dtype)
+
+  def residuals(w, x):
+    f = jax.checkpoint(lambda x: layer(w, x), policy=jax.checkpoint_policies.dots_saveable)
+    return jax.vjp(f, x)[1]
+
+  saved = jax.eval_shape(residuals, w, x)
+  w_bytes = _tree_bytes(w)
+  # The vjp closes over the layer's weights and input too; what is left is kept.
+  kept = max(_tree_bytes(saved) - w_bytes - _tree_bytes(x), 0)
+  return LayerCost(int(n), int(kept), int(w_bytes), int(w_bytes * n))
+
+
+DEFAULT_RESIDUALS: ResidualPolicy = residual_budget(fraction=0.0)
+"""The residual policy of :class:`BlockTrainStep` unless one is given."""
+
+
 class _Programs:
   """The jitted programs of a step, built lazily, with how often each was traced.
 
@@ -291,7 +420,14 @@ class BlockTrainStep:
       ``block_adam``, ...), possibly inside ``optax.chain`` or
       ``optax.inject_hyperparams``. Transformations chained outside the block wrapper
       must be stateless per leaf (scaling, clipping): they see only the block.
-    layered: the model's pieces, needed for fast stacked-layer blocks.
+    layered: the model's pieces, needed for fast stacked-layer blocks (see
+      :func:`absign_jax.cut_nnx`, :func:`absign_jax.cut_linen`, :func:`absign_jax.cut`).
+    residuals: what the stacked program keeps of the layers above the active one: a
+      :class:`ResidualPolicy` (:func:`residual_budget`, :func:`keep_layers`) or an
+      int ``k`` (keep the nearest ``k`` layers' activations, recompute the rest).
+      The default, :data:`DEFAULT_RESIDUALS`, is chosen from measurements (see
+      BENCHMARKS.md). Every choice gives the same result; only speed and memory
+      differ.
     dispatch: ``"auto"``, ``"per_block"`` or ``"switch"``.
     donate: donate the state's buffers (updated in place).
     loss_scale: ``None`` (off), ``"dynamic"`` or a
@@ -323,6 +459,7 @@ class BlockTrainStep:
 
   def __init__(self, loss_fn: LossFn, tx: optax.GradientTransformation, *,
                layered: LayeredLoss | None = None, dispatch: str = "auto",
+               residuals: ResidualPolicy | int | None = None,
                donate: bool = True,
                loss_scale: precision_lib.DynamicLossScale | str | float | None = None,
                rounding: str = "nearest", master_copy: bool = False, seed: int = 0,
@@ -338,6 +475,7 @@ class BlockTrainStep:
     self.loss_fn = loss_fn
     self.tx = tx
     self.layered = layered
+    self.residuals = _check_policy(DEFAULT_RESIDUALS if residuals is None else residuals)
     self.dispatch = dispatch
     self.loss_scale = precision_lib.resolve_loss_scale(loss_scale)
     self.rounding = rounding
@@ -421,6 +559,15 @@ class BlockTrainStep:
     """
     return sum(self._programs.traces.values())
 
+  def kept_layers(self, stack: PyTree, h: jax.Array) -> int:
+    """How many layers above the active one keep their activations (the policy's
+    answer for this stack and hidden-state shape, clipped to ``0 .. n-1``)."""
+    n = jax.tree.leaves(stack)[0].shape[0]
+    k = self.residuals(_layer_cost(self.layered.layer, stack, h))
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
+      raise TypeError(f"the residual policy returned {k!r}; it must return an int.")
+    return int(min(max(k, 0), n - 1))
+
   # -- programs ---------------------------------------------------------------------
 
   def _update(self, spec, flat, treedef, members, block_id, group_block, grads, loss,
@@ -484,10 +631,14 @@ class BlockTrainStep:
     stack = subtree(params, lay.stack_path)
 
     h = lay.embed(params, batch)
+    k = self.kept_layers(stack, h)
     h = jax.lax.fori_loop(0, j, lambda i, h: lay.layer(_take(stack, i), h), h)
 
     def loss_from_active(w):
-      out = _layers_above(lay.layer, stack, j, lay.layer(w, h))
+      out = lay.layer(w, h)
+      if k:
+        out = _kept_layers(lay.layer, stack, j, k, out)
+      out = _layers_above(lay.layer, stack, j + k, out)
       return lay.head_loss(params, out, batch)
 
     scaled = precision_lib.scaled_loss(loss_from_active, prec, self.loss_scale)
