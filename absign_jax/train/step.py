@@ -224,11 +224,13 @@ def _kept_layers(layer, stack, j, k, h):
   """The top ``k`` layers (``n-k .. n-1``) of ``stack`` above ``j`` applied to ``h``.
 
   Differentiated by JAX's autodiff with their activations kept: each layer is
-  rematerialised with ``dots_saveable``, so the backward keeps every matmul output
-  of these layers and recomputes only the cheap elementwise work. The loop is
-  unrolled over static layer indices (``k`` is small): a scan would carry the whole
-  stack as a per-iteration residual. Layers at or below ``j`` are skipped by a
-  ``cond``.
+  rematerialised with ``dots_saveable``, so the backward keeps the layer's matmul
+  outputs and recomputes only the cheap elementwise work. The loop is unrolled over
+  static layer indices (``k`` is small; a scan would carry the whole stack as a
+  per-iteration residual); a ``cond`` skips the layers at or below ``j``. Each kept
+  layer's weight slice is the cond's operand and stays alive until its backward:
+  a kept layer costs its activations plus one copy of its own weights (never of
+  the stack).
   """
   n = jax.tree.leaves(stack)[0].shape[0]
   run = jax.checkpoint(lambda h, w: layer(w, h),
@@ -297,9 +299,7 @@ class LayerCost(NamedTuple):
   Attributes:
     num_layers: layers in the stack.
     layer_residual_bytes: the activations one layer keeps for its backward (its
-      matmul outputs at this batch shape, estimated from the traced layer; XLA's
-      buffers come out larger: 26 MB per kept layer measured against an 11.8 MB
-      estimate on the 135M-parameter Llama at batch 4 x 128).
+      matmul outputs at this batch shape, estimated from the traced layer).
     layer_param_bytes: one layer's parameters.
     stack_bytes: all layers' parameters.
   """
@@ -338,6 +338,11 @@ class keep_layers(NamedTuple):  # noqa: N801 -- used like a function
 class residual_budget(NamedTuple):  # noqa: N801 -- used like a function
   """Keep as many layers' activations as fit in a byte budget.
 
+  A kept layer costs its activations and its weight slice
+  (``layer_residual_bytes + layer_param_bytes`` of :class:`LayerCost`; on the
+  135M-parameter Llama at batch 4 x 128 that predicts the 26 MB each kept layer
+  added to the compiled program: 11.8 + 14.2 MB).
+
   Attributes:
     max_bytes: the budget in bytes; or None for ``fraction`` of the stacked
       parameters' bytes.
@@ -350,7 +355,8 @@ class residual_budget(NamedTuple):  # noqa: N801 -- used like a function
   def __call__(self, cost: LayerCost) -> int:
     budget = (self.max_bytes if self.max_bytes is not None
               else self.fraction * cost.stack_bytes)
-    return int(budget // max(cost.layer_residual_bytes, 1))
+    # A kept layer holds its activations and, until its backward, its weight slice.
+    return int(budget // max(cost.layer_residual_bytes + cost.layer_param_bytes, 1))
 
 
 def _check_policy(residuals) -> ResidualPolicy:
@@ -388,13 +394,15 @@ def _layer_cost(layer, stack, h) -> LayerCost:
   return LayerCost(int(n), int(kept), int(w_bytes), int(w_bytes * n))
 
 
-DEFAULT_RESIDUALS: ResidualPolicy = residual_budget(fraction=0.1)
-"""The residual policy of :class:`BlockTrainStep` unless one is given: activations
-worth a tenth of the layers' parameter bytes (by :class:`LayerCost`'s estimate).
+DEFAULT_RESIDUALS: ResidualPolicy = residual_budget(fraction=0.2)
+"""The residual policy of :class:`BlockTrainStep` unless one is given: keep what
+fits in a fifth of the layers' parameter bytes.
 
 Measured on the 135M-parameter Llama (float32, batch 4 x 128, XLA:CPU compiled
-bytes, see BENCHMARKS.md): it keeps k = 3 layers, 914 MB against 836 MB for k = 0
-and 3143 MB for AdamW on the list layout (0.29x); each kept layer adds about 26 MB.
+bytes from ``profiling.program_memory``, 2-core CPU, 2026-11-29): k = 0 compiles to
+836 MB, each kept layer adds 26 MB (k = 4: 940 MB, 8: 1,044 MB, 16: 1,252 MB, 29:
+1,593 MB), AdamW takes 3,143 MB on the list layout (3,589 MB stacked). This default
+keeps k = 3: about 914 MB, 0.29x AdamW.
 """
 
 
@@ -438,9 +446,8 @@ class BlockTrainStep:
     residuals: what the stacked program keeps of the layers above the active one: a
       :class:`ResidualPolicy` (:func:`residual_budget`, :func:`keep_layers`) or an
       int ``k`` (keep ``k`` layers' activations, recompute the rest).
-      The default, :data:`DEFAULT_RESIDUALS`, is chosen from measurements (see
-      BENCHMARKS.md). Every choice gives the same result; only speed and memory
-      differ.
+      The default is :data:`DEFAULT_RESIDUALS` (chosen from compiled sizes, see
+      there). Every choice gives the same result; only speed and memory differ.
     dispatch: ``"auto"``, ``"per_block"`` or ``"switch"``.
     donate: donate the state's buffers (updated in place).
     loss_scale: ``None`` (off), ``"dynamic"`` or a
