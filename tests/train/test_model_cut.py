@@ -225,7 +225,7 @@ def test_residual_policy_bad_input():
 def test_list_layers_compile_without_a_copy_of_the_weights():
   """The one program of a list-layer model indexes the stack: its temporaries stay far
   below the layers' bytes, and the parameters are updated in place."""
-  model = nnx.eval_shape(lambda: MiniGPT("list", n=6, dim=128, ff=512, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: MiniGPT("list", n=12, dim=128, ff=512, rngs=nnx.Rngs(0)))
   parts = cut_minigpt(model)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), parts.params)
   step = absign_jax.BlockTrainStep(parts.loss_fn, absign_jax.absignsgd(LR),
@@ -234,7 +234,9 @@ def test_list_layers_compile_without_a_copy_of_the_weights():
   mem = absign_jax.profiling.program_memory(
       step.lower(jax.eval_shape(step.init, params), batch).compile())
   stack = absign_jax.profiling.tree_bytes(params["transformer_blocks"])
-  assert mem["temp"] < 4 * stack // 6 < stack, (mem, stack)
+  # What remains is the active layer's weights, gradient and update and the
+  # per-layer inputs: about 4 layers' bytes, under half of the 12-layer stack.
+  assert mem["temp"] < stack // 2, (mem, stack)
   assert mem["alias"] >= absign_jax.profiling.tree_bytes(params)
 
 
