@@ -47,7 +47,6 @@ import numpy as np
 PyTree = Any
 Batch = Any
 LossFn = Callable[[PyTree, Batch], jax.Array]
-LayersPath = "str | Sequence[Any]"
 
 __all__ = [
     "Cut",
