@@ -49,7 +49,17 @@ from absign_jax.related.sign_alias import (
 )
 from absign_jax.train.checkpoint import Checkpointer, Restored
 from absign_jax.train.data_parallel import DataParallelBlockStep, DataParallelFullStep
-from absign_jax.train.model import LayeredLoss, NnxParts, split_nnx
+from absign_jax.train.model import (
+    Cut,
+    LayerCut,
+    LayeredLoss,
+    NnxParts,
+    StackedLayers,
+    cut,
+    cut_linen,
+    cut_nnx,
+    split_nnx,
+)
 from absign_jax.train.precision import (
     DynamicLossScale,
     LossScaleState,
@@ -58,7 +68,14 @@ from absign_jax.train.precision import (
     policy,
     stochastic_round,
 )
-from absign_jax.train.step import BlockTrainStep, FullTrainStep, TrainState
+from absign_jax.train.step import (
+    BlockTrainStep,
+    FullTrainStep,
+    LayerCost,
+    TrainState,
+    keep_layers,
+    residual_budget,
+)
 
 __version__ = "0.1.0"
 
@@ -75,9 +92,10 @@ __all__ = [
     "scale_by_alias", "scale_by_sai", "sgd_sai", "sign_sgd_estimates", "sos_step_size",
     # train: steps, model protocol, precision, data parallelism, checkpoints
     "BlockTrainStep", "Checkpointer", "DataParallelBlockStep", "DataParallelFullStep",
-    "DynamicLossScale", "FullTrainStep", "LayeredLoss", "LossScaleState", "NnxParts",
-    "Policy", "PrecisionState", "Restored", "TrainState", "policy", "split_nnx",
-    "stochastic_round",
+    "Cut", "DynamicLossScale", "FullTrainStep", "LayerCost", "LayerCut", "LayeredLoss",
+    "LossScaleState", "NnxParts", "Policy", "PrecisionState", "Restored",
+    "StackedLayers", "TrainState", "cut", "cut_linen", "cut_nnx", "keep_layers",
+    "policy", "residual_budget", "split_nnx", "stochastic_round",
     # subpackages
     "blocks", "optim", "profiling", "related", "train",
 ]

@@ -97,7 +97,8 @@ class Model:
     self.parts = absign_jax.split_nnx(abstract)
     # Eager initialisation (op by op, on the default device). A jitted init of the
     # list layout compiles for minutes on GPU (XLA's "very slow compile" alarm).
-    self._init = lambda: nnx.state(Llama(cfg, rngs=nnx.Rngs(seed)), nnx.Param)
+    # The parameters as the steps train them (split_nnx stacks list layers).
+    self._init = lambda: absign_jax.split_nnx(Llama(cfg, rngs=nnx.Rngs(seed))).params
 
     def init_lora():
       model = Llama(cfg, rngs=nnx.Rngs(seed))

@@ -15,7 +15,8 @@ recognises
 * linen auto-names: ``layers_0``, ``layers_1``, ... or ``Block_0``, ``Block_1``, ...,
 * stacked layers: every leaf under ``layers`` / ``h`` / ``blocks`` has a leading axis
   of length N (``nnx.vmap``/``nnx.scan`` or linen ``nn.scan``); block ``k`` is slice
-  ``k`` of each such leaf.
+  ``k`` of each such leaf. Under another name, the container whose leaves (two or
+  more, all at least matrices) share a leading axis.
 
 An explicit ``partition`` (a callable on the dotted path, or a labels tree) overrides
 detection.
@@ -223,6 +224,19 @@ def _find_stacked(paths, shapes):
       if best is None or len(idxs) > len(candidates[best]):
         best = prefix
   if best is None:
+    # Any other name (``transformer_blocks``, ``decoder``): the container whose
+    # leaves, two or more and none of them a vector, share a leading axis; the one
+    # covering most leaves, outermost first.
+    candidates = {}
+    for leaf_idx, keys in enumerate(paths):
+      for j in range(1, len(keys)):
+        candidates.setdefault(keys[:j], []).append(leaf_idx)
+    ok = [p for p, idxs in candidates.items()
+          if len(idxs) >= 2 and all(len(shapes[i]) >= 2 for i in idxs)
+          and len({shapes[i][0] for i in idxs}) == 1]
+    if ok:
+      best = min(ok, key=lambda p: (-len(candidates[p]), len(p)))
+  if best is None:
     return None, 0, None
   n = int(shapes[candidates[best][0]][0])
   return set(candidates[best]), n, best
@@ -354,6 +368,14 @@ def _detect(paths, shapes, include_embedding, include_head) -> BlockSpec:
   assignment, layout, group = _find_layer_list(paths)
   stacked_leaves: set[int] = set()
   n_layers = 0
+  if assignment is not None:
+    # Indexed submodules *inside* a stack (linen's Dense_0, Dense_1 in an nn.scan
+    # body) are parts of one layer: the stack is the layer list.
+    known = (group[1] or (group[0][-1] if group[0] else "")).lower()
+    inside = _find_stacked(paths, shapes)[2]
+    if (known not in LAYER_CONTAINER_NAMES and inside is not None
+        and group[0][:len(inside)] == inside):
+      assignment = None
   if assignment is not None:
     n_layers = max(assignment.values()) + 1
     container = ".".join(group[0] + ((group[1],) if group[1] else ()))

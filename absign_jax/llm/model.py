@@ -687,6 +687,24 @@ class Llama(nnx.Module):
         stack_path=("layers",),
     )
 
+  def layer_cut(self) -> Any:
+    """Where the training step cuts the model: an :class:`absign_jax.LayerCut`.
+
+    Either layout: :func:`absign_jax.split_nnx` stacks list layers for training,
+    so both run the one dynamic-index program. Batches are ``{"inputs",
+    "targets", "mask"}``. A layer runs its ``forward`` (no remat): the step keeps
+    or recomputes the layers above the active one itself.
+    """
+    from absign_jax.train.model import LayerCut
+
+    return LayerCut(
+        embed=lambda m, batch: m.embed(batch["inputs"]),
+        head_loss=lambda m, h, batch: m.head_loss(
+            h, batch["targets"], batch.get("mask")),
+        layers="layers",
+        layer=lambda block, h: block.forward(h),
+    )
+
   def embed(self, inputs: jax.Array) -> jax.Array:
     """Token ids ``[B, T]`` to hidden states ``[B, T, D]`` (param dtype)."""
     h = self.embed_tokens(inputs)

@@ -1,6 +1,7 @@
 """Training: the steps, how they see a model, precision, data parallelism, checkpoints.
 
-* :mod:`.model` -- the model protocol (``LayeredLoss``, ``split_nnx``);
+* :mod:`.model` -- the model protocol (``LayeredLoss``), its adapters (``cut_nnx``,
+  ``cut_linen``, ``cut``) and ``split_nnx``;
 * :mod:`.step` -- ``BlockTrainStep`` (partial backprop) and ``FullTrainStep``, one
   calling form ``state, metrics = step(state, batch)``;
 * :mod:`.precision` -- policies, loss scaling, stochastic rounding, the master copy and

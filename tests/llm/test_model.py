@@ -167,18 +167,31 @@ def test_layered_protocol_reproduces_loss():
   np.testing.assert_allclose(by_stacked_pieces(ms, batch), [ref, ref], rtol=1e-5)
 
 
-def test_layered_loss_is_the_training_steps_view_of_the_model():
-  """``layered_loss()``: None for the list layout; the stacked pieces give the loss."""
+def test_layer_cut_is_the_training_steps_view_of_the_model():
+  """``layer_cut()``: both layouts give the same stacked training view and loss,
+  and ``merge`` puts trained parameters back in the model's own layout."""
   import absign_jax
 
   batch = batch_for()
   m = make()
-  assert m.layered_loss() is None and absign_jax.split_nnx(m).layered is None
-  parts = absign_jax.split_nnx(M.convert_layout(m, scan_layers=True))
-  assert isinstance(parts.layered, absign_jax.LayeredLoss)
-  assert parts.layered.stack_path == ("layers",)
-  np.testing.assert_allclose(jax.jit(parts.layered.loss)(parts.params, batch),
-                             loss_of(m, batch), rtol=1e-5)
+  ms = M.convert_layout(m, scan_layers=True)
+  parts, sparts = absign_jax.split_nnx(m), absign_jax.split_nnx(ms)
+  for p in (parts, sparts):
+    assert isinstance(p.layered, absign_jax.LayeredLoss)
+    assert p.layered.stack_path == ("layers",)
+    np.testing.assert_allclose(jax.jit(p.layered.loss)(p.params, batch),
+                               loss_of(m, batch), rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(p.loss_fn)(p.params, batch),
+                               loss_of(m, batch), rtol=1e-5)
+  # The list layout is stacked for training: the same leaves as the stacked model.
+  for a, b in zip(jax.tree.leaves(parts.params), jax.tree.leaves(sparts.params)):
+    np.testing.assert_array_equal(a, b)
+  assert sparts.layers is None and parts.layers.layout == "list"
+  back = parts.merge(parts.params)
+  assert not back.stacked
+  for a, b in zip(jax.tree.leaves(nnx.state(back, nnx.Param)),
+                  jax.tree.leaves(nnx.state(m, nnx.Param))):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_stacked_layer_under_jit_with_traced_index():

@@ -276,7 +276,10 @@ def test_stacked_dynamic_program_holds_no_copy_of_the_stack():
   cfg = Config(stacked=True, dim=256, hidden=512, n_layers=6)
   parts = absign_jax.split_nnx(nnx.eval_shape(lambda: TinyLM(cfg, rngs=nnx.Rngs(0))))
   tx = absign_jax.absignsgd(1e-3)
-  step = absign_jax.BlockTrainStep(parts.loss_fn, tx, layered=parts.layered)
+  # residuals=0: every layer above is recomputed (a kept layer holds its weights'
+  # slice besides its activations until its backward).
+  step = absign_jax.BlockTrainStep(parts.loss_fn, tx, layered=parts.layered,
+                                   residuals=0)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                         parts.params)
   batch = {k: jax.ShapeDtypeStruct((2, 16), jnp.int32) for k in ("inputs", "targets")}
