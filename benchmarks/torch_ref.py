@@ -89,7 +89,7 @@ def build(jax_model: model_lib.Llama, threads: int | None = None):
 
 def torch_batch(batch: dict) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
-  return {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+  return {k: torch.from_numpy(np.array(v)) for k, v in batch.items()}
 
 
 def loss_of(model, tb: dict):
