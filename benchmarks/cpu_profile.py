@@ -5,8 +5,8 @@ Runs a few steps of each method (block methods at fixed blocks) with
 one JSON line per method. Run it under different runtime settings and compare, e.g.::
 
     python benchmarks/cpu_profile.py --methods absignsgd,adamw,torch_block_sign
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 python benchmarks/cpu_profile.py
-    python benchmarks/cpu_profile.py --malloc keep     # glibc: no mmap, no trimming
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 \\
+        MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 python benchmarks/cpu_profile.py
 
 On a shared machine compare the CPU seconds and fault counts, which other
 processes' load changes far less than wall-clock, and alternate the settings.
@@ -34,12 +34,8 @@ def main(argv=None):
   p.add_argument("--blocks", default="0,15,29",
                  help="blocks the block methods are timed at (each --steps times)")
   p.add_argument("--steps", type=int, default=3)
-  p.add_argument("--malloc", default="default", choices=["default", "keep"],
-                 help="keep: glibc malloc tuned (via mallopt) never to return memory "
-                      "to the kernel, see step_time.py --malloc")
   p.add_argument("--out", default=None, help="append the JSON lines to this file")
   args = p.parse_args(argv)
-  step_time.tune_malloc(args.malloc)
   import jax  # pylint: disable=g-import-not-at-top
   from absign_jax import profiling  # pylint: disable=g-import-not-at-top
   import torch_ref  # pylint: disable=g-import-not-at-top
@@ -51,9 +47,8 @@ def main(argv=None):
   batch = step_time.make_batch(cfg, args.batch, args.seq)
   n = cfg.n_layers
   blocks = [int(b) for b in args.blocks.split(",")]
-  setting = {k: os.environ.get(k) for k in ("LD_PRELOAD", "XLA_FLAGS", "MALLOC_ARENA_MAX",
+  setting = {k: os.environ.get(k) for k in ("LD_PRELOAD", "MALLOC_CONF", "XLA_FLAGS", "MALLOC_ARENA_MAX",
                                             "GLIBC_TUNABLES") if os.environ.get(k)}
-  setting["malloc"] = args.malloc
   for method in args.methods.split(","):
     if method in step_time.TORCH_METHODS:
       host = {k: jax.numpy.asarray(v) for k, v in batch.items()}

@@ -557,40 +557,6 @@ def torch_runners(methods, model: Model, batch: dict, rows: dict, jax_loss: floa
 
 
 # ---------------------------------------------------------------------------------
-# runtime settings
-# ---------------------------------------------------------------------------------
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
-
-
-def tune_malloc(mode: str) -> bool:
-  """``"keep"``: glibc malloc keeps freed memory for reuse (returns whether applied).
-
-  XLA:CPU allocates each execution's temporaries with ``malloc``; glibc serves
-  blocks above 32 MB with a fresh ``mmap`` and gives them back on ``free``, so every
-  step touches its temporaries' pages anew: one minor page fault (and a zeroed page)
-  per 4 KiB. ``"keep"`` sets ``M_MMAP_MAX = 0`` (every block from the heap) and the
-  largest ``M_TRIM_THRESHOLD`` (the heap is not trimmed), like the environment
-  ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``. Memory freed by one step
-  is then reused by the next; the process's resident size stays at its peak.
-  """
-  if mode == "default":
-    return False
-  if mode != "keep":
-    raise ValueError(f"malloc mode must be 'default' or 'keep', got {mode!r}")
-  import ctypes  # pylint: disable=g-import-not-at-top
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-    ok = libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-  except (OSError, AttributeError):
-    ok = False
-  if not ok:
-    raise SystemExit("--malloc keep needs glibc's mallopt (Linux); use --malloc default "
-                     "or LD_PRELOAD another allocator.")
-  return True
-
-
-# ---------------------------------------------------------------------------------
 # targets
 # ---------------------------------------------------------------------------------
 
@@ -687,10 +653,6 @@ def parse_args(argv=None):
                       "compiling backend's)")
   p.add_argument("--allow-big-cpu", action="store_true",
                  help="let qwen3-8b run without an accelerator (needs > 100 GB)")
-  p.add_argument("--malloc", default="keep", choices=["keep", "default"],
-                 help="keep (default): glibc malloc reuses freed memory instead of "
-                      "returning it to the kernel after every step (see tune_malloc); "
-                      "default: glibc's own settings (or whatever LD_PRELOAD brings)")
   p.add_argument("--compilation-cache", default=None, metavar="DIR",
                  help="use JAX's persistent compilation cache in DIR (off by default, "
                       "so that compile times are compilations; with it, a program "
@@ -721,7 +683,6 @@ def main(argv=None):
   for m in methods:
     if m not in METHODS:
       raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-  malloc_tuned = tune_malloc(args.malloc) if not os.environ.get("LD_PRELOAD") else False
   if args.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -884,7 +845,7 @@ def main(argv=None):
       "compilation_cache": args.compilation_cache,
       "machine": dict(machine_info(), load_avg_start=load_start,
                       xla_flags=os.environ.get("XLA_FLAGS"),
-                      malloc="keep" if malloc_tuned else "default",
+                      malloc_conf=os.environ.get("MALLOC_CONF"),
                       ld_preload=os.environ.get("LD_PRELOAD")),
       "command": "python benchmarks/step_time.py " + " ".join(
           sys.argv[1:] if argv is None else argv),
@@ -1094,7 +1055,8 @@ def _f(x, spec):
 
 def markdown(r: dict) -> str:
   mi = r["machine"]
-  env = [f"{k}={mi[k]}" for k in ("xla_flags", "ld_preload", "malloc") if mi.get(k)]
+  env = [f"{k.upper()}={mi[k]}" for k in ("xla_flags", "ld_preload", "malloc_conf")
+         if mi.get(k)]
   lines = [
       f"### Step time and memory: {r['preset']} (N = {r['n_layers']}, "
       f"{r['num_params'] / 1e6:.1f}M params, {r['dtype']}), batch {r['batch']} x "

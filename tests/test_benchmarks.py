@@ -1,8 +1,9 @@
 """Smoke tests of ``benchmarks/step_time.py`` on the tiny preset.
 
 One run of every row with both opt-in studies (a few steps each), a ``--memory-only``
-run that must agree with it, and a run with PyTorch hidden. The runs share a
-persistent compilation cache (``--compilation-cache``), so a program compiles once.
+run that must agree with it, and a run on the defaults with PyTorch hidden. The runs
+share a persistent compilation cache (``--compilation-cache``, kept in pytest's cache
+directory), so a program compiles once, and not again in later sessions.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def _run(args, prelude="pass"):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("jax_cache"))
+def cache(request):
+  # Keyed by each program's HLO, flags and jax version: a hit is the same program.
+  return str(request.config.cache.mkdir("step_time_jax_cache"))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,7 @@ def tiny(tmp_path_factory, cache):
   """Every row, both studies, two steps of each."""
   out = tmp_path_factory.mktemp("step_time")
   stdout = _run([*SMALL, "--steps", "2", "--sequence-steps", "3", "--compile-steps", "2",
-                 "--dispatch-study", "stacked:auto,list:switch",
+                 "--dispatch-study", "stacked:auto,stacked:switch",
                  "--compilation-cache", cache, "--out", str(out)])
   result = json.loads((out / "step_time_tiny.json").read_text())
   assert (out / "step_time_tiny.md").read_text().strip() in stdout
@@ -134,12 +136,14 @@ def test_torch_rows_match_the_jax_model(tiny):
   assert rows["torch_adamw"]["opt_state_bytes"] >= 2 * rows["torch_adamw"]["param_bytes"]
 
 
-def test_torch_rows_skip_with_a_note(tmp_path, cache):
+def test_torch_rows_skip_with_a_note_and_studies_are_off_by_default(tmp_path, cache):
   stdout = _run([*SMALL, "--methods", "forward,torch_adamw,torch_block_sign",
                  "--steps", "1", "--compilation-cache", cache, "--out", str(tmp_path)],
                 prelude="sys.modules['torch'] = None")
   result = json.loads((tmp_path / "step_time_tiny.json").read_text())
   assert [r["name"] for r in result["rows"]] == ["forward"]
+  assert result["compile_study"] is None and result["dispatch_study"] is None
+  assert result["layout"] == "stacked"
   assert "torch is not installed" in result["torch_note"]
   assert "PyTorch rows: skipped: torch is not installed" in stdout
 
@@ -151,26 +155,12 @@ def test_opt_in_studies(tiny):
   assert cs["absignsgd"]["steps"] == cs["adamw"]["steps"] == 2
   assert cs["absignsgd"]["wall_s"] > 0 and cs["adamw"]["wall_s"] > 0
   ds = {(e["layout"], e["dispatch"]): e for e in result["dispatch_study"]}
-  assert set(ds) == {("stacked", "auto"), ("list", "switch")}
+  assert set(ds) == {("stacked", "auto"), ("stacked", "switch")}
+  # The configuration of the main row is reused, another one is measured.
   assert ds[("stacked", "auto")]["mean_step_s"] == rows["absignsgd"]["mean_step_s"]
-  assert ds[("list", "switch")]["programs"] == 1
+  assert ds[("stacked", "switch")]["programs"] == 1
   for e in ds.values():
     assert e["compile_s"] >= 0 and e["mean_step_s"] > 0 and e["memory_bytes"] > 0
-
-
-def test_studies_are_off_by_default():
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  try:
-    import step_time  # pylint: disable=g-import-not-at-top
-  finally:
-    sys.path.pop(0)
-  args = step_time.parse_args([])
-  assert args.compile_steps == 0 and args.dispatch_study == "none"
-  assert args.layout == "stacked"
-  with pytest.raises(SystemExit):
-    step_time.parse_args(["--dispatch-study", "list:fast"])
-  with pytest.raises(SystemExit):
-    step_time.parse_args(["--model", "/nonexistent/model.gguf"])
 
 
 def test_memory_only_agrees_with_the_run(tiny, tmp_path, cache):
