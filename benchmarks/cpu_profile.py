@@ -30,6 +30,8 @@ def main(argv=None):
   p.add_argument("--preset", default="smollm2-135m")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=128)
+  p.add_argument("--loss-chunk", type=int, default=None,
+                 help="tokens per chunk of the cross-entropy (default: the preset's)")
   p.add_argument("--methods", default="absignsgd,adamw,torch_block_sign,torch_adamw")
   p.add_argument("--blocks", default="0,15,29",
                  help="blocks the block methods are timed at (each --steps times)")
@@ -40,15 +42,17 @@ def main(argv=None):
   from absign_jax import profiling  # pylint: disable=g-import-not-at-top
   import torch_ref  # pylint: disable=g-import-not-at-top
 
-  st_args = step_time.parse_args(["--preset", args.preset, "--batch", str(args.batch),
-                                  "--seq", str(args.seq)])
+  st_args = step_time.parse_args(
+      ["--preset", args.preset, "--batch", str(args.batch), "--seq", str(args.seq)]
+      + ([] if args.loss_chunk is None else ["--loss-chunk", str(args.loss_chunk)]))
   cfg, layout, _ = step_time.config_for(st_args)
   model = step_time.Model(cfg.replace(scan_layers=(layout == "stacked")))
   batch = step_time.make_batch(cfg, args.batch, args.seq)
   n = cfg.n_layers
   blocks = [int(b) for b in args.blocks.split(",")]
-  setting = {k: os.environ.get(k) for k in ("LD_PRELOAD", "MALLOC_CONF", "XLA_FLAGS", "MALLOC_ARENA_MAX",
-                                            "GLIBC_TUNABLES") if os.environ.get(k)}
+  setting = {"loss_chunk": cfg.loss_chunk}
+  setting.update({k: os.environ.get(k) for k in ("LD_PRELOAD", "MALLOC_CONF", "XLA_FLAGS", "MALLOC_ARENA_MAX",
+                                            "GLIBC_TUNABLES") if os.environ.get(k)})
   for method in args.methods.split(","):
     if method in step_time.TORCH_METHODS:
       host = {k: jax.numpy.asarray(v) for k, v in batch.items()}

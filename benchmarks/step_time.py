@@ -557,6 +557,63 @@ def torch_runners(methods, model: Model, batch: dict, rows: dict, jax_loss: floa
 
 
 # ---------------------------------------------------------------------------------
+# runtime: the allocator
+# ---------------------------------------------------------------------------------
+
+_LIBDIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64",
+            "/usr/lib")
+# The library and the settings that keep freed memory in the process (no decay to
+# the kernel), so that a step reuses the previous step's pages.
+ALLOCATORS = {
+    "jemalloc": ("libjemalloc.so.2",
+                 {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}),
+    "tcmalloc": ("libtcmalloc_minimal.so.4", {"TCMALLOC_RELEASE_RATE": "0"}),
+}
+
+
+def find_allocator(name: str) -> str | None:
+  """The path of allocator ``name``'s shared library, or None."""
+  lib = ALLOCATORS[name][0]
+  for d in _LIBDIRS:
+    if os.path.exists(os.path.join(d, lib)):
+      return os.path.join(d, lib)
+  return None
+
+
+def use_allocator(choice: str, argv: list[str]) -> str:
+  """Re-executes this script with ``choice``'s allocator preloaded, if it is not.
+
+  XLA:CPU allocates every execution's temporaries (and PyTorch its tensors) with
+  ``malloc``; glibc's returns large blocks to the kernel on ``free``, so every step
+  page-faults its temporaries in anew (one fault and one zeroed page per 4 KiB:
+  about 480,000 per adamw step on smollm2-135m). jemalloc or tcmalloc, told to keep
+  freed memory, reuse the pages. ``"auto"``: jemalloc where installed (Debian:
+  ``libjemalloc2``), else the system's. Returns the allocator in use.
+  """
+  if choice == "system":
+    return "system"
+  names = ["jemalloc", "tcmalloc"] if choice == "auto" else [choice]
+  preload = os.environ.get("LD_PRELOAD", "")
+  for name in names:
+    if ALLOCATORS[name][0] in preload:
+      return name
+  for name in names:
+    path = find_allocator(name)
+    if path is None:
+      continue
+    env = dict(os.environ, LD_PRELOAD=":".join(x for x in (path, preload) if x),
+               **ALLOCATORS[name][1])
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
+  if choice != "auto":
+    raise SystemExit(f"--allocator {choice}: {ALLOCATORS[choice][0]} not found in "
+                     f"{', '.join(_LIBDIRS)} (Debian: apt-get install "
+                     f"{'libjemalloc2' if choice == 'jemalloc' else 'libtcmalloc-minimal4'}"
+                     "), or use --allocator system.")
+  return "system"
+
+
+# ---------------------------------------------------------------------------------
 # targets
 # ---------------------------------------------------------------------------------
 
@@ -653,6 +710,11 @@ def parse_args(argv=None):
                       "compiling backend's)")
   p.add_argument("--allow-big-cpu", action="store_true",
                  help="let qwen3-8b run without an accelerator (needs > 100 GB)")
+  p.add_argument("--allocator", default="auto",
+                 choices=["auto", "jemalloc", "tcmalloc", "system"],
+                 help="malloc of the process (re-executes with LD_PRELOAD): auto = "
+                      "jemalloc where installed, keeping freed memory (see "
+                      "use_allocator); system: whatever the process has")
   p.add_argument("--compilation-cache", default=None, metavar="DIR",
                  help="use JAX's persistent compilation cache in DIR (off by default, "
                       "so that compile times are compilations; with it, a program "
@@ -679,6 +741,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
+  allocator = use_allocator(args.allocator, sys.argv[1:] if argv is None else list(argv))
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   for m in methods:
     if m not in METHODS:
@@ -845,7 +908,7 @@ def main(argv=None):
       "compilation_cache": args.compilation_cache,
       "machine": dict(machine_info(), load_avg_start=load_start,
                       xla_flags=os.environ.get("XLA_FLAGS"),
-                      malloc_conf=os.environ.get("MALLOC_CONF"),
+                      malloc_conf=os.environ.get("MALLOC_CONF"), allocator=allocator,
                       ld_preload=os.environ.get("LD_PRELOAD")),
       "command": "python benchmarks/step_time.py " + " ".join(
           sys.argv[1:] if argv is None else argv),
@@ -1057,6 +1120,7 @@ def markdown(r: dict) -> str:
   mi = r["machine"]
   env = [f"{k.upper()}={mi[k]}" for k in ("xla_flags", "ld_preload", "malloc_conf")
          if mi.get(k)]
+  env.insert(0, f"allocator {mi.get('allocator', 'system')}")
   lines = [
       f"### Step time and memory: {r['preset']} (N = {r['n_layers']}, "
       f"{r['num_params'] / 1e6:.1f}M params, {r['dtype']}), batch {r['batch']} x "

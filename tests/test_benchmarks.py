@@ -105,6 +105,13 @@ def test_every_row_has_its_fields(tiny):
   # Optimizer state: adamw holds two moments of every parameter, absignsgd none.
   assert rows["adamw"]["opt_state_bytes"] >= 2 * rows["adamw"]["param_bytes"]
   assert rows["absignsgd"]["opt_state_bytes"] < 0.01 * rows["adamw"]["opt_state_bytes"]
+  # The default allocator: jemalloc where installed, preloaded by re-execution.
+  have_jemalloc = any(os.path.exists(os.path.join(d, "libjemalloc.so.2"))
+                      for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu",
+                                "/usr/lib64", "/usr/lib"))
+  assert result["machine"]["allocator"] == ("jemalloc" if have_jemalloc else "system")
+  if have_jemalloc:
+    assert "libjemalloc.so.2" in result["machine"]["ld_preload"]
   names = {t["target"] for t in result["targets"]}
   assert any("forward" in t for t in names) and any("memory" in t for t in names)
 
@@ -138,12 +145,15 @@ def test_torch_rows_match_the_jax_model(tiny):
 
 def test_torch_rows_skip_with_a_note_and_studies_are_off_by_default(tmp_path, cache):
   stdout = _run([*SMALL, "--methods", "forward,torch_adamw,torch_block_sign",
-                 "--steps", "1", "--compilation-cache", cache, "--out", str(tmp_path)],
+                 "--steps", "1", "--compilation-cache", cache, "--out", str(tmp_path),
+                 # Hidden in this process only: no re-execution with an allocator.
+                 "--allocator", "system"],
                 prelude="sys.modules['torch'] = None")
   result = json.loads((tmp_path / "step_time_tiny.json").read_text())
   assert [r["name"] for r in result["rows"]] == ["forward"]
   assert result["compile_study"] is None and result["dispatch_study"] is None
   assert result["layout"] == "stacked"
+  assert result["machine"]["allocator"] == "system"
   assert "torch is not installed" in result["torch_note"]
   assert "PyTorch rows: skipped: torch is not installed" in stdout
 
