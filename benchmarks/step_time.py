@@ -454,8 +454,12 @@ method in ``SCHEDULE`` runs the block its leader just ran: the same sequence). W
 
 
 def measure(method, runner, n, args, compiled_first, log) -> dict:
-  """Warm-up and timings of one method on its own (the sequential measurement)."""
-  warm = warm_up(runner, n, compiled_first)
+  """Warm-up and timings of one method on its own (the sequential measurement).
+
+  PyTorch runners are eager: nothing to compile (their first call is made when they
+  are built).
+  """
+  warm = None if method in TORCH_METHODS else warm_up(runner, n, compiled_first)
   per_block, full_times, seq, seq_blocks, usage = time_methods(
       {method: runner}, n, args.steps, args.block_repeats, args.sequence_steps)
   if method in PER_BLOCK_TIMED:
@@ -1214,7 +1218,7 @@ def markdown(r: dict) -> str:
       "weighted by the scheme's visit frequencies; torch_block_sign follows "
       "absignsgd's schedule). Speed-up: adamw's median over the mean (block methods) "
       "or the median (the others). Cost model, in layer forwards: full backprop 3N, block i N + (N-1-i) + 2; LoRA "
-      "2N; forward N). Memory: the compiled step's argument + output + temp - alias "
+      "2N; forward N. Memory: the compiled step's argument + output + temp - alias "
       "bytes (largest program). Compile + 100 steps: compile time plus 100 times the "
       "step time the speed-up uses, from this run's figures (the opt-in compile study "
       "measures it as wall-clock).",
