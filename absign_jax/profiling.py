@@ -11,20 +11,24 @@ and the tests read sizes through these functions:
   program, from XLA's ``memory_analysis()``.
 * :func:`collective_bytes`: bytes moved by the collectives of a compiled program, read
   from its optimized HLO text.
+* :func:`cpu_usage`: this process's CPU time (user and kernel) and page faults so far;
+  the difference of two readings is what the code between them cost the CPU.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Any
+import resource
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 PyTree = Any
 
-__all__ = ["collective_bytes", "master_bytes", "program_memory", "tree_bytes"]
+__all__ = ["CpuUsage", "collective_bytes", "cpu_usage", "master_bytes", "program_memory",
+           "tree_bytes"]
 
 
 def tree_bytes(tree: PyTree) -> int:
@@ -56,6 +60,46 @@ def program_memory(compiled: Any) -> dict[str, int | None]:
          for k in ("argument", "output", "temp", "alias")}
   out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
   return out
+
+
+class CpuUsage(NamedTuple):
+  """CPU time and page faults of this process (all its threads), from ``getrusage``.
+
+  Subtract two readings (``after - before``) for what happened between them.
+
+  Attributes:
+    user_s: CPU seconds in user mode.
+    sys_s: CPU seconds in the kernel (page faults, ``mmap``/``munmap``, thread
+      wake-ups).
+    minor_faults: page faults served without I/O (a first touch of fresh memory).
+    major_faults: page faults that needed I/O.
+    voluntary_switches: context switches the process asked for (a thread waiting).
+    involuntary_switches: context switches forced on it (other processes' load).
+  """
+
+  user_s: float
+  sys_s: float
+  minor_faults: int
+  major_faults: int
+  voluntary_switches: int
+  involuntary_switches: int
+
+  def __sub__(self, other: "CpuUsage") -> "CpuUsage":  # type: ignore[override]
+    return CpuUsage(*(a - b for a, b in zip(self, other)))
+
+
+def cpu_usage() -> CpuUsage:
+  """This process's :class:`CpuUsage` so far (``resource.getrusage(RUSAGE_SELF)``).
+
+  Example:
+    >>> before = cpu_usage()
+    >>> _ = sum(range(10**5))
+    >>> (cpu_usage() - before).user_s >= 0
+    True
+  """
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return CpuUsage(r.ru_utime, r.ru_stime, r.ru_minflt, r.ru_majflt, r.ru_nvcsw,
+                  r.ru_nivcsw)
 
 
 # -- collectives, read from the optimized HLO -------------------------------------------

@@ -2,6 +2,7 @@
 
 In one run, on the same model, batch and machine:
 
+* ``forward``            the model's forward and loss only (jitted): the floor
 * ``adamw``              optax.adamw, full backprop (:class:`absign_jax.FullTrainStep`)
 * ``absignsgd``          depth-biased ABSignSGD, partial backprop (BlockTrainStep)
 * ``absignsgd_uniform``  the same with uniform block selection
@@ -12,18 +13,24 @@ In one run, on the same model, batch and machine:
 * ``lora``               LoRA rank 8 on every attention and MLP projection, adamw on
                          the adapters, full backprop through the frozen base
                          (``benchmarks/lora.py``)
+* ``torch_adamw``        PyTorch: transformers' LlamaForCausalLM with the same weights,
+                         ``torch.optim.AdamW``, full backprop (``benchmarks/torch_ref.py``)
+* ``torch_block_sign``   PyTorch: the one-layer sign step with partial backprop by
+                         ``requires_grad``, following absignsgd's block sequence
 
-For every method: the per-step time (block until ready), the compiled program's size
-(``memory_analysis()``: argument + output + temp - alias bytes), the optimizer state's
-bytes, on GPU the device's peak memory, and the compile time of all its programs.
-Then two studies: compile time + ``--compile-steps`` steps of absignsgd vs adamw
-(wall-clock, from empty caches), and block dispatch (list layout per-block vs
-``lax.switch``, stacked layout's dynamic program): compile time and step time.
+For every method: the per-step time (block until ready), the CPU time and page faults
+per step (``getrusage``), the compiled program's size (``memory_analysis()``:
+argument + output + temp - alias bytes), the optimizer state's bytes, on GPU the
+device's peak memory, and the compile time of all its programs. Opt-in studies:
+``--compile-steps`` (compile time + that many steps of absignsgd vs adamw,
+wall-clock from empty caches) and ``--dispatch-study`` (block dispatch: list layout
+per-block vs ``lax.switch``, stacked layout's dynamic program).
 
 What the figures mean (also written into the Markdown output):
 
-* ``median_step_s``: median over the timed steps. For a block method these are a
-  sequence of ``max(--steps, 2N)`` steps that follows the method's own block schedule.
+* ``median_step_s``: median over the timed steps. For a block method these are the
+  ``--sequence-steps`` steps that follow the method's own block schedule (without
+  them: the forced per-block timings).
 * ``mean_step_s``: what a training run sees per step. Full backprop: the mean of the
   timed steps. Block methods: ``sum_i f_i t_i``, the expected step time over a full
   schedule period, with ``t_i`` the median time of block ``i`` (each block timed
@@ -35,14 +42,16 @@ What the figures mean (also written into the Markdown output):
 * ``speedup_vs_adamw``: adamw's median step time over this method's ``mean_step_s``
   (block methods) or ``median_step_s`` (full-backprop methods: every step runs the
   same program, so the median is the robust estimate of that one cost).
-* ``model_speedup``: SPEC §4's cost model, in layer forwards: full backprop ``3N``,
+* ``model_speedup``: The cost model, in layer forwards: full backprop ``3N``,
   block ``i`` ``N + (N-1-i) + 2``, averaged with ``f_i``. For LoRA: forward plus
-  activation backprop through every layer, ``2N`` (adapters ignored).
+  activation backprop through every layer, ``2N`` (adapters ignored); forward ``N``.
+* ``compile_plus_100_steps_s``: ``compile_s + 100 x`` the step time the speed-up
+  uses, from this run's measured figures (not a separate wall-clock run; that is the
+  opt-in compile study).
 
 Usage::
 
-    python benchmarks/step_time.py --preset smollm2-135m --batch 4 --seq 128 \\
-        --dtype float32 --out runs/step_time
+    python benchmarks/step_time.py --preset smollm2-135m --out runs/step_time
 
 Writes ``step_time_<preset>.json`` and ``.md`` under ``--out`` and prints the tables
 last.
@@ -68,19 +77,30 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lora as lora_lib  # noqa: E402  (benchmarks/lora.py)
+import torch_ref  # noqa: E402  (benchmarks/torch_ref.py)
 
 import absign_jax  # noqa: E402
 from absign_jax import profiling  # noqa: E402
 from absign_jax.llm.model import Llama, LlamaConfig  # noqa: E402
 
-METHODS = ("adamw", "absignsgd", "absignsgd_uniform", "block_adam", "sign_sgd", "lora")
+TORCH_METHODS = ("torch_adamw", "torch_block_sign")
+METHODS = ("forward", "adamw", "absignsgd", "absignsgd_uniform", "block_adam",
+           "sign_sgd", "lora") + TORCH_METHODS
 BLOCK_METHODS = ("absignsgd", "absignsgd_uniform", "block_adam")
+# Timed block by block (forced active), weighted by visit frequencies.
+PER_BLOCK_TIMED = BLOCK_METHODS + ("torch_block_sign",)
+# The schedule a method follows (its visit frequencies).
+SCHEDULE = {"torch_block_sign": "absignsgd"}
 # Run order: ascending expected memory, so that a device's (never reset) peak-memory
-# counter read after each method is that method's own peak.
-RUN_ORDER = ("absignsgd", "absignsgd_uniform", "block_adam", "lora", "sign_sgd", "adamw")
+# counter read after each method is that method's own peak; PyTorch last.
+RUN_ORDER = ("forward", "absignsgd", "absignsgd_uniform", "block_adam", "lora",
+             "sign_sgd", "adamw") + TORCH_METHODS
 DEPTH_BIAS = 10.0
 LORA_RANK = 8
+LR, WEIGHT_DECAY = 1e-5, 0.01
 DISPATCH_CONFIGS = ("list:per_block", "list:switch", "stacked:auto")
+COMPILE_PLUS = 100  # the target's "compilation plus 100 steps"
+LOSS_RTOL = 1e-4  # PyTorch's loss against the JAX model's, before timing
 
 
 # ---------------------------------------------------------------------------------
@@ -89,39 +109,54 @@ DISPATCH_CONFIGS = ("list:per_block", "list:switch", "stacked:auto")
 
 
 class Model:
-  """A Llama config's pure pieces: fresh parameters on demand, loss, layered loss."""
+  """A Llama's pure pieces and its weights: fresh copies on demand, loss, layered loss.
 
-  def __init__(self, cfg: LlamaConfig, seed: int = 0):
-    self.cfg = cfg
-    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(seed)))
+  The weights are built (or read) once, kept on the host, and copied to the device
+  for every method (each donates its own parameters).
+  """
+
+  def __init__(self, cfg: LlamaConfig, seed: int = 0, module: Llama | None = None):
+    self.cfg = cfg if module is None else module.config
+    abstract = nnx.eval_shape(lambda: Llama(self.cfg, rngs=nnx.Rngs(seed)))
     self.parts = absign_jax.split_nnx(abstract)
-    # Eager initialisation (op by op, on the default device). A jitted init of the
-    # list layout compiles for minutes on GPU (XLA's "very slow compile" alarm).
-    # The parameters as the steps train them (split_nnx stacks list layers).
-    self._init = lambda: absign_jax.split_nnx(Llama(cfg, rngs=nnx.Rngs(seed))).params
-
-    def init_lora():
-      model = Llama(cfg, rngs=nnx.Rngs(seed))
-      lora_lib.add_lora(model, rank=LORA_RANK, rngs=nnx.Rngs(seed + 1))
-      _, adapters, base = nnx.split(model, lora_lib.LoRAParam, ...)
-      return adapters, base
+    self._module, self._host, self._seed = module, None, seed
 
     def lora_graphdef():
-      model = Llama(cfg, rngs=nnx.Rngs(seed))
-      lora_lib.add_lora(model, rank=LORA_RANK, rngs=nnx.Rngs(seed + 1))
-      return model
+      m = Llama(self.cfg, rngs=nnx.Rngs(seed))
+      lora_lib.add_lora(m, rank=LORA_RANK, rngs=nnx.Rngs(seed + 1))
+      return m
 
     graphdef = nnx.split(nnx.eval_shape(lora_graphdef), lora_lib.LoRAParam, ...)[0]
     self.lora_loss = lora_lib.lora_loss(graphdef)
-    self._init_lora = init_lora
+
+  def module(self) -> Llama:
+    """A fresh model with the weights (its own device arrays).
+
+    The weights are built on the first call (eagerly, op by op: a jitted init of
+    the list layout compiles for minutes on GPU) and kept on the host.
+    """
+    if self._host is None:
+      module = self._module or Llama(self.cfg, rngs=nnx.Rngs(self._seed))
+      self._graphdef, state = nnx.split(module)
+      self._host = jax.tree.map(np.asarray, state)
+      self._module = None
+    return nnx.merge(self._graphdef, jax.tree.map(jnp.array, self._host))
 
   def params(self):
-    """Fresh parameters (on the default device; built there, no host copy)."""
-    return self._init()
+    """Fresh parameters (a device copy), as the steps train them (``split_nnx``
+    presents list layers stacked)."""
+    return absign_jax.split_nnx(self.module()).params
 
-  def lora(self):
-    """Fresh ``(adapters, frozen base)``."""
-    return self._init_lora()
+  def lora(self, model: Llama | None = None):
+    """Fresh ``(adapters, frozen base)`` (on ``model``, default a fresh copy)."""
+    model = self.module() if model is None else model
+    lora_lib.add_lora(model, rank=LORA_RANK, rngs=nnx.Rngs(self._seed + 1))
+    _, adapters, base = nnx.split(model, lora_lib.LoRAParam, ...)
+    return adapters, base
+
+  def lora_shapes(self):
+    """The shapes of :meth:`lora`'s result; builds nothing."""
+    return jax.eval_shape(lambda: self.lora(Llama(self.cfg, rngs=nnx.Rngs(self._seed))))
 
 
 def make_batch(cfg: LlamaConfig, batch: int, seq: int, seed: int = 0) -> dict:
@@ -133,23 +168,23 @@ def make_batch(cfg: LlamaConfig, batch: int, seq: int, seed: int = 0) -> dict:
 
 def make_tx(method: str):
   if method == "adamw":
-    return optax.adamw(1e-5, weight_decay=0.01)
+    return optax.adamw(LR, weight_decay=WEIGHT_DECAY)
   if method == "absignsgd":
-    return absign_jax.absignsgd(1e-5, depth_bias=DEPTH_BIAS)
+    return absign_jax.absignsgd(LR, depth_bias=DEPTH_BIAS)
   if method == "absignsgd_uniform":
-    return absign_jax.absignsgd(1e-5, selection="uniform")
+    return absign_jax.absignsgd(LR, selection="uniform")
   if method == "block_adam":
-    return absign_jax.block_adam(1e-5, steps_per_block=1, selection="cyclic")
+    return absign_jax.block_adam(LR, steps_per_block=1, selection="cyclic")
   if method == "sign_sgd":
-    return absign_jax.sign_sgd(1e-5)
+    return absign_jax.sign_sgd(LR)
   if method == "lora":
     return optax.adamw(1e-4, weight_decay=0.0)
-  raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+  raise ValueError(f"no optax transformation for method {method!r}")
 
 
 def visit_frequencies(method: str, n: int) -> np.ndarray:
   """Long-run visit frequency of each block under the method's selection scheme."""
-  if method == "absignsgd":
+  if SCHEDULE.get(method, method) == "absignsgd":
     tau = np.array(absign_jax.blocks.selection.depth_biased_costs(n, DEPTH_BIAS), np.float64)
     f = 1.0 / tau
   else:  # uniform, cyclic
@@ -158,13 +193,15 @@ def visit_frequencies(method: str, n: int) -> np.ndarray:
 
 
 def model_speedup(method: str, n: int) -> float:
-  """SPEC §4's cost model: full backprop 3N; block i: N + (N-1-i) + 2."""
-  if method in BLOCK_METHODS:
+  """The cost model: full backprop 3N; block i: N + (N-1-i) + 2."""
+  if method in PER_BLOCK_TIMED:
     f = visit_frequencies(method, n)
     cost = float(np.sum(f * np.array([n + (n - 1 - i) + 2 for i in range(n)])))
     return 3 * n / cost
   if method == "lora":
     return 3 * n / (2 * n)
+  if method == "forward":
+    return 3.0
   return 1.0
 
 
@@ -228,6 +265,25 @@ class Runner:
     return self.step.lower(self.state, self.batch, block=block)
 
 
+class ForwardRunner:
+  """The model's forward and loss only, jitted (no gradient, no update): the floor."""
+
+  def __init__(self, loss_fn, params, batch):
+    self.fn = jax.jit(loss_fn)
+    self.params, self.batch, self.opt_state = params, batch, ()
+    self.step = None
+
+  def __call__(self, block: int | None = None) -> tuple[float, None]:
+    del block
+    t = time.perf_counter()
+    jax.block_until_ready(self.fn(self.params, self.batch))
+    return time.perf_counter() - t, None
+
+  def lower(self, block=None):
+    del block
+    return self.fn.lower(self.params, self.batch)
+
+
 def _median(xs):
   return float(statistics.median(xs)) if xs else None
 
@@ -237,8 +293,10 @@ def _mean(xs):
 
 
 def make_runner(method: str, model: Model, batch: dict, layout_model: Model,
-                dispatch: str, donate: bool = True) -> tuple[Runner, Any]:
-  """A fresh step, parameters and optimizer state for ``method``."""
+                dispatch: str, donate: bool = True) -> tuple[Any, Any]:
+  """A fresh step, parameters and optimizer state for ``method`` (JAX methods)."""
+  if method == "forward":
+    return ForwardRunner(layout_model.parts.loss_fn, layout_model.params(), batch), None
   tx = make_tx(method)
   if method == "lora":
     adapters, base = model.lora()
@@ -254,9 +312,9 @@ def make_runner(method: str, model: Model, batch: dict, layout_model: Model,
   return Runner(step, step.init(params), batch), tx
 
 
-def programs_of(runner: Runner, n: int) -> list[int | None]:
+def programs_of(runner, n: int) -> list[int | None]:
   """The distinct programs a step runs: one per block (per-block dispatch) or one."""
-  step = runner.step
+  step = getattr(runner, "step", None)
   if not isinstance(step, absign_jax.BlockTrainStep):
     return [None]
   spec = absign_jax.find_state(runner.opt_state).partition.spec(runner.params)
@@ -271,36 +329,53 @@ def programs_of(runner: Runner, n: int) -> list[int | None]:
 # ---------------------------------------------------------------------------------
 
 
-def aot_compile(runner, prog) -> float:
-  """Seconds to trace, lower and compile one program ahead of time.
+def aot_compile(runner, prog) -> tuple[float, Any]:
+  """Seconds to trace, lower and compile one program ahead of time, and the program.
 
   The executable lands in the jit's cache, so the first call that follows does not
   compile again. Timed on its own, unlike "first call minus a step", so it does not
   inherit the noise of step times on a shared machine.
   """
   t = time.perf_counter()
-  runner.lower(block=prog).compile()
-  return time.perf_counter() - t
+  compiled = runner.lower(block=prog).compile()
+  return time.perf_counter() - t, compiled
 
 
 def warm_up(runner, n, compiled_first) -> dict:
   """Compiles every program of the step once (ahead of time) and runs it once.
 
   ``compiled_first``: {program: first-call seconds} already paid lazily (compile
-  study). Returns the programs, their first-call times and AOT compile times.
+  study). Returns the programs, their first-call times, AOT compile times and
+  compiled executables (for their memory analysis).
   """
   programs = programs_of(runner, n)
   first_calls = dict(compiled_first or {})
   aot: dict = {}
+  executables: dict = {}
   for prog in programs:
     if prog not in first_calls:
-      aot[prog] = aot_compile(runner, prog)
+      aot[prog], executables[prog] = aot_compile(runner, prog)
       first_calls[prog] = runner(block=prog)[0] if prog is not None else runner()[0]
-  return {"programs": programs, "first_calls": first_calls, "aot": aot}
+  return {"programs": programs, "first_calls": first_calls, "aot": aot,
+          "executables": executables}
+
+
+def usage_summary(usage: list) -> dict:
+  """Per-step means of the CPU usage deltas (:class:`absign_jax.profiling.CpuUsage`)."""
+  if not usage:
+    return {}
+  return {"cpu_user_s": _mean([u.user_s for u in usage]),
+          "cpu_sys_s": _mean([u.sys_s for u in usage]),
+          "minor_faults": _mean([u.minor_faults for u in usage]),
+          "involuntary_switches": _mean([u.involuntary_switches for u in usage])}
 
 
 def summarize_full(times, warm) -> dict:
   med = _median(times)
+  if warm is None:  # eager (PyTorch): nothing compiled
+    return {"median_step_s": med, "mean_step_s": _mean(times),
+            "sequence_mean_step_s": _mean(times), "timed_steps": len(times),
+            "compile_s": 0.0, "programs": 0}
   (prog,) = warm["first_calls"]
   compile_s = warm["aot"].get(prog, max(warm["first_calls"][prog] - med, 0.0))
   return {"median_step_s": med, "mean_step_s": _mean(times),
@@ -312,6 +387,17 @@ def summarize_full(times, warm) -> dict:
 def summarize_block(method, n, per_block, seq, seq_blocks, warm, log) -> dict:
   t_block = np.array([statistics.median(per_block[b]) for b in range(n)])
   f = visit_frequencies(method, n)
+  out = {"median_step_s": _median(seq) if seq else float(np.median(t_block)),
+         "mean_step_s": float(np.sum(f * t_block)),
+         "sequence_mean_step_s": _mean(seq),
+         "timed_steps": len(seq) + sum(len(v) for v in per_block.values()),
+         "block_median_s": [float(x) for x in t_block],
+         "visit_frequency": [float(x) for x in f],
+         "sequence_blocks": seq_blocks}
+  log(f"  {method}: blocks {t_block.min():.4f}..{t_block.max():.4f} s, "
+      f"schedule {seq_blocks[:12]}...")
+  if warm is None:  # eager (PyTorch)
+    return dict(out, compile_s=0.0, programs=0)
   first_calls, aot = warm["first_calls"], warm["aot"]
   steady = {prog: (t_block[prog] if prog is not None else float(np.median(t_block)))
             for prog in first_calls}
@@ -319,68 +405,90 @@ def summarize_block(method, n, per_block, seq, seq_blocks, warm, log) -> dict:
   # study: first call minus the program's steady step time.
   compile_s = sum(aot[p] if p in aot else max(first_calls[p] - steady[p], 0.0)
                   for p in first_calls)
-  log(f"  {method}: blocks {t_block.min():.4f}..{t_block.max():.4f} s, "
-      f"schedule {seq_blocks[:12]}...")
-  return {"median_step_s": _median(seq), "mean_step_s": float(np.sum(f * t_block)),
-          "sequence_mean_step_s": _mean(seq), "timed_steps": len(seq),
-          "block_median_s": [float(x) for x in t_block],
-          "visit_frequency": [float(x) for x in f],
-          "sequence_blocks": seq_blocks,
-          "compile_s": compile_s, "programs": len(warm["programs"]),
-          "first_call_s": float(sum(first_calls.values()))}
+  return dict(out, compile_s=compile_s, programs=len(warm["programs"]),
+              first_call_s=float(sum(first_calls.values())))
 
 
-def time_methods(runners: dict, n: int, steps: int, repeats: int) -> tuple:
-  """Times every method, interleaved step by step so that all see the same load.
+def time_methods(runners: dict, n: int, steps: int, repeats: int,
+                 sequence_steps: int) -> tuple:
+  """Times every method, interleaved so that all see the same machine load.
 
-  Rounds of ``for b in blocks: for method: one step`` (block methods: block ``b``
-  forced active; full backprop: a plain step), ``repeats`` rounds; then the block
-  methods' scheduled sequences, also interleaved. With one runner this is the
-  sequential measurement.
+  ``max(steps, 1)`` rounds; each round runs one step of every full-backprop method
+  and a share of the block timings (``repeats`` forced-active timings of every block
+  of every block method, spread over the rounds, the methods in turn at each
+  block). Then ``sequence_steps`` rounds of the block methods' own schedules (a
+method in ``SCHEDULE`` runs the block its leader just ran: the same sequence). With
+  one runner this is the sequential measurement. Every call's CPU usage
+  (``getrusage``) is recorded too.
   """
-  blocky = [m for m in runners if m in BLOCK_METHODS]
-  full = [m for m in runners if m not in BLOCK_METHODS]
+  blocky = [m for m in runners if m in PER_BLOCK_TIMED]
+  full = [m for m in runners if m not in PER_BLOCK_TIMED]
   per_block = {m: {b: [] for b in range(n)} for m in blocky}
   full_times: dict[str, list[float]] = {m: [] for m in full}
-  for _ in range(repeats):
-    for b in range(n):
-      for m, r in runners.items():
-        if m in blocky:
-          per_block[m][b].append(r(block=b)[0])
-        else:
-          full_times[m].append(r()[0])
-  while full and len(full_times[full[0]]) < max(steps, 1):
+  usage: dict[str, list] = {m: [] for m in runners}
+
+  def call(m, block=None):
+    u = profiling.cpu_usage()
+    dt, b = runners[m](block=block)
+    usage[m].append(profiling.cpu_usage() - u)
+    return dt, b
+
+  todo = [b for _ in range(repeats) for b in range(n)] if blocky else []
+  rounds = max(steps, 1) if full else 1
+  chunks = np.array_split(np.asarray(todo, np.int64), rounds)
+  for r in range(rounds):
     for m in full:
-      full_times[m].append(runners[m]()[0])
+      full_times[m].append(call(m)[0])
+    for b in chunks[r]:
+      for m in blocky:
+        per_block[m][int(b)].append(call(m, int(b))[0])
   seq = {m: [] for m in blocky}
   seq_blocks = {m: [] for m in blocky}
-  for _ in range(max(steps, 2 * n) if blocky else 0):
-    for m in blocky:
-      dt, b = runners[m]()
+  last: dict[str, int] = {}
+  for _ in range(sequence_steps if blocky else 0):
+    for m in blocky:  # a follower (SCHEDULE) comes after the method it follows
+      dt, b = call(m, last.get(SCHEDULE.get(m)))
+      last[m] = b
       seq[m].append(dt)
       seq_blocks[m].append(b)
-  return per_block, full_times, seq, seq_blocks
+  return per_block, full_times, seq, seq_blocks, usage
 
 
-def measure(method, runner, n, steps, repeats, compiled_first, log) -> dict:
-  """Warm-up and timings of one method on its own (the sequential measurement)."""
-  warm = warm_up(runner, n, compiled_first)
-  per_block, full_times, seq, seq_blocks = time_methods({method: runner}, n, steps,
-                                                        repeats)
-  if method in BLOCK_METHODS:
-    return summarize_block(method, n, per_block[method], seq[method],
-                           seq_blocks[method], warm, log)
-  return summarize_full(full_times[method], warm)
+def measure(method, runner, n, args, compiled_first, log) -> dict:
+  """Warm-up and timings of one method on its own (the sequential measurement).
+
+  PyTorch runners are eager: nothing to compile (their first call is made when they
+  are built).
+  """
+  warm = None if method in TORCH_METHODS else warm_up(runner, n, compiled_first)
+  per_block, full_times, seq, seq_blocks, usage = time_methods(
+      {method: runner}, n, args.steps, args.block_repeats, args.sequence_steps)
+  if method in PER_BLOCK_TIMED:
+    out = summarize_block(method, n, per_block[method], seq[method],
+                          seq_blocks[method], warm, log)
+  else:
+    out = summarize_full(full_times[method], warm)
+  out.update(usage_summary(usage[method]))
+  out["_warm"] = warm
+  return out
 
 
-def runner_memory(runner, n) -> dict:
+def runner_memory(runner, n, executables: dict | None = None) -> dict:
   """The largest program's sizes (per-block dispatch: blocks 0 and N-1).
 
   A single program is lowered for block 0: the same program for every block, and a
   block that works without reading the (possibly abstract) optimizer state.
+  Programs already compiled (``executables``, from :func:`warm_up`) are reused.
   """
-  progs = [0] if programs_of(runner, n) == [None] else sorted({0, n - 1})
-  sizes = [profiling.program_memory(runner.lower(block=p).compile()) for p in progs]
+  executables = executables or {}
+  single = programs_of(runner, n) == [None]
+  progs = [0] if single else sorted({0, n - 1})
+  sizes = []
+  for p in progs:
+    compiled = executables.get(None if single else p)
+    if compiled is None:
+      compiled = runner.lower(block=p).compile()
+    sizes.append(profiling.program_memory(compiled))
   sizes = [s for s in sizes if s["total"] is not None]
   return max(sizes, key=lambda s: s["total"]) if sizes else {"total": None}
 
@@ -405,6 +513,155 @@ def compile_study_run(runner, n, steps) -> dict:
 
 
 # ---------------------------------------------------------------------------------
+# PyTorch rows
+# ---------------------------------------------------------------------------------
+
+
+def torch_runners(methods, model: Model, batch: dict, rows: dict, jax_loss: float,
+                  log) -> dict:
+  """The PyTorch rows' runners, after checking that PyTorch's loss equals ours.
+
+  Raises ``SystemExit`` when the losses differ by more than ``LOSS_RTOL`` (relative):
+  then the two would not time the same model.
+  """
+  n = model.cfg.n_layers
+  rng = np.random.default_rng(0)
+  freq = visit_frequencies("absignsgd", n)
+  out = {}
+  host_batch = {k: np.asarray(v) for k, v in batch.items()}
+  for method in methods:
+    log(f"[{method}]")
+    t0 = time.perf_counter()
+    tmodel = torch_ref.build(model.module())
+    loss_t = torch_ref.eval_loss(tmodel, torch_ref.torch_batch(host_batch))
+    rel = abs(loss_t - jax_loss) / max(abs(jax_loss), 1e-12)
+    log(f"  PyTorch loss {loss_t:.6f} vs JAX {jax_loss:.6f} (relative difference "
+        f"{rel:.2e}); built in {time.perf_counter() - t0:.1f} s")
+    if not rel <= LOSS_RTOL:
+      raise SystemExit(f"{method}: PyTorch's loss {loss_t} differs from the JAX "
+                       f"model's {jax_loss} by {rel:.2e} (relative), more than "
+                       f"{LOSS_RTOL}: the two do not compute the same function.")
+    if method == "torch_adamw":
+      r = torch_ref.AdamWRunner(tmodel, host_batch, LR, WEIGHT_DECAY)
+      first = r()[0]
+    else:
+      # Without absignsgd in the run to follow: draws from its visit frequencies.
+      r = torch_ref.BlockSignRunner(tmodel, host_batch, LR,
+                                    next_block=lambda: int(rng.choice(n, p=freq)))
+      first = r(block=0)[0]
+    rows[method] = {
+        "name": method,
+        "loss_check": {"jax": jax_loss, "torch": loss_t, "relative_difference": rel},
+        "first_call_s": first, "memory_bytes": None, "memory_detail": None,
+        "param_bytes": sum(p.numel() * p.element_size() for p in tmodel.parameters()),
+        "opt_state_bytes": r.state_bytes() if hasattr(r, "state_bytes") else 0,
+        "device_memory": None, "model_speedup": model_speedup(method, n),
+        **torch_ref.versions()}
+    out[method] = r
+  return out
+
+
+# ---------------------------------------------------------------------------------
+# runtime: the allocator
+# ---------------------------------------------------------------------------------
+
+_LIBDIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64",
+            "/usr/lib")
+# The library and the settings that keep freed memory in the process (no decay to
+# the kernel), so that a step reuses the previous step's pages.
+ALLOCATORS = {
+    "jemalloc": ("libjemalloc.so.2",
+                 {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}),
+    "tcmalloc": ("libtcmalloc_minimal.so.4", {"TCMALLOC_RELEASE_RATE": "0"}),
+}
+
+
+def find_allocator(name: str) -> str | None:
+  """The path of allocator ``name``'s shared library, or None."""
+  lib = ALLOCATORS[name][0]
+  for d in _LIBDIRS:
+    if os.path.exists(os.path.join(d, lib)):
+      return os.path.join(d, lib)
+  return None
+
+
+def use_allocator(choice: str, argv: list[str]) -> str:
+  """Re-executes this script with ``choice``'s allocator preloaded, if it is not.
+
+  XLA:CPU allocates every execution's temporaries (and PyTorch its tensors) with
+  ``malloc``; glibc's returns large blocks to the kernel on ``free``, so every step
+  page-faults its temporaries in anew (one fault and one zeroed page per 4 KiB:
+  about 480,000 per adamw step on smollm2-135m). jemalloc or tcmalloc, told to keep
+  freed memory, reuse the pages. ``"auto"``: jemalloc where installed (Debian:
+  ``libjemalloc2``), else the system's. Returns the allocator in use.
+  """
+  if choice == "system":
+    return "system"
+  names = ["jemalloc", "tcmalloc"] if choice == "auto" else [choice]
+  preload = os.environ.get("LD_PRELOAD", "")
+  for name in names:
+    if ALLOCATORS[name][0] in preload:
+      return name
+  for name in names:
+    path = find_allocator(name)
+    if path is None:
+      continue
+    env = dict(os.environ, LD_PRELOAD=":".join(x for x in (path, preload) if x),
+               **ALLOCATORS[name][1])
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
+  if choice != "auto":
+    raise SystemExit(f"--allocator {choice}: {ALLOCATORS[choice][0]} not found in "
+                     f"{', '.join(_LIBDIRS)} (Debian: apt-get install "
+                     f"{'libjemalloc2' if choice == 'jemalloc' else 'libtcmalloc-minimal4'}"
+                     "), or use --allocator system.")
+  return "system"
+
+
+# ---------------------------------------------------------------------------------
+# targets
+# ---------------------------------------------------------------------------------
+
+
+def step_of(row: dict) -> float:
+  """The step time a row's speed-up uses: mean (block methods) or median."""
+  return row["mean_step_s"] if row["name"] in PER_BLOCK_TIMED else row["median_step_s"]
+
+
+def check_targets(rows: dict) -> list[dict]:
+  """The step-time targets that this run's rows can decide, with their margins."""
+  a, w, f = rows.get("absignsgd"), rows.get("adamw"), rows.get("forward")
+  tb, ta = rows.get("torch_block_sign"), rows.get("torch_adamw")
+  out = []
+
+  def add(target, value, limit, below, how):
+    if value is None:
+      return
+    out.append({"target": target, "value": float(value), "limit": limit,
+                "met": bool(value <= limit if below else value >= limit), "how": how})
+
+  if a and w:
+    add("absignsgd >= 2.0x faster per step than adamw", a["speedup_vs_adamw"], 2.0,
+        False, "adamw median / absignsgd mean")
+    add("absignsgd memory <= 0.30x adamw's", a["memory_ratio_vs_adamw"], 0.30, True,
+        "compiled bytes, largest program")
+    add(f"compile + {COMPILE_PLUS} steps of absignsgd < {COMPILE_PLUS} steps of adamw",
+        a["compile_plus_100_steps_s"] / (COMPILE_PLUS * step_of(w)), 1.0, True,
+        f"(absignsgd compile_s + {COMPILE_PLUS} x mean) / ({COMPILE_PLUS} x adamw "
+        "median), from this run's figures")
+  if a and f:
+    add("absignsgd step <= 1.5x forward", step_of(a) / step_of(f), 1.5, True,
+        "absignsgd mean / forward median")
+  if a and tb:
+    add("absignsgd step <= 0.8x torch_block_sign", step_of(a) / step_of(tb), 0.8, True,
+        "means over the same visit frequencies")
+  if w and ta:
+    add("adamw step <= 0.9x torch_adamw", step_of(w) / step_of(ta), 0.9, True,
+        "medians")
+  return out
+
+
+# ---------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------
 
@@ -414,30 +671,39 @@ def parse_args(argv=None):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--preset", default="smollm2-135m",
                  choices=["tiny", "gpt2-small", "smollm2-135m", "qwen3-8b"])
+  p.add_argument("--model", default=None,
+                 help="a .gguf file or a Hugging Face directory to take the shape and "
+                      "weights from (read by absign_jax.llm; replaces --preset's random "
+                      "initialisation)")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=128)
   p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                  help="default: the preset's (float32; bfloat16 for qwen3-8b)")
   p.add_argument("--methods", default=",".join(METHODS),
                  help=f"comma-separated subset of {','.join(METHODS)}")
-  p.add_argument("--steps", type=int, default=20,
-                 help="timed steps (full backprop); block methods time a scheduled "
-                      "sequence of max(steps, 2N)")
-  p.add_argument("--block-repeats", type=int, default=3,
+  p.add_argument("--steps", type=int, default=10,
+                 help="timed steps of every full-backprop method (and the forward)")
+  p.add_argument("--block-repeats", type=int, default=1,
                  help="forced-active timings of every block (block methods)")
-  p.add_argument("--layout", default=None, choices=["list", "stacked"],
-                 help="default: stacked for qwen3-8b, list otherwise")
+  p.add_argument("--sequence-steps", type=int, default=10,
+                 help="steps of every block method along its own schedule (the "
+                      "median step and a cross-check of the weighted mean)")
+  p.add_argument("--layout", default="stacked", choices=["list", "stacked"],
+                 help="the layers' layout (stacked: what the fine-tuning program runs)")
   p.add_argument("--dispatch", default="auto", choices=["auto", "per_block", "switch"])
   p.add_argument("--interleave", default="auto", choices=["auto", "on", "off"],
                  help="time all methods interleaved step by step, so that they see "
                       "the same machine load (all stay in memory at once); auto: on "
                       "for the CPU, off on accelerators")
-  p.add_argument("--compile-steps", type=int, default=100,
-                 help="compile study: steps of absignsgd vs adamw from empty caches "
-                      "(0: skip)")
-  p.add_argument("--dispatch-study", default=",".join(DISPATCH_CONFIGS),
-                 help="layout:dispatch configurations of absignsgd to compare "
-                      "('' or 'none': skip)")
+  p.add_argument("--compile-steps", type=int, default=0,
+                 help="opt-in compile study: this many steps of absignsgd and of adamw "
+                      "from empty caches, wall-clock (e.g. 100; 0: skip)")
+  p.add_argument("--dispatch-study", default="none",
+                 help="opt-in: layout:dispatch configurations of absignsgd to compare, "
+                      f"e.g. {','.join(DISPATCH_CONFIGS)} ('none': skip)")
+  p.add_argument("--torch-threads", type=int, default=None,
+                 help="torch.set_num_threads for the PyTorch rows (default: the core "
+                      "count)")
   p.add_argument("--remat", default=None, choices=["on", "off"],
                  help="default: the preset's")
   p.add_argument("--loss-chunk", type=int, default=None,
@@ -449,34 +715,64 @@ def parse_args(argv=None):
                       "compiling backend's)")
   p.add_argument("--allow-big-cpu", action="store_true",
                  help="let qwen3-8b run without an accelerator (needs > 100 GB)")
+  p.add_argument("--allocator", default="auto",
+                 choices=["auto", "jemalloc", "tcmalloc", "system"],
+                 help="malloc of the process (re-executes with LD_PRELOAD): auto = "
+                      "jemalloc where installed, keeping freed memory (see "
+                      "use_allocator); system: whatever the process has")
+  p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                 help="use JAX's persistent compilation cache in DIR (off by default, "
+                      "so that compile times are compilations; with it, a program "
+                      "compiled by an earlier run is read back: for repeated smoke runs)")
   p.add_argument("--out", default="runs/step_time")
   args = p.parse_args(argv)
   args.argv = argv
+  for name in ("steps", "block_repeats"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name.replace('_', '-')} must be at least 1")
+  if args.sequence_steps < 0 or args.compile_steps < 0:
+    p.error("--sequence-steps and --compile-steps must be >= 0")
+  study = args.dispatch_study.strip()
+  for config in ([] if study in ("", "none") else study.split(",")):
+    lay, _, disp = config.partition(":")
+    if lay not in ("list", "stacked") or disp not in ("auto", "per_block", "switch"):
+      p.error(f"--dispatch-study: {config!r} is not layout:dispatch with layout list "
+              f"or stacked and dispatch auto, per_block or switch (e.g. "
+              f"{','.join(DISPATCH_CONFIGS)})")
+  if args.model is not None and not os.path.exists(args.model):
+    p.error(f"--model {args.model}: no such file or directory")
   return args
 
 
 def main(argv=None):
   args = parse_args(argv)
+  allocator = use_allocator(args.allocator, sys.argv[1:] if argv is None else list(argv))
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   for m in methods:
     if m not in METHODS:
       raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+  if args.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  else:
+    jax.config.update("jax_enable_compilation_cache", False)  # honest compile times
   backend = jax.default_backend()
   if args.memory_only:
-    return memory_only(args, methods)
+    return memory_only(args, [m for m in methods if m not in TORCH_METHODS])
   if args.preset == "qwen3-8b" and backend == "cpu" and not args.allow_big_cpu:
     raise SystemExit("qwen3-8b needs an accelerator (about 16 GB of bf16 weights, "
                      "65 GB for adamw); pass --allow-big-cpu to run it on the CPU anyway.")
-  jax.config.update("jax_enable_compilation_cache", False)  # honest compile times
   load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+  t_start = time.perf_counter()
 
-  base_cfg, layout = config_for(args)
+  base_cfg, layout, name = config_for(args)
   n = base_cfg.n_layers
   models = {}
 
   def model_for(lay):
     if lay not in models:
-      models[lay] = Model(base_cfg.replace(scan_layers=(lay == "stacked")))
+      models[lay] = load_model(args, base_cfg.replace(scan_layers=(lay == "stacked")))
     return models[lay]
 
   model = model_for(layout)
@@ -486,20 +782,35 @@ def main(argv=None):
   def log(msg):
     print(msg, flush=True)
 
-  log(f"step_time: {args.preset} ({base_cfg.num_params() / 1e6:.1f}M params, N={n}, "
+  log(f"step_time: {name} ({base_cfg.num_params() / 1e6:.1f}M params, N={n}, "
       f"{base_cfg.dtype}, remat={base_cfg.remat}, loss_chunk={base_cfg.loss_chunk}), "
       f"batch {args.batch} x seq {args.seq}, layout {layout}, dispatch {args.dispatch}, "
       f"{backend}: {jax.devices()[0].device_kind}")
 
+  torch_methods = [m for m in TORCH_METHODS if m in methods]
+  torch_note = None
+  if torch_methods:
+    torch_note = torch_ref.available()
+    if torch_note is None and backend != "cpu":
+      torch_note = f"skipped: the PyTorch rows run on the CPU, JAX here on {backend}"
+    if torch_note is None and base_cfg.dtype != "float32":
+      torch_note = "skipped: the PyTorch rows are float32 only"
+    if torch_note is None and base_cfg.arch != "llama":
+      torch_note = f"skipped: the PyTorch rows build LlamaForCausalLM, not {base_cfg.arch}"
+    if torch_note is not None:
+      log(f"[{', '.join(torch_methods)}] {torch_note}")
+      torch_methods = []
+
   rows: dict[str, dict] = {}
   compile_study: dict[str, dict] = {}
-  order = [m for m in RUN_ORDER if m in methods]
+  order = [m for m in RUN_ORDER if m in methods and m not in TORCH_METHODS]
   interleave = (args.interleave == "on"
                 or (args.interleave == "auto" and backend == "cpu"))
   runners, warms = {}, {}
+  jax_loss = None
   for method in order:
     log(f"[{method}]")
-    runner, tx = make_runner(method, model, batch, model, args.dispatch)
+    runner, _ = make_runner(method, model, batch, model, args.dispatch)
     row: dict[str, Any] = {"name": method}
     compiled_first: dict = {}
     if args.compile_steps > 0 and method in ("absignsgd", "adamw"):
@@ -514,15 +825,18 @@ def main(argv=None):
       log(f"  {len(warms[method]['programs'])} program(s) ready "
           f"({time.perf_counter() - t0:.1f} s of warm-up here)")
     else:
-      row.update(measure(method, runner, n, args.steps, args.block_repeats,
-                         compiled_first, log))
-    mem = runner_memory(runner, n)
+      row.update(measure(method, runner, n, args, compiled_first, log))
+      warms[method] = row.pop("_warm")
+    mem = runner_memory(runner, n, warms[method]["executables"])
     row["memory_bytes"] = mem["total"]
     row["memory_detail"] = mem
     row["opt_state_bytes"] = profiling.tree_bytes(runner.opt_state)
     row["param_bytes"] = profiling.tree_bytes(runner.params)
     if method == "lora":
       row["trainable_params"] = lora_lib.num_lora_params(runner.params)
+    if method == "forward":
+      jax_loss = float(runner.fn(runner.params, batch))
+      row["loss"] = jax_loss
     row["device_memory"] = device_memory()
     row["model_speedup"] = model_speedup(method, n)
     rows[method] = row
@@ -533,34 +847,53 @@ def main(argv=None):
           f"memory {fmt_mb(row['memory_bytes'])} MB, compile {row['compile_s']:.2f} s")
     del runner
     gc.collect()
+  if torch_methods:
+    if jax_loss is None:
+      fwd = jax.jit(model.parts.loss_fn)
+      jax_loss = float(fwd(model.params(), batch))
+    t_runners = torch_runners(torch_methods, model, batch, rows, jax_loss, log)
+    if interleave:
+      runners.update(t_runners)
+    else:
+      for method, r in t_runners.items():
+        rows[method].update(measure(method, r, n, args, {}, log))
+        rows[method].pop("_warm")
+    for method in t_runners:
+      warms[method] = None
+    del t_runners
   if interleave:
     if compile_study:
       # A compile study clears JAX's caches: programs warmed up before it are gone.
       log("[recompiling what the compile study cleared (untimed)]")
-      for runner in runners.values():
-        for prog in programs_of(runner, n):
-          runner(block=prog)
+      for method, runner in runners.items():
+        if method not in TORCH_METHODS:
+          for prog in programs_of(runner, n):
+            runner(block=prog)
     log(f"[timing {', '.join(runners)}, interleaved step by step]")
-    per_block, full_times, seq, seq_blocks = time_methods(
-        runners, n, args.steps, args.block_repeats)
+    t0 = time.perf_counter()
+    per_block, full_times, seq, seq_blocks, usage = time_methods(
+        runners, n, args.steps, args.block_repeats, args.sequence_steps)
+    log(f"  {time.perf_counter() - t0:.1f} s")
     for method in runners:
-      if method in BLOCK_METHODS:
+      if method in PER_BLOCK_TIMED:
         rows[method].update(summarize_block(method, n, per_block[method], seq[method],
                                             seq_blocks[method], warms[method], log))
       else:
         rows[method].update(summarize_full(full_times[method], warms[method]))
+      rows[method].update(usage_summary(usage[method]))
       row = rows[method]
       log(f"  {method}: median {row['median_step_s']:.4f} s, mean "
           f"{row['mean_step_s']:.4f} s, compile {row['compile_s']:.2f} s")
     runners.clear()
     gc.collect()
+  warms.clear()
 
-  # speed-ups and memory ratios against adamw
+  # speed-ups and memory ratios against adamw; compile + 100 steps
   ref = rows.get("adamw")
   for method, row in rows.items():
+    row["compile_plus_100_steps_s"] = row["compile_s"] + COMPILE_PLUS * step_of(row)
     if ref:
-      t = row["mean_step_s"] if method in BLOCK_METHODS else row["median_step_s"]
-      row["speedup_vs_adamw"] = ref["median_step_s"] / t
+      row["speedup_vs_adamw"] = ref["median_step_s"] / step_of(row)
       row["memory_ratio_vs_adamw"] = (row["memory_bytes"] / ref["memory_bytes"]
                                       if row["memory_bytes"] and ref["memory_bytes"]
                                       else None)
@@ -571,19 +904,27 @@ def main(argv=None):
   dispatch = dispatch_study(args, n, model_for, batch, layout, rows, log)
 
   result = {
-      "preset": args.preset, "n_layers": n, "num_params": base_cfg.num_params(),
+      "preset": name, "n_layers": n, "num_params": base_cfg.num_params(),
       "batch": args.batch, "seq": args.seq, "dtype": base_cfg.dtype,
       "remat": base_cfg.remat, "loss_chunk": base_cfg.loss_chunk, "layout": layout,
-      "dispatch": args.dispatch, "steps": args.steps, "interleaved": interleave,
+      "model": args.model, "dispatch": args.dispatch, "steps": args.steps,
+      "sequence_steps": args.sequence_steps, "interleaved": interleave,
       "block_repeats": args.block_repeats,
-      "machine": dict(machine_info(), load_avg_start=load_start),
+      "compilation_cache": args.compilation_cache,
+      "machine": dict(machine_info(), load_avg_start=load_start,
+                      xla_flags=os.environ.get("XLA_FLAGS"),
+                      malloc_conf=os.environ.get("MALLOC_CONF"), allocator=allocator,
+                      ld_preload=os.environ.get("LD_PRELOAD")),
       "command": "python benchmarks/step_time.py " + " ".join(
           sys.argv[1:] if argv is None else argv),
-      "rows": [rows[m] for m in methods if m in rows],
+      "rows": [rows[m] for m in METHODS if m in rows],
+      "torch_note": torch_note,
+      "targets": check_targets(rows),
       "compile_study": compile_summary,
       "dispatch_study": dispatch,
+      "wall_s": time.perf_counter() - t_start,
   }
-  base = os.path.join(args.out, f"step_time_{args.preset}")
+  base = os.path.join(args.out, f"step_time_{name}")
   with open(base + ".json", "w") as fh:
     json.dump(result, fh, indent=1)
   md = markdown(result)
@@ -594,9 +935,9 @@ def main(argv=None):
   return result
 
 
-def config_for(args) -> tuple[LlamaConfig, str]:
-  """The preset with the command line's overrides, and the layout."""
-  layout = args.layout or ("stacked" if args.preset == "qwen3-8b" else "list")
+def config_for(args) -> tuple[LlamaConfig, str, str]:
+  """The preset (or ``--model``'s config) with the overrides, the layout, a name."""
+  layout = args.layout
   overrides: dict[str, Any] = {"max_seq_len": max(args.seq, 8)}
   if args.dtype:
     overrides["dtype"] = args.dtype
@@ -604,12 +945,28 @@ def config_for(args) -> tuple[LlamaConfig, str]:
     overrides["remat"] = args.remat == "on"
   if args.loss_chunk is not None:
     overrides["loss_chunk"] = args.loss_chunk
-  return LlamaConfig.preset(args.preset, **overrides), layout
+  if args.model is None:
+    return LlamaConfig.preset(args.preset, **overrides), layout, args.preset
+  from absign_jax.llm import export  # pylint: disable=g-import-not-at-top
+  cfg, _ = export.read_config_and_tokenizer(args.model)
+  name = os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0]
+  return cfg.replace(**overrides), layout, name
+
+
+def load_model(args, cfg: LlamaConfig) -> Model:
+  """The benchmark's :class:`Model`: random weights, or ``--model``'s."""
+  if args.model is None:
+    return Model(cfg)
+  from absign_jax.llm import export  # pylint: disable=g-import-not-at-top
+  _, module, _ = export.load_model(
+      args.model, dtype=cfg.dtype, scan_layers=cfg.scan_layers, remat=cfg.remat,
+      loss_chunk=cfg.loss_chunk, max_seq_len=cfg.max_seq_len)
+  return Model(cfg, module=module)
 
 
 def memory_only(args, methods: list[str]) -> dict:
   """Compiled sizes of every method's largest program, from shapes alone."""
-  cfg, layout = config_for(args)
+  cfg, layout, name = config_for(args)
   n = cfg.n_layers
   model = Model(cfg.replace(scan_layers=(layout == "stacked")))
   shape = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -618,19 +975,21 @@ def memory_only(args, methods: list[str]) -> dict:
   batch = shape(make_batch(cfg, args.batch, args.seq))
   rows = []
   for method in methods:
-    tx = make_tx(method)
-    if method == "lora":
-      adapters, base = jax.eval_shape(model.lora)
+    if method == "forward":
+      runner = ForwardRunner(model.parts.loss_fn, params, batch)
+    elif method == "lora":
+      tx = make_tx(method)
+      adapters, base = model.lora_shapes()
       step = absign_jax.FullTrainStep(model.lora_loss, tx)
       runner = Runner(step, jax.eval_shape(step.init, adapters),
                       {"data": batch, "base": base})
     elif method in BLOCK_METHODS:
-      step = absign_jax.BlockTrainStep(model.parts.loss_fn, tx,
+      step = absign_jax.BlockTrainStep(model.parts.loss_fn, make_tx(method),
                                        layered=model.parts.layered,
                                        dispatch=args.dispatch)
       runner = Runner(step, jax.eval_shape(step.init, params), batch)
     else:
-      step = absign_jax.FullTrainStep(model.parts.loss_fn, tx)
+      step = absign_jax.FullTrainStep(model.parts.loss_fn, make_tx(method))
       runner = Runner(step, jax.eval_shape(step.init, params), batch)
     mem = runner_memory(runner, n)
     rows.append({"name": method, "memory_bytes": mem["total"], "memory_detail": mem,
@@ -641,13 +1000,13 @@ def memory_only(args, methods: list[str]) -> dict:
   for r in rows:
     r["memory_ratio_vs_adamw"] = (r["memory_bytes"] / ref["memory_bytes"]
                                   if ref and r["memory_bytes"] else None)
-  result = {"preset": args.preset, "n_layers": n, "num_params": cfg.num_params(),
+  result = {"preset": name, "n_layers": n, "num_params": cfg.num_params(),
             "batch": args.batch, "seq": args.seq, "dtype": cfg.dtype, "remat": cfg.remat,
             "loss_chunk": cfg.loss_chunk, "layout": layout,
             "machine": machine_info(), "rows": rows,
             "command": "python benchmarks/step_time.py " + " ".join(
                 sys.argv[1:] if args.argv is None else args.argv)}
-  lines = [f"### Compiled memory (no run): {args.preset} ({cfg.num_params() / 1e6:,.1f}M "
+  lines = [f"### Compiled memory (no run): {name} ({cfg.num_params() / 1e6:,.1f}M "
            f"params, {cfg.dtype}, remat={cfg.remat}, loss_chunk={cfg.loss_chunk}), "
            f"batch {args.batch} x seq {args.seq}, {layout} layout, compiled for "
            f"{jax.default_backend()}", "",
@@ -661,7 +1020,7 @@ def memory_only(args, methods: list[str]) -> dict:
                  f"{fmt_mb(r['opt_state_bytes'])} |")
   md = "\n".join(lines) + "\n"
   os.makedirs(args.out, exist_ok=True)
-  base = os.path.join(args.out, f"memory_{args.preset}")
+  base = os.path.join(args.out, f"memory_{name}")
   with open(base + ".json", "w") as fh:
     json.dump(result, fh, indent=1)
   with open(base + ".md", "w") as fh:
@@ -710,16 +1069,17 @@ def dispatch_study(args, n, model_for, batch, layout, rows, log) -> list[dict] |
     else:
       m = model_for(lay)
       runner, _ = make_runner("absignsgd", m, batch, m, disp)
-      r = measure("absignsgd", runner, n, 0, args.block_repeats, {}, log)
+      only_blocks = argparse.Namespace(steps=1, block_repeats=args.block_repeats,
+                                       sequence_steps=0)
+      r = measure("absignsgd", runner, n, only_blocks, {}, log)
       entry = {k: r[k] for k in ("compile_s", "programs", "mean_step_s",
                                  "median_step_s")}
-      entry["memory_bytes"] = runner_memory(runner, n)["total"]
+      entry["memory_bytes"] = runner_memory(runner, n, r["_warm"]["executables"])["total"]
       del runner
       gc.collect()
     entry.update(layout=lay, dispatch=disp)
-    if args.compile_steps:
-      entry["compile_plus_steps_s"] = (entry["compile_s"]
-                                       + args.compile_steps * entry["mean_step_s"])
+    entry["compile_plus_100_steps_s"] = (entry["compile_s"]
+                                         + COMPILE_PLUS * entry["mean_step_s"])
     log(f"  compile {entry['compile_s']:.2f} s ({entry['programs']} programs), "
         f"mean step {entry['mean_step_s']:.4f} s")
     out.append(entry)
@@ -763,6 +1123,9 @@ def _f(x, spec):
 
 def markdown(r: dict) -> str:
   mi = r["machine"]
+  env = [f"{k.upper()}={mi[k]}" for k in ("xla_flags", "ld_preload", "malloc_conf")
+         if mi.get(k)]
+  env.insert(0, f"allocator {mi.get('allocator', 'system')}")
   lines = [
       f"### Step time and memory: {r['preset']} (N = {r['n_layers']}, "
       f"{r['num_params'] / 1e6:.1f}M params, {r['dtype']}), batch {r['batch']} x "
@@ -772,12 +1135,14 @@ def markdown(r: dict) -> str:
       f"cores), jax {mi['jax']}, flax {mi['flax']}, optax {mi['optax']}"
       + (f"; 1-min load average {mi['load_avg_start'][0]:.1f} at the start, "
          f"{mi['load_avg'][0]:.1f} at the end"
-         if mi.get("load_avg_start") and "load_avg" in mi else "") + ".",
+         if mi.get("load_avg_start") and "load_avg" in mi else "")
+      + (f"; {', '.join(env)}" if env else "") + f". Run took {r['wall_s']:.0f} s.",
       f"Command: `{r['command']}`",
       "",
       "| method | median step (s) | mean step (s) | speed-up vs adamw | cost model | "
-      "memory (MiB) | memory / adamw | opt state (MiB) | compile (s) | programs |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+      "memory (MiB) | memory / adamw | opt state (MiB) | compile (s) | programs | "
+      "compile + 100 steps (s) |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for row in r["rows"]:
     lines.append(
@@ -785,7 +1150,30 @@ def markdown(r: dict) -> str:
         f"{_f(row['speedup_vs_adamw'], '.2f')}x | {row['model_speedup']:.2f}x | "
         f"{fmt_mb(row['memory_bytes'])} | {_f(row['memory_ratio_vs_adamw'], '.3f')} | "
         f"{fmt_mb(row['opt_state_bytes'])} | {row['compile_s']:.2f} | "
-        f"{row['programs']} |")
+        f"{row['programs']} | {row['compile_plus_100_steps_s']:.1f} |")
+  if r.get("torch_note"):
+    lines += ["", f"PyTorch rows: {r['torch_note']}."]
+  torch_rows = [row for row in r["rows"] if row.get("loss_check")]
+  if torch_rows:
+    row = torch_rows[0]
+    lc = row["loss_check"]
+    lines += ["", f"PyTorch rows: torch {row['torch']}, transformers "
+              f"{row['transformers']}, LlamaForCausalLM with the JAX model's weights, "
+              f"{row['torch_threads']} threads (torch.set_num_threads); loss on the "
+              f"benchmark batch {lc['torch']:.6f} against JAX's {lc['jax']:.6f} "
+              f"(relative difference {lc['relative_difference']:.1e}). Their memory is "
+              "not a compiled program's and is not reported."]
+  usage = [row for row in r["rows"] if row.get("cpu_user_s") is not None]
+  if usage:
+    lines += ["", "CPU per timed step (getrusage of the whole process, all threads):", "",
+              "| method | wall (s) | user CPU (s) | kernel CPU (s) | minor page faults | "
+              "involuntary switches |", "|---|---:|---:|---:|---:|---:|"]
+    for row in usage:
+      wall = (row["sequence_mean_step_s"] if row["name"] in PER_BLOCK_TIMED
+              and row.get("sequence_mean_step_s") else row["mean_step_s"])
+      lines.append(f"| {row['name']} | {wall:.4f} | {row['cpu_user_s']:.3f} | "
+                   f"{row['cpu_sys_s']:.3f} | {row['minor_faults']:,.0f} | "
+                   f"{row['involuntary_switches']:,.0f} |")
   gpu = [row for row in r["rows"] if row.get("device_memory")]
   if gpu:
     lines += ["", "Device peak memory (process peak after each method; methods run in "
@@ -793,6 +1181,12 @@ def markdown(r: dict) -> str:
     lines += [f"- {row['name']}: "
               f"{fmt_mb(row['device_memory'].get('peak_bytes_in_use'))} MiB"
               for row in gpu]
+  if r.get("targets"):
+    lines += ["", "Targets:", "", "| target | value | limit | status | how |",
+              "|---|---:|---:|---|---|"]
+    for t in r["targets"]:
+      lines.append(f"| {t['target']} | {t['value']:.3f} | {t['limit']} | "
+                   f"{'met' if t['met'] else 'missed'} | {t['how']} |")
   cs = r.get("compile_study")
   if cs:
     lines += ["", "Compile study (empty caches, compilation included):", "",
@@ -811,21 +1205,24 @@ def markdown(r: dict) -> str:
   if ds:
     lines += ["", "Dispatch study (absignsgd depth-biased):", "",
               "| layout | dispatch | programs | compile (s) | mean step (s) | "
-              "median step (s) | memory (MiB) | compile + steps (s) |",
+              "median step (s) | memory (MiB) | compile + 100 steps (s) |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
     for e in ds:
       lines.append(f"| {e['layout']} | {e['dispatch']} | {e['programs']} | "
                    f"{e['compile_s']:.2f} | {e['mean_step_s']:.4f} | "
                    f"{_f(e['median_step_s'], '.4f')} | {fmt_mb(e['memory_bytes'])} | "
-                   f"{_f(e.get('compile_plus_steps_s'), '.1f')} |")
+                   f"{e['compile_plus_100_steps_s']:.1f} |")
   lines += [
       "",
-      "Mean step: full backprop, the mean of the timed steps; block methods, the "
-      "expected step time over a full schedule period (per-block medians weighted by "
-      "the scheme's visit frequencies). Speed-up: adamw's median over the mean (block "
-      "methods) or the median (full backprop). Cost model: SPEC §4 (3N vs "
-      "N + (N-1-i) + 2; LoRA 2N). Memory: the compiled step's argument + output + "
-      "temp - alias bytes (largest program).",
+      "Mean step: full backprop and forward, the mean of the timed steps; block "
+      "methods, the expected step time over a full schedule period (per-block medians "
+      "weighted by the scheme's visit frequencies; torch_block_sign follows "
+      "absignsgd's schedule). Speed-up: adamw's median over the mean (block methods) "
+      "or the median (the others). Cost model, in layer forwards: full backprop 3N, block i N + (N-1-i) + 2; LoRA "
+      "2N; forward N. Memory: the compiled step's argument + output + temp - alias "
+      "bytes (largest program). Compile + 100 steps: compile time plus 100 times the "
+      "step time the speed-up uses, from this run's figures (the opt-in compile study "
+      "measures it as wall-clock).",
   ]
   return "\n".join(lines) + "\n"
 

@@ -1,19 +1,36 @@
-"""Smoke test of ``benchmarks/step_time.py`` on the tiny preset (all methods, studies)."""
+"""Smoke tests of ``benchmarks/step_time.py`` on the tiny preset.
+
+One run of every row with both opt-in studies (a few steps each), a ``--memory-only``
+run that must agree with it, and a run on the defaults with PyTorch hidden. The runs
+share a persistent compilation cache (``--compilation-cache``, kept in pytest's cache
+directory), so a program compiles once, and not again in later sessions.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("adamw", "absignsgd", "absignsgd_uniform", "block_adam", "sign_sgd", "lora")
+SCRIPT = os.path.join(ROOT, "benchmarks", "step_time.py")
+JAX_METHODS = ("forward", "adamw", "absignsgd", "absignsgd_uniform", "block_adam",
+               "sign_sgd", "lora")
+TORCH_METHODS = ("torch_adamw", "torch_block_sign")
+HAVE_TORCH = all(importlib.util.find_spec(m) is not None
+                 for m in ("torch", "transformers"))
 # A smoke test checks what the script writes, not how fast XLA's code is: cheaper
 # compiles (the same programs, less optimised) and small batches keep it short.
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-SMALL = ["--batch", "2", "--seq", "16"]
+SMALL = ["--preset", "tiny", "--batch", "2", "--seq", "16"]
+FIELDS = ("median_step_s", "mean_step_s", "speedup_vs_adamw", "model_speedup",
+          "opt_state_bytes", "compile_s", "compile_plus_100_steps_s", "cpu_user_s",
+          "cpu_sys_s", "minor_faults")
 
 
 def _env():
@@ -21,65 +38,151 @@ def _env():
           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-def test_step_time_tiny(tmp_path):
-  out = tmp_path / "tmp"
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "benchmarks", "step_time.py"),
-       "--preset", "tiny", "--steps", "3", *SMALL, "--out", str(out)],
-      cwd=ROOT, capture_output=True, text=True, timeout=900, env=_env())
+def _run(args, prelude="pass"):
+  code = (f"import runpy, sys; {prelude}; sys.argv = {[SCRIPT, *args]!r}; "
+          f"runpy.run_path({SCRIPT!r}, run_name='__main__')")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                        text=True, timeout=900, env=_env())
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  # The Markdown table comes last.
-  assert "| method | median step (s)" in proc.stdout
-  assert proc.stdout.rstrip().endswith(".")
+  return proc.stdout
 
+
+@pytest.fixture(scope="module")
+def cache(request):
+  # Keyed by each program's HLO, flags and jax version: a hit is the same program.
+  return str(request.config.cache.mkdir("step_time_jax_cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, cache):
+  """Every row, both studies, two steps of each."""
+  out = tmp_path_factory.mktemp("step_time")
+  stdout = _run([*SMALL, "--steps", "2", "--sequence-steps", "3", "--compile-steps", "2",
+                 "--dispatch-study", "stacked:auto,stacked:switch",
+                 "--compilation-cache", cache, "--out", str(out)])
   result = json.loads((out / "step_time_tiny.json").read_text())
-  assert (out / "step_time_tiny.md").exists()
+  assert (out / "step_time_tiny.md").read_text().strip() in stdout
+  return result, stdout
+
+
+def test_every_row_has_its_fields(tiny):
+  result, stdout = tiny
+  # The Markdown tables come last.
+  assert "| method | median step (s)" in stdout
+  assert stdout.rstrip().endswith(".")
   rows = {r["name"]: r for r in result["rows"]}
-  assert set(rows) == set(METHODS)
+  expected = JAX_METHODS + (TORCH_METHODS if HAVE_TORCH else ())
+  assert list(rows) == list(expected)
   n = result["n_layers"]
   for name, r in rows.items():
-    for key in ("median_step_s", "mean_step_s", "speedup_vs_adamw", "model_speedup",
-                "memory_bytes", "memory_ratio_vs_adamw", "opt_state_bytes", "compile_s"):
+    for key in FIELDS:
       assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), (name, key)
-    assert r["median_step_s"] > 0 and r["mean_step_s"] > 0 and r["memory_bytes"] > 0
+    assert r["median_step_s"] > 0 and r["mean_step_s"] > 0
     assert r["compile_s"] >= 0 and r["opt_state_bytes"] >= 0
+    assert r["cpu_user_s"] + r["cpu_sys_s"] > 0, name
+    assert math.isclose(r["speedup_vs_adamw"],
+                        rows["adamw"]["median_step_s"] / (
+                            r["mean_step_s"] if "block_median_s" in r
+                            else r["median_step_s"]))
+    if name in JAX_METHODS:
+      assert r["memory_bytes"] > 0 and r["programs"] == 1, name
+      assert r["compile_plus_100_steps_s"] == pytest.approx(
+          r["compile_s"] + 100 * r["median_step_s" if name not in
+                                   ("absignsgd", "absignsgd_uniform", "block_adam")
+                                   else "mean_step_s"])
   assert rows["adamw"]["speedup_vs_adamw"] == 1.0
   assert rows["adamw"]["memory_ratio_vs_adamw"] == 1.0
-  # Cost model (SPEC §4): full backprop 1x, blocks faster, depth bias fastest.
+  # Cost model: full backprop 1x, blocks faster, depth bias fastest, forward 3x.
   assert rows["sign_sgd"]["model_speedup"] == 1.0
+  assert rows["forward"]["model_speedup"] == 3.0
   assert 1.0 < rows["absignsgd_uniform"]["model_speedup"] < rows["absignsgd"]["model_speedup"]
   assert rows["block_adam"]["model_speedup"] == rows["absignsgd_uniform"]["model_speedup"]
-  # Block methods: every block timed, one program for all blocks (the list layout is
-  # cut at its layers and stacked for training).
+  # Block methods: every block timed, one stacked program, the scheduled sequence.
   for name in ("absignsgd", "absignsgd_uniform", "block_adam"):
     assert len(rows[name]["block_median_s"]) == n
-    assert rows[name]["programs"] == 1
-    assert rows[name]["timed_steps"] >= 2 * n
+    assert len(rows[name]["sequence_blocks"]) == 3
+    assert abs(sum(rows[name]["visit_frequency"]) - 1.0) < 1e-9
   # Optimizer state: adamw holds two moments of every parameter, absignsgd none.
   assert rows["adamw"]["opt_state_bytes"] >= 2 * rows["adamw"]["param_bytes"]
   assert rows["absignsgd"]["opt_state_bytes"] < 0.01 * rows["adamw"]["opt_state_bytes"]
-  # Studies.
+  # The default allocator: jemalloc where installed, preloaded by re-execution.
+  have_jemalloc = any(os.path.exists(os.path.join(d, "libjemalloc.so.2"))
+                      for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu",
+                                "/usr/lib64", "/usr/lib"))
+  assert result["machine"]["allocator"] == ("jemalloc" if have_jemalloc else "system")
+  if have_jemalloc:
+    assert "libjemalloc.so.2" in result["machine"]["ld_preload"]
+  names = {t["target"] for t in result["targets"]}
+  assert any("forward" in t for t in names) and any("memory" in t for t in names)
+
+
+def test_forward_row_is_the_floor(tiny):
+  result, _ = tiny
+  rows = {r["name"]: r for r in result["rows"]}
+  fwd = rows["forward"]
+  # No optimizer, no gradient: less memory than any training step, no state.
+  assert fwd["opt_state_bytes"] == 0
+  assert fwd["memory_bytes"] < min(rows[m]["memory_bytes"] for m in JAX_METHODS[1:])
+  # The loss of uniform random tokens is about log(vocab).
+  assert abs(fwd["loss"] - math.log(256)) < 0.5
+  assert fwd["timed_steps"] == 2
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch and transformers not installed")
+def test_torch_rows_match_the_jax_model(tiny):
+  result, _ = tiny
+  rows = {r["name"]: r for r in result["rows"]}
+  for name in TORCH_METHODS:
+    check = rows[name]["loss_check"]
+    assert check["jax"] == rows["forward"]["loss"]
+    assert abs(check["torch"] - check["jax"]) <= 1e-4 * abs(check["jax"])
+    assert rows[name]["memory_bytes"] is None and rows[name]["torch_threads"] >= 1
+  # The PyTorch block step follows absignsgd's block sequence.
+  assert rows["torch_block_sign"]["sequence_blocks"] == rows["absignsgd"]["sequence_blocks"]
+  assert rows["torch_block_sign"]["visit_frequency"] == rows["absignsgd"]["visit_frequency"]
+  assert rows["torch_adamw"]["opt_state_bytes"] >= 2 * rows["torch_adamw"]["param_bytes"]
+
+
+def test_torch_rows_skip_with_a_note_and_studies_are_off_by_default(tmp_path, cache):
+  stdout = _run([*SMALL, "--methods", "forward,torch_adamw,torch_block_sign",
+                 "--steps", "1", "--compilation-cache", cache, "--out", str(tmp_path),
+                 # Hidden in this process only: no re-execution with an allocator.
+                 "--allocator", "system"],
+                prelude="sys.modules['torch'] = None")
+  result = json.loads((tmp_path / "step_time_tiny.json").read_text())
+  assert [r["name"] for r in result["rows"]] == ["forward"]
+  assert result["compile_study"] is None and result["dispatch_study"] is None
+  assert result["layout"] == "stacked"
+  assert result["machine"]["allocator"] == "system"
+  assert "torch is not installed" in result["torch_note"]
+  assert "PyTorch rows: skipped: torch is not installed" in stdout
+
+
+def test_opt_in_studies(tiny):
+  result, _ = tiny
+  rows = {r["name"]: r for r in result["rows"]}
   cs = result["compile_study"]
-  assert cs["absignsgd"]["steps"] == cs["adamw"]["steps"] == 100
+  assert cs["absignsgd"]["steps"] == cs["adamw"]["steps"] == 2
   assert cs["absignsgd"]["wall_s"] > 0 and cs["adamw"]["wall_s"] > 0
   ds = {(e["layout"], e["dispatch"]): e for e in result["dispatch_study"]}
-  assert set(ds) == {("list", "per_block"), ("list", "switch"), ("stacked", "auto")}
-  assert ds[("list", "per_block")]["programs"] == 1  # stacked for training: one program
-  assert ds[("list", "switch")]["programs"] == 1
-  assert ds[("stacked", "auto")]["programs"] == 1
+  assert set(ds) == {("stacked", "auto"), ("stacked", "switch")}
+  # The configuration of the main row is reused, another one is measured.
+  assert ds[("stacked", "auto")]["mean_step_s"] == rows["absignsgd"]["mean_step_s"]
+  assert ds[("stacked", "switch")]["programs"] == 1
   for e in ds.values():
-    assert e["compile_s"] >= 0 and e["mean_step_s"] > 0
+    assert e["compile_s"] >= 0 and e["mean_step_s"] > 0 and e["memory_bytes"] > 0
 
-  # --memory-only compiles the same programs from shapes alone: the same sizes, no run.
-  mem_out = tmp_path / "mem"
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "benchmarks", "step_time.py"),
-       "--preset", "tiny", "--memory-only", *SMALL, "--out", str(mem_out)],
-      cwd=ROOT, capture_output=True, text=True, timeout=900, env=_env())
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  assert proc.stdout.rstrip().splitlines()[-1].startswith("| lora |")
+
+def test_memory_only_agrees_with_the_run(tiny, tmp_path, cache):
+  """--memory-only compiles the same programs from shapes alone: the same sizes."""
+  result, _ = tiny
+  rows = {r["name"]: r for r in result["rows"]}
+  methods = ("forward", "adamw", "absignsgd", "lora")
+  stdout = _run([*SMALL, "--memory-only", "--methods", ",".join(methods),
+                 "--compilation-cache", cache, "--out", str(tmp_path)])
+  assert stdout.rstrip().splitlines()[-1].startswith("| lora |")
   mem_rows = {r["name"]: r for r in
-              json.loads((mem_out / "memory_tiny.json").read_text())["rows"]}
-  for name in METHODS:
+              json.loads((tmp_path / "memory_tiny.json").read_text())["rows"]}
+  for name in methods:
     assert mem_rows[name]["memory_bytes"] == rows[name]["memory_bytes"], name
     assert mem_rows[name]["opt_state_bytes"] == rows[name]["opt_state_bytes"], name

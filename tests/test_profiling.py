@@ -62,3 +62,17 @@ def test_collective_bytes_parses_hlo_text():
   assert r["all-gather"] == 0 and r["conditional"] == 4  # only inside the branch
   # ring estimate: group of 4 for the tuple all-reduce, 8 for the async one
   assert r["wire"] == round((256 + 20) * 2 * 3 / 4 + 100 * 2 * 7 / 8)
+
+
+def test_cpu_usage_counts_cpu_time_and_page_faults():
+  from absign_jax.profiling import cpu_usage
+
+  before = cpu_usage()
+  x = 0
+  while (cpu_usage() - before).user_s < 0.05:  # user CPU must advance
+    x += 1
+  buf = bytearray(32 << 20)  # fresh pages: zero-filled on first touch
+  buf[::4096] = b"\x01" * len(buf[::4096])
+  d = cpu_usage() - before
+  assert d.user_s >= 0.05 and d.sys_s >= 0 and d.minor_faults > 0
+  assert all(v >= 0 for v in d)
