@@ -125,7 +125,7 @@ def main(argv=None) -> None:
             f"{base['wire'] / m['wire']:,.1f} |")
   print()
   for info, _ in rows:
-    print(f"SPEC §6 for {info['preset']}: 32N = {32 * info['blocks']} "
+    print(f"Expected ratio for {info['preset']}: 32N = {32 * info['blocks']} "
           f"(1 bit of one block vs 32 bits of all N blocks; embeddings and head add "
           f"{info['params'] / (info['blocks'] * info['block_params']):.2f}x to the "
           "AdamW side).")

@@ -48,7 +48,6 @@ def main(argv=None):
   cfg, layout, _ = step_time.config_for(st_args)
   model = step_time.Model(cfg.replace(scan_layers=(layout == "stacked")))
   batch = step_time.make_batch(cfg, args.batch, args.seq)
-  n = cfg.n_layers
   blocks = [int(b) for b in args.blocks.split(",")]
   setting = {"loss_chunk": cfg.loss_chunk}
   setting.update({k: os.environ.get(k) for k in ("LD_PRELOAD", "MALLOC_CONF", "XLA_FLAGS", "MALLOC_ARENA_MAX",

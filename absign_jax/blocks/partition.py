@@ -39,7 +39,7 @@ PyTree = Any
 PartitionFn = Callable[[str, Any], "int | None"]
 
 # Container names whose integer children (or stacked leaves) are transformer layers.
-# SPEC §2: model.layers, transformer.h, gpt_neox.layers, h, decoder.layers, blocks,
+# Layer containers: model.layers, transformer.h, gpt_neox.layers, h, decoder.layers, blocks,
 # model.decoder.layers, transformer.blocks, transformer.layers, layers.
 LAYER_CONTAINER_NAMES = ("layers", "h", "blocks", "layer", "block")
 EMBEDDING_MARKERS = ("embed", "wte", "wpe", "tok_embeddings", "pos_emb")

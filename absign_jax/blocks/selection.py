@@ -1,4 +1,4 @@
-"""Block selection schemes: which block the next step updates (SPEC §3).
+"""Block selection schemes: which block the next step updates.
 
 Every scheme is a pair of pure, jit-able functions bundled in :class:`BlockSelection`:
 ``init(num_blocks) -> SelectionState`` and ``select(state) -> (block, state)``. All

@@ -49,7 +49,7 @@ def alias_absignsgd(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Parameter-free ABSignSGD: ALIAS step sizes on one block per step.
 
-  The active block (depth-biased selection by default, SPEC §3) moves by
+  The active block (depth-biased selection by default) moves by
   ``-gamma_t * (sign(u_t) + weight_decay * p)``; every other block stays
   bit-identical. ``gamma_t`` comes from the ALIAS estimates of
   :func:`scale_by_alias`, shared by all transformer layers.

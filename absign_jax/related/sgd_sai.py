@@ -5,7 +5,7 @@ update by a gradient signal-to-noise ratio (``gsnr``) that is computed once,
 from the first gradient, and then frozen. It needs one buffer (the momentum) per
 parameter, like SGD with momentum, and one scalar per tensor.
 
-Per tensor ``p`` with gradient ``g_t`` at step ``t = 1, 2, ...`` (SPEC §8)::
+Per tensor ``p`` with gradient ``g_t`` at step ``t = 1, 2, ...``::
 
   gsnr = ||g_1||_2 / (std(g_1, ddof=1) + eps)        # frozen; NaN (1 element) -> 0
   m_1  = g_1
@@ -201,7 +201,7 @@ def sgd_sai(
 ) -> optax.GradientTransformation:
   r"""SGD-SaI: momentum SGD with per-tensor scales frozen at initialization.
 
-  Implements SPEC §8::
+  Implements::
 
     p <- p - lr * wd * p - lr * gsnr * m_t
 

@@ -2,7 +2,7 @@ r"""Parameter-free Sign-SGD step sizes: ALIAS and an SOS-style step-size search.
 
 ALIAS (Medyakov et al., 2025, "Sign-SGD via Parameter-Free Optimization") sets the
 Sign-SGD step size from running estimates of the smoothness and of the objective
-gap (SPEC §9). Sums run over the steps ``t >= 1`` at which a pair of consecutive
+gap. Sums run over the steps ``t >= 1`` at which a pair of consecutive
 gradients exists::
 
   S_t     = L0 + sum_t ||g_t - g_{t-1}||_1 / ||x_t - x_{t-1}||_inf

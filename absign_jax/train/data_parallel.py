@@ -1,4 +1,4 @@
-"""ABSignSGD-MV: data-parallel block sign descent with a majority vote (SPEC §6).
+"""ABSignSGD-MV: data-parallel block sign descent with a majority vote.
 
 ``n`` data-parallel workers (the devices along one mesh axis, in one process or in
 many joined by ``jax.distributed``) each compute the active block's gradient on their

@@ -16,7 +16,7 @@ The :class:`PrecisionState` inside the :class:`~absign_jax.train.step.TrainState
 ordinary pytree of arrays (loss scale, skip counters, rounding key and counter, the
 master copy), so a checkpoint of the ``TrainState`` restores training exactly.
 
-Precision policies (SPEC §5)
+Precision policies
 ----------------------------
 A fine-tuning program exposes ``--precision {fp32,bf16,bf16-sr,bf16-master,fp16}`` with::
 
@@ -117,7 +117,7 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class DynamicLossScale:
-  """Configuration of the dynamic loss scale (SPEC §5 defaults).
+  """Configuration of the dynamic loss scale (the defaults below).
 
   Attributes:
     init_scale: the first scale (2^15).
@@ -177,7 +177,7 @@ def resolve_loss_scale(loss_scale: DynamicLossScale | str | float | None
   """Normalises the ``loss_scale`` option of the training step.
 
   Args:
-    loss_scale: ``None`` (off), ``"dynamic"`` (SPEC defaults), a
+    loss_scale: ``None`` (off), ``"dynamic"`` (default settings), a
       :class:`DynamicLossScale`, or a positive number: a *static* scale (never
       changes; steps with non-finite gradients are still skipped).
 

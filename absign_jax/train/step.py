@@ -1,4 +1,4 @@
-"""The training steps: partial backprop to the active block (SPEC §4), and full backprop.
+"""The training steps: partial backprop to the active block, and full backprop.
 
 Every step has one calling form::
 
@@ -37,7 +37,7 @@ selects the program that runs (decided in one place, :meth:`BlockTrainStep.progr
 ``"auto"`` picks ``"per_block"`` when no block is stacked and the dynamic program for
 stacked blocks (measured choices: see BENCHMARKS.md).
 
-The state carries a :class:`~absign_jax.train.precision.PrecisionState` (SPEC §5): a
+The state carries a :class:`~absign_jax.train.precision.PrecisionState`: a
 dynamic loss scale (``loss_scale=``), stochastic rounding of low-precision weights
 (``rounding="stochastic"``), a float32 master copy of the active block
 (``master_copy=True``) and the skip counters. The block gradient is unscaled and the

@@ -1,4 +1,4 @@
-"""Block partition (SPEC §2) on real Flax modules and on plain parameter dicts."""
+"""Block partition on real Flax modules and on plain parameter dicts."""
 
 from __future__ import annotations
 

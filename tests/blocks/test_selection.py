@@ -1,4 +1,4 @@
-"""Block selection schemes (SPEC §3), checked against independent references."""
+"""Block selection schemes, checked against independent references."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from absign_jax.blocks import selection
 
 
 # ---------------------------------------------------------------------------------
-# An independent reference of SPEC §3: exact rationals, unbounded Python integers,
+# An independent reference of the selection rule: exact rationals, unbounded Python integers,
 # no rescaling and no clock shifting.
 # ---------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""ABSignSGD and the block-coordinate wrapper as optax transformations (SPEC §1, §3).
+"""ABSignSGD and the block-coordinate wrapper as optax transformations.
 
 Numerics are compared with float64 references computed here with NumPy. A sign step
 ``p - lr * sign(g)`` is one rounding of an exact value, so it is compared exactly.

@@ -15,7 +15,7 @@ LAYER = {"b": (2,), "w": (3, 2)}  # sorted: jax dict order
 
 
 def _depth_biased_order(num_layers, c, visits):
-  """SPEC §3 by hand: tau_i = N + c (N - i), argmin T (ties: lower), T += tau."""
+  """The depth-biased rule by hand: tau_i = N + c (N - i), argmin T (ties: lower), T += tau."""
   tau = [num_layers + c * (num_layers - i) for i in range(num_layers)]
   clock = list(tau)
   order = []

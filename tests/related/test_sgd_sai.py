@@ -1,4 +1,4 @@
-"""Tests for absign_jax.related.sgd_sai (SPEC §8), against a float64 NumPy reference."""
+"""Tests for absign_jax.related.sgd_sai, against a float64 NumPy reference."""
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,7 @@ def _random_trees(seed, n):
 
 
 def _reference(params, grads, lr, mu, eps, wd, decay, normalize):
-  """SPEC §8 written out with NumPy float64, one leaf at a time."""
+  """SGD-SaI written out with NumPy float64, one leaf at a time."""
   p = {k: v.copy() for k, v in params.items()}
   gsnr, m, out = {}, {}, []
   for t, g in enumerate(grads):

@@ -1,4 +1,4 @@
-"""Tests for absign_jax.related.sign_alias (SPEC §9): ALIAS step sizes and the SOS search."""
+"""Tests for absign_jax.related.sign_alias: ALIAS step sizes and the SOS search."""
 
 import math
 
@@ -47,7 +47,7 @@ def _unflat(vec):
 def _reference(params, grads, *, values=None, d0=1e-8, l0=1.0, f_low=None,
                clamp=None, gap_k=1, warmup=0, warmup_lr=None, mu=0.0, wd=0.0,
                decay=None):
-  """SPEC §9 written out in NumPy float64 on the flattened parameters."""
+  """The ALIAS formulas written out in NumPy float64 on the flattened parameters."""
   x = _flat(params)
   mask = np.ones_like(x) if decay is None else _flat(
       {k: np.full(SHAPES[k], float(decay[k])) for k in SHAPES})

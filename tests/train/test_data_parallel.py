@@ -1,4 +1,4 @@
-"""ABSignSGD-MV (SPEC §6): data-parallel majority vote on simulated devices.
+"""ABSignSGD-MV: data-parallel majority vote on simulated devices.
 
 Multi-device checks run in subprocesses, because the CPU device count must be set
 before JAX is imported and other tests in this pytest process import JAX first:
@@ -76,7 +76,7 @@ def test_batch_of_5_rows_on_8_devices_is_refused_before_compiling(checks):
 
 
 def test_1bit_bytes_at_least_30n_below_adamw(checks):
-  """SPEC §6: 1 bit of one block vs 32 bits of all blocks (>= 30 N measured)."""
+  """1 bit of one block vs 32 bits of all blocks (>= 30 N measured)."""
   r = _ok(checks, "comm_bytes")
   n_blocks, block, params = r["num_blocks"], r["block_params"], r["params"]
   one_bit, adamw = r["majority_1bit"], r["adamw"]

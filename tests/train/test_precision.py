@@ -1,4 +1,4 @@
-"""Precision (SPEC §5): loss scaling, stochastic rounding, master copy, clear errors.
+"""Precision: loss scaling, stochastic rounding, master copy, clear errors.
 
 The tests use a toy three-layer tree (compiles in a fraction of a second); the policies
 on a language model are tested with the LLM package (tests/llm).
@@ -84,7 +84,7 @@ def test_stochastic_rounding_exact_values_and_specials():
 
 
 def test_nearest_bf16_rounding_loses_small_sign_steps():
-  """SPEC §5: weights ~N(0, 0.02), lr 1e-5: a plain cast moves only ~16% of them."""
+  """Weights ~N(0, 0.02), lr 1e-5: a plain cast moves only ~16% of them."""
   w = (jax.random.normal(jax.random.key(0), (100_000,)) * 0.02).astype(jnp.bfloat16)
   g = jax.random.normal(jax.random.key(1), w.shape)
   target = w.astype(jnp.float32) - 1e-5 * jnp.sign(g)

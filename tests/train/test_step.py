@@ -1,4 +1,4 @@
-"""The partial-backprop training step (SPEC §4) on a small NNX language model.
+"""The partial-backprop training step on a small NNX language model.
 
 Checked against the plain path (full gradients -> ``tx.update`` ->
 ``optax.apply_updates``): same parameters, same optimizer state, the metrics it
