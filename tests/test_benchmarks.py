@@ -48,9 +48,14 @@ def _run(args, prelude="pass"):
 
 
 @pytest.fixture(scope="module")
-def cache(request):
-  # Keyed by each program's HLO, flags and jax version: a hit is the same program.
-  return str(request.config.cache.mkdir("step_time_jax_cache"))
+def cache(request, tmp_path_factory):
+  """A compilation cache shared by the runs of this module (keyed by each program's
+  HLO, flags and jax version: a hit is the same program); kept in pytest's cache
+  directory across sessions where the cache plugin is on (CI runs without it)."""
+  config_cache = getattr(request.config, "cache", None)
+  if config_cache is not None:
+    return str(config_cache.mkdir("step_time_jax_cache"))
+  return str(tmp_path_factory.mktemp("step_time_jax_cache"))
 
 
 @pytest.fixture(scope="module")
