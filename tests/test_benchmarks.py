@@ -8,6 +8,7 @@ directory), so a program compiles once, and not again in later sessions.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -45,6 +46,15 @@ def _run(args, prelude="pass"):
                         text=True, timeout=900, env=_env())
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc.stdout
+
+
+@functools.lru_cache(maxsize=None)
+def step_time_allocator_lib(name):
+  """The shared library the benchmark preloads for allocator ``name``."""
+  spec = importlib.util.spec_from_file_location("step_time_module", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.ALLOCATORS[name][0]
 
 
 @pytest.fixture(scope="module")
@@ -110,13 +120,17 @@ def test_every_row_has_its_fields(tiny):
   # Optimizer state: adamw holds two moments of every parameter, absignsgd none.
   assert rows["adamw"]["opt_state_bytes"] >= 2 * rows["adamw"]["param_bytes"]
   assert rows["absignsgd"]["opt_state_bytes"] < 0.01 * rows["adamw"]["opt_state_bytes"]
-  # The default allocator: jemalloc where installed, preloaded by re-execution.
-  have_jemalloc = any(os.path.exists(os.path.join(d, "libjemalloc.so.2"))
-                      for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu",
-                                "/usr/lib64", "/usr/lib"))
-  assert result["machine"]["allocator"] == ("jemalloc" if have_jemalloc else "system")
-  if have_jemalloc:
-    assert "libjemalloc.so.2" in result["machine"]["ld_preload"]
+  # The default allocator: jemalloc, else tcmalloc, where installed (preloaded by
+  # re-execution), else the system's.
+  def installed(lib):
+    return any(os.path.exists(os.path.join(d, lib))
+               for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu",
+                         "/usr/lib64", "/usr/lib"))
+  found = [name for name in ("jemalloc", "tcmalloc")
+           if installed(step_time_allocator_lib(name))]
+  assert result["machine"]["allocator"] == (found[0] if found else "system")
+  if found:
+    assert step_time_allocator_lib(found[0]) in result["machine"]["ld_preload"]
   names = {t["target"] for t in result["targets"]}
   assert any("forward" in t for t in names) and any("memory" in t for t in names)
 
