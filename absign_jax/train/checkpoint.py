@@ -314,6 +314,17 @@ class Checkpointer:
     return dict(self._manager.restore(
         int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
+  def _readable_metadata(self, step: int) -> dict:
+    """The metadata of complete checkpoint ``step``, of this library's format."""
+    if step not in self._manager.all_steps():
+      raise FileNotFoundError(f"no complete checkpoint for step {step} in "
+                              f"{self.directory} (steps: {self.all_steps()}).")
+    meta = self.metadata_at(step)
+    if meta.get("format") != FORMAT_VERSION:
+      raise CheckpointMismatchError(f"checkpoint {step} in {self.directory} has format "
+                       f"{meta.get('format')!r}; this library reads {FORMAT_VERSION}.")
+    return meta
+
   def restore(self, step: int, target: PyTree) -> Restored:
     """Reads checkpoint ``step`` into the structure of ``target``.
 
@@ -331,13 +342,7 @@ class Checkpointer:
       Exception: whatever reading a damaged checkpoint raises (JSON, tensorstore).
     """
     step = int(step)
-    if step not in self._manager.all_steps():
-      raise FileNotFoundError(f"no complete checkpoint for step {step} in "
-                              f"{self.directory} (steps: {self.all_steps()}).")
-    meta = self.metadata_at(step)
-    if meta.get("format") != FORMAT_VERSION:
-      raise CheckpointMismatchError(f"checkpoint {step} in {self.directory} has format "
-                       f"{meta.get('format')!r}; this library reads {FORMAT_VERSION}.")
+    meta = self._readable_metadata(step)
     check_compatible(meta["tree"], describe(target),
                      where=f"checkpoint {step} in {self.directory}")
     flat, treedef = jax.tree_util.tree_flatten(target)
@@ -402,14 +407,8 @@ class Checkpointer:
       FileNotFoundError: there is no checkpoint ``step``.
     """
     step = int(step)
-    if step not in self._manager.all_steps():
-      raise FileNotFoundError(f"no complete checkpoint for step {step} in "
-                              f"{self.directory} (steps: {self.all_steps()}).")
-    meta = self.metadata_at(step)
+    meta = self._readable_metadata(step)
     where = f"checkpoint {step} in {self.directory}"
-    if meta.get("format") != FORMAT_VERSION:
-      raise CheckpointMismatchError(f"{where} has format {meta.get('format')!r}; this "
-                                    f"library reads {FORMAT_VERSION}.")
     # The saved leaves are numbered in flattening order; the parameters are those
     # whose path starts with the ``params`` field.
     index = {path[len(".params"):]: i for i, (path, _, _) in enumerate(meta["tree"]["leaves"])

@@ -280,6 +280,25 @@ def _mean_aggregator(axis: str) -> Callable[[jax.Array, list], Aggregated]:
   return aggregate
 
 
+def check_batch_rows(batch: PyTree, n: int, devices: str, advice: str = "") -> None:
+  """Raises ``ValueError`` unless every leaf's leading dimension divides by ``n``.
+
+  Args:
+    batch: the global batch.
+    n: the number of devices its rows are split over.
+    devices: what those devices are, for the message.
+    advice: a further fix appended to the message.
+  """
+  for x in jax.tree.leaves(batch):
+    rows = np.shape(x)[0] if np.ndim(x) else None
+    if rows is None or rows % n:
+      raise ValueError(
+          f"the global batch has {rows if rows is not None else 'no'} rows (a leaf "
+          f"of shape {tuple(np.shape(x))}), which does not divide over the {devices}: "
+          f"use a global batch size that is a multiple of {n} (e.g. "
+          f"{max(n, -(-(rows or 0) // n) * n)}){advice}.")
+
+
 class DataParallel:
   """The :class:`~absign_jax.train.step.Placement` of a data-parallel step.
 
@@ -330,15 +349,8 @@ class DataParallel:
         over the data-parallel devices.
     """
     n = self.num_workers
-    for x in jax.tree.leaves(batch):
-      rows = np.shape(x)[0] if np.ndim(x) else None
-      if rows is None or rows % n:
-        raise ValueError(
-            f"the global batch has {rows if rows is not None else 'no'} rows (a leaf "
-            f"of shape {tuple(np.shape(x))}), which does not divide over the {n} "
-            f"data-parallel devices of mesh axis {self.axis!r}: use a global batch "
-            f"size that is a multiple of {n} (e.g. {max(n, -(-(rows or 0) // n) * n)}"
-            f"), or put fewer devices on {self.axis!r}.")
+    check_batch_rows(batch, n, f"{n} data-parallel devices of mesh axis {self.axis!r}",
+                     f", or put fewer devices on {self.axis!r}")
     if jax.process_count() > 1:
       return batch
     sharding = NamedSharding(self.mesh, P(self.axis))

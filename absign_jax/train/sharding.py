@@ -594,16 +594,10 @@ class Sharded:
       ValueError: when a leaf's leading dimension does not divide over the
         ``data x fsdp`` devices.
     """
-    n = self.num_workers * self.fsdp_size
-    for x in jax.tree.leaves(batch):
-      rows = np.shape(x)[0] if np.ndim(x) else None
-      if rows is None or rows % n:
-        raise ValueError(
-            f"the global batch has {rows if rows is not None else 'no'} rows (a leaf "
-            f"of shape {tuple(np.shape(x))}), which does not divide over the "
-            f"{self.num_workers} x {self.fsdp_size} devices of mesh axes "
-            f"({self.data_axis!r}, {self.fsdp_axis!r}): use a global batch size that "
-            f"is a multiple of {n} (e.g. {max(n, -(-(rows or 0) // n) * n)}).")
+    dp.check_batch_rows(
+        batch, self.num_workers * self.fsdp_size,
+        f"{self.num_workers} x {self.fsdp_size} devices of mesh axes "
+        f"({self.data_axis!r}, {self.fsdp_axis!r})")
     return jax.tree.map(lambda x: dp._global(x, self.batch_sharding), batch)
 
 
