@@ -1,8 +1,54 @@
-"""Shared fixtures. LLM fixtures (prefix ``llm_``) load the real SmolLM2 GGUF once."""
+"""Shared fixtures. LLM fixtures (prefix ``llm_``) load the real SmolLM2 GGUF once.
+
+The whole run (every xdist worker and every subprocess a test starts) shares one
+persistent JAX compilation cache in a temporary directory: many tests compile the
+same programs on the same tiny models, and a program read back from the cache is the
+program XLA compiled. Set ``JAX_COMPILATION_CACHE_DIR`` yourself to keep it between
+runs; ``ABSIGN_TEST_COMPILATION_CACHE=0`` turns it off.
+"""
 
 import importlib.util
+import os
+import shutil
+import sys
+import tempfile
 
 import pytest
+
+_CACHE_ENV = {
+    # Cache what takes a while to compile; the many tiny eager programs are not
+    # worth a file each.
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    # A size limit turns on jax's file lock: workers and subprocesses write the same
+    # entries concurrently.
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 * 2**30),
+}
+
+
+def pytest_configure(config):
+  """Sets up the shared cache before jax is imported (here: in the controller, whose
+  environment the xdist workers and the tests' subprocesses inherit)."""
+  if os.environ.get("ABSIGN_TEST_COMPILATION_CACHE", "1") == "0":
+    return
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="absign-jax-cache-")
+    config._absign_owned_cache = os.environ["JAX_COMPILATION_CACHE_DIR"]
+  for name, value in _CACHE_ENV.items():
+    os.environ.setdefault(name, value)
+  if "jax" in sys.modules:  # imported already (by a plugin): its flags read the env
+    import jax
+
+    for name in ("JAX_COMPILATION_CACHE_DIR", *_CACHE_ENV):
+      value = os.environ[name]
+      jax.config.update(name.lower(), value if name.endswith("DIR") else float(value)
+                        if "SECS" in name else int(value))
+
+
+def pytest_unconfigure(config):
+  owned = getattr(config, "_absign_owned_cache", None)
+  if owned is not None and not hasattr(config, "workerinput"):  # the controller's own
+    shutil.rmtree(owned, ignore_errors=True)
 
 
 def _have(*modules: str) -> bool:

@@ -91,8 +91,8 @@ def test_1bit_bytes_at_least_30n_below_adamw(checks):
   assert adamw["total"] >= 30 * n_blocks * one_bit["total"], (adamw, one_bit)
 
 
-def test_two_processes_end_with_identical_params(procs):
-  p = procs["launch"]
+def test_two_processes_end_with_identical_params(launch):
+  p = launch
   try:
     out, _ = p.communicate(timeout=TIMEOUT_S)
   except subprocess.TimeoutExpired:
