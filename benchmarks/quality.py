@@ -183,7 +183,11 @@ BRACKETS = {
 METHOD_OPTIONS = {"block_adam": {"switch_every": 10}}
 # Options of ABSignSGD beyond the paper: method label -> (optimizer, program options,
 # the learning rate it is measured at).
-VARIANTS = {"absignsgd_relative": ("absignsgd", {"relative": True}, 5e-3)}
+VARIANTS = {
+    "absignsgd_relative": ("absignsgd", {"relative": True}, 5e-3),
+    # 4x the tokens behind each sign, at the activation memory of the plain batch.
+    "absignsgd_micro4": ("absignsgd", {"batch": 16, "micro_batches": 4}, 1e-3),
+}
 PLAIN = ("absignsgd", 1e-3)  # the plain method at its default, the comparison
 TOP_FOR_SEED = 3  # settings per task repeated with the second seed
 SECOND_SEED = 1

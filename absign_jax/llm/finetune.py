@@ -79,7 +79,8 @@ RESUME_SETTINGS = ("optimizer", "precision", "model", "task", "data", "seq", "ba
                    "seed", "lr", "schedule", "warmup", "steps", "time_budget",
                    "weight_decay", "depth_bias", "selection", "switch_every",
                    "block_order", "lora_rank", "lora_alpha", "lora_targets",
-                   "galore_rank", "galore_gap", "galore_scale", "relative")
+                   "galore_rank", "galore_gap", "galore_scale", "relative",
+                   "micro_batches")
 CHAT_PROMPTS = ("What is the capital of France?",
                 "Explain in one sentence what a Python list is.")
 
@@ -119,6 +120,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "first step and evaluations excluded); the cosine schedule then decays "
                  "over the budget instead of --steps, whichever ends first")
   p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--micro-batches", type=int, default=1,
+                 help="split each batch into this many slices and average their "
+                 "gradients before the update: --batch rows behind each step at the "
+                 "activation memory of --batch / --micro-batches rows")
   p.add_argument("--seq", type=int, default=128, help="sequence length")
   p.add_argument("--precision", default="fp32", choices=absign_jax.train.precision.POLICIES,
                  help="bf16-sr: bf16 weights with stochastic rounding; bf16-master: fp32 "
@@ -193,6 +198,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
        finite(args.time_budget) and args.time_budget > 0, "a finite number of seconds > 0")
   need("--batch", args.batch, args.batch >= 1, "an integer >= 1")
   need("--seq", args.seq, args.seq >= 2, "an integer >= 2")
+  need("--micro-batches", args.micro_batches,
+       args.micro_batches >= 1 and args.batch % args.micro_batches == 0,
+       f"an integer >= 1 that divides --batch ({args.batch})")
   need("--depth-bias", args.depth_bias, finite(args.depth_bias) and args.depth_bias >= 0,
        "a finite number >= 0")
   need("--weight-decay", args.weight_decay,
@@ -254,6 +262,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   free = [n for n in names if n in PARAMETER_FREE]
   if free and args.lr is not None:
     p.error(f"{', '.join(free)} is parameter-free (it sets its own step size): drop --lr")
+  wrapped = [n for n in names if n in ("lora", "galore")]
+  if wrapped and args.micro_batches > 1:
+    p.error(f"--micro-batches applies to the block optimizers and the full-backprop "
+            f"ones that train every weight; {', '.join(wrapped)} does not take it: "
+            "drop --micro-batches")
   full = [n for n in names if n in FULL_OPTIMIZERS]
   if full and args.precision not in ("fp32", "bf16"):
     p.error(f"--precision {args.precision} needs a block optimizer "
@@ -531,6 +544,8 @@ def run_settings(args, name: str, loaded) -> dict[str, Any]:
       "seed": args.seed, "lr": peak_learning_rate(args, name),
       "schedule": args.schedule, "warmup": args.warmup,
   }
+  if args.micro_batches > 1:  # (absent: one slice, as in runs from before the option)
+    settings["micro_batches"] = args.micro_batches
   if args.schedule == "cosine":  # the decay ends at --steps / --time-budget
     settings.update(steps=args.steps, time_budget=args.time_budget)
   if name not in PARAMETER_FREE:
@@ -685,7 +700,8 @@ def load_options(args, policy, mesh, cfg: model_lib.LlamaConfig) -> dict:
 def make_step(args, name: str, parts, tx, policy, mesh):
   """The training step: on one device (``mesh`` None), or sharded and voting."""
   if name in BLOCK_OPTIMIZERS:
-    options = dict(layered=parts.layered, seed=args.seed, **policy.step_options())
+    options = dict(layered=parts.layered, seed=args.seed,
+                   micro_batches=args.micro_batches, **policy.step_options())
     if mesh is None:
       return absign_jax.BlockTrainStep(parts.loss_fn, tx, **options), None
     return sharding_lib.ShardedBlockStep(parts.loss_fn, tx, mesh,
@@ -693,9 +709,10 @@ def make_step(args, name: str, parts, tx, policy, mesh):
   if policy.name not in ("fp32", "bf16"):
     raise ValueError(f"--precision {policy.name} needs a block optimizer "
                      f"({', '.join(BLOCK_OPTIMIZERS)}); {name} supports fp32 and bf16.")
+  options = dict(seed=args.seed, micro_batches=args.micro_batches)
   if mesh is None:
-    return absign_jax.FullTrainStep(parts.loss_fn, tx, seed=args.seed), None
-  return sharding_lib.ShardedFullStep(parts.loss_fn, tx, mesh, seed=args.seed), mesh
+    return absign_jax.FullTrainStep(parts.loss_fn, tx, **options), None
+  return sharding_lib.ShardedFullStep(parts.loss_fn, tx, mesh, **options), mesh
 
 
 def train(args, name: str, loaded, out_dir: str, ckpt_dir: str | None = None

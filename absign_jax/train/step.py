@@ -89,6 +89,7 @@ __all__ = [
     "Placement",
     "SingleDevice",
     "TrainState",
+    "accumulate",
     "keep_layers",
     "local",
     "residual_budget",
@@ -213,6 +214,46 @@ def _call_error() -> TypeError:
 
 def _block_norm(grads) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in grads))
+
+
+def _check_micro_batches(micro_batches) -> int:
+  if (not isinstance(micro_batches, (int, np.integer)) or isinstance(micro_batches, bool)
+      or micro_batches < 1):
+    raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}.")
+  return int(micro_batches)
+
+
+def accumulate(grad_fn: Callable[[Batch], tuple], batch: Batch, micro_batches: int):
+  """``grad_fn(batch) -> (loss, grads)`` over ``micro_batches`` equal slices of the
+  batch's rows, averaged: the gradient of the whole batch (for a loss that is a mean
+  over rows) at the activation memory of one slice. Sums in float32.
+
+  Raises:
+    ValueError: a batch leaf whose leading (row) axis does not divide into
+      ``micro_batches`` equal slices.
+  """
+  if micro_batches == 1:
+    return grad_fn(batch)
+
+  def split(x):
+    rows = np.shape(x)[0] if np.ndim(x) else None
+    if rows is None or rows % micro_batches:
+      raise ValueError(
+          f"micro_batches={micro_batches} splits every batch leaf along its first "
+          f"axis, but a leaf has shape {np.shape(x)}: make the batch's rows a multiple "
+          f"of {micro_batches}, or lower micro_batches.")
+    return jnp.reshape(x, (micro_batches, rows // micro_batches, *np.shape(x)[1:]))
+
+  slices = jax.tree.map(split, batch)
+  shapes = jax.eval_shape(grad_fn, jax.tree.map(lambda x: x[0], slices))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+
+  def add(total, one):
+    out = grad_fn(one)
+    return jax.tree.map(lambda t, x: t + x.astype(jnp.float32), total, out), None
+
+  total, _ = jax.lax.scan(add, zeros, slices)
+  return jax.tree.map(lambda t, s: (t / micro_batches).astype(s.dtype), total, shapes)
 
 
 def _take(stack, i):
@@ -463,6 +504,9 @@ class BlockTrainStep:
       block gradient become what the optimizer gets (default :func:`local`).
     placement: how programs are compiled and arrays placed (default
       :class:`SingleDevice`; see :class:`Placement`).
+    micro_batches: split each batch's rows into this many equal slices and average
+      their block gradients before the update (see :func:`accumulate`): more tokens
+      behind each sign at the activation memory of one slice.
 
   ``metrics`` holds ``loss``, ``block``, ``grad_norm`` (of the block), ``skipped``,
   ``loss_scale``, ``consecutive_skips`` and ``skipped_total``.
@@ -485,7 +529,7 @@ class BlockTrainStep:
                rounding: str = "nearest", master_copy: bool = False, seed: int = 0,
                max_consecutive_skips: int | None = 20,
                aggregate: Callable[[jax.Array, list], Aggregated] = local,
-               placement: Placement | None = None):
+               placement: Placement | None = None, micro_batches: int = 1):
     if dispatch not in ("auto", "per_block", "switch"):
       raise ValueError(f"dispatch must be 'auto', 'per_block' or 'switch', got "
                        f"{dispatch!r}.")
@@ -504,6 +548,7 @@ class BlockTrainStep:
     self.max_consecutive_skips = precision_lib.check_skip_limit(max_consecutive_skips)
     self.aggregate = aggregate
     self.placement = SingleDevice() if placement is None else placement
+    self.micro_batches = _check_micro_batches(micro_batches)
     self._programs = _Programs(self.placement, donate)
 
   # -- public -----------------------------------------------------------------------
@@ -630,15 +675,20 @@ class BlockTrainStep:
     flat, treedef = jax.tree.flatten(params)
     members = spec.members[b]
 
-    def block_loss(block_leaves):
+    def block_loss(block_leaves, batch):
       leaves = list(flat)
       for (i, s), v in zip(members, block_leaves):
         leaves[i] = v if s is None else leaves[i].at[s].set(v)
       return self.loss_fn(jax.tree.unflatten(treedef, leaves), batch)
 
     scaled = precision_lib.scaled_loss(block_loss, prec, self.loss_scale)
-    (_, loss), grads = jax.value_and_grad(scaled, has_aux=True)(
-        partition_lib.gather_block(spec, flat, b))
+    active = partition_lib.gather_block(spec, flat, b)
+
+    def grad_fn(batch):
+      (_, loss), grads = jax.value_and_grad(scaled, has_aux=True)(active, batch)
+      return loss, grads
+
+    loss, grads = accumulate(grad_fn, batch, self.micro_batches)
     return self._update(spec, flat, treedef, members, b, b, grads, loss, params,
                         opt_state, prec)
 
@@ -650,22 +700,26 @@ class BlockTrainStep:
     j = find_state(opt_state).active - lo
     stack = subtree(params, lay.stack_path)
 
-    h = lay.embed(params, batch)
-    k = self.kept_layers(stack, h)
     n = jax.tree.leaves(stack)[0].shape[0]
-    h = jax.lax.fori_loop(0, j, lambda i, h: lay.layer(_take(stack, i), h), h)
 
-    def loss_from_active(w):
-      out = lay.layer(w, h)
-      # Layers j+1 .. n-k-1 are recomputed in the backward, the top k kept (the
-      # number recomputed, max(0, n-1-j-k), is the same whichever k are kept).
-      out = _layers_above(lay.layer, stack, j, out, stop=n - k)
-      out = _kept_layers(lay.layer, stack, j, k, out)
-      return lay.head_loss(params, out, batch)
+    def grad_fn(batch):
+      h = lay.embed(params, batch)
+      k = self.kept_layers(stack, h)
+      h = jax.lax.fori_loop(0, j, lambda i, h: lay.layer(_take(stack, i), h), h)
 
-    scaled = precision_lib.scaled_loss(loss_from_active, prec, self.loss_scale)
-    (_, loss), g_tree = jax.value_and_grad(scaled, has_aux=True)(_take(stack, j))
-    grads = jax.tree.leaves(g_tree)
+      def loss_from_active(w):
+        out = lay.layer(w, h)
+        # Layers j+1 .. n-k-1 are recomputed in the backward, the top k kept (the
+        # number recomputed, max(0, n-1-j-k), is the same whichever k are kept).
+        out = _layers_above(lay.layer, stack, j, out, stop=n - k)
+        out = _kept_layers(lay.layer, stack, j, k, out)
+        return lay.head_loss(params, out, batch)
+
+      scaled = precision_lib.scaled_loss(loss_from_active, prec, self.loss_scale)
+      (_, loss), g_tree = jax.value_and_grad(scaled, has_aux=True)(_take(stack, j))
+      return loss, jax.tree.leaves(g_tree)
+
+    loss, grads = accumulate(grad_fn, batch, self.micro_batches)
     if len(grads) != len(spec.members[lo]):
       raise ValueError("LayeredLoss.stack_path does not point at the stacked layers "
                        "the block partition found.")
@@ -706,6 +760,8 @@ class FullTrainStep:
     aggregate: ``(loss, grad_leaves) -> Aggregated`` (default :func:`local`).
     placement: how the program is compiled and arrays placed (default
       :class:`SingleDevice`).
+    micro_batches: split each batch's rows into this many equal slices and average
+      their gradients before the update (see :func:`accumulate`).
 
   Call it like :class:`BlockTrainStep`: ``state = step.init(params)``, ``state, metrics
   = step(state, batch)``. ``metrics`` holds ``loss``, ``grad_norm``, ``skipped``,
@@ -717,10 +773,11 @@ class FullTrainStep:
                donate: bool = True, seed: int = 0,
                max_consecutive_skips: int | None = 20,
                aggregate: Callable[[jax.Array, list], Aggregated] = local,
-               placement: Placement | None = None):
+               placement: Placement | None = None, micro_batches: int = 1):
     self.loss_fn = loss_fn
     self.tx = tx
     self.seed = int(seed)
+    self.micro_batches = _check_micro_batches(micro_batches)
     self.max_consecutive_skips = precision_lib.check_skip_limit(max_consecutive_skips)
     self.aggregate = aggregate
     self.placement = SingleDevice() if placement is None else placement
@@ -766,7 +823,8 @@ class FullTrainStep:
     return self._programs.get("full", self._full_program)
 
   def _full_program(self, params, opt_state, prec, batch):
-    loss, grads = jax.value_and_grad(self.loss_fn)(params, batch)
+    loss, grads = accumulate(lambda b: jax.value_and_grad(self.loss_fn)(params, b),
+                             batch, self.micro_batches)
     leaves, treedef = jax.tree.flatten(grads)
     red = self.aggregate(loss, leaves)
     grads = jax.tree.unflatten(treedef, red.grads)

@@ -102,6 +102,21 @@ def test_program_rejects_bad_options():
     finetune.parse_args(["--steps", "0"])
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "4", "--micro-batches", "3"], "divides --batch"),
+    (["--micro-batches", "0"], "an integer >= 1"),
+    (["--optimizer", "lora", "--micro-batches", "2"], "lora does not take it"),
+])
+def test_micro_batches_option_is_checked_before_any_work(argv, message, capsys):
+  from absign_jax.llm import finetune
+
+  with pytest.raises(SystemExit):
+    finetune.parse_args(argv)
+  assert message in capsys.readouterr().err
+  args = finetune.parse_args(["--batch", "8", "--micro-batches", "4"])
+  assert args.micro_batches == 4
+
+
 def test_injected_learning_rate_is_the_step_size():
   """The loop's learning rate reaches the update: sign steps of exactly that size."""
   from absign_jax.llm import finetune

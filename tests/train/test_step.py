@@ -497,3 +497,77 @@ def test_block_adam_equals_plain_path(env):
   init, final = leaves(params), leaves(rec["block_params"][-1])
   for i, lb in enumerate(spec.leaf_blocks):
     assert np.array_equal(init[i], final[i]) == (lb.block is None)
+
+
+# ---------------------------------------------------------------------------------
+# micro-batches: the gradient of the whole batch at the memory of one slice
+# ---------------------------------------------------------------------------------
+
+
+def test_micro_batches_step_on_the_gradient_of_the_whole_batch():
+  """Two slices of 2 rows: every block (embedding and head by their own programs, the
+  layers by the stacked one) moves by ``lr * sign`` of the 4-row gradient, computed
+  here with ``jax.grad`` of the model's own loss; where that gradient is rounding
+  noise the sign is arbitrary. The full-backprop step averages the same way."""
+  cfg = Config(n_layers=2, stacked=True)
+  parts = absign_jax.split_nnx(TinyLM(cfg, rngs=nnx.Rngs(3)))
+  tx = absign_jax.absignsgd(LR, selection="cyclic", include_embedding=True,
+                            include_head=True)
+  step = absign_jax.BlockTrainStep(parts.loss_fn, tx, layered=parts.layered,
+                                   micro_batches=2, donate=False)
+  n_blocks = absign_jax.block_spec(parts.params, include_embedding=True,
+                                   include_head=True).num_blocks
+  state = step.init(parts.params)
+  grad = jax.jit(jax.value_and_grad(parts.loss_fn))
+  for i in range(n_blocks):
+    batch = make_batch(i, cfg.vocab, batch=4)
+    want_loss, g = grad(state.params, batch)
+    before = state.params
+    state, m = step(state, batch)
+    assert int(m["block"]) == i
+    np.testing.assert_allclose(float(m["loss"]), float(want_loss), rtol=1e-6)
+    noise = 1e-5 * max(float(jnp.max(jnp.abs(x))) for x in leaves(g))
+    paths = [jax.tree_util.keystr(k) for k, _ in
+             jax.tree_util.tree_flatten_with_path(before)[0]]
+    for path, p0, p1, gi in zip(paths, leaves(before), leaves(state.params), leaves(g)):
+      moved = np.asarray(p1, np.float64) - np.asarray(p0, np.float64)
+      want = -LR * np.sign(np.asarray(gi, np.float64))
+      owner = (0 if "embed" in path else n_blocks - 1 if "layers" not in path
+               else None)  # None: a stacked leaf, row i - 1 belongs to block i
+      if "layers" in path:
+        active = np.zeros(moved.shape[0], bool)
+        if 0 < i < n_blocks - 1:
+          active[i - 1] = True
+        moved_on, want_on, g_on = moved[active], want[active], gi[active]
+        assert not moved[~active].any(), f"block {i} moved {path} outside its row"
+      elif owner == i:
+        moved_on, want_on, g_on = moved, want, gi
+      else:
+        assert not moved.any(), f"block {i} moved {path}"
+        continue
+      wrong = ~np.isclose(moved_on, want_on, rtol=1e-5, atol=0) & (np.abs(g_on) > noise)
+      assert not wrong.any(), f"block {i}, {path}: {int(wrong.sum())} entries"
+  assert step.compiled_programs == 3  # embedding, the stacked layers, head
+
+  full = absign_jax.FullTrainStep(parts.loss_fn, optax.sgd(0.5), micro_batches=4,
+                                  donate=False)
+  batch = make_batch(0, cfg.vocab, batch=4)
+  new, m = full(full.init(parts.params), batch)
+  want_loss, g = grad(parts.params, batch)
+  np.testing.assert_allclose(float(m["loss"]), float(want_loss), rtol=1e-6)
+  for p0, p1, gi in zip(leaves(parts.params), leaves(new.params), leaves(g)):
+    np.testing.assert_allclose(np.asarray(p1), np.asarray(p0 - 0.5 * gi),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_micro_batches_bad_input():
+  parts = absign_jax.split_nnx(TinyLM(Config(n_layers=2), rngs=nnx.Rngs(0)))
+  tx = absign_jax.absignsgd(LR)
+  for bad in (0, -1, 1.5, True):
+    with pytest.raises(ValueError, match="micro_batches must be an int >= 1"):
+      absign_jax.BlockTrainStep(parts.loss_fn, tx, micro_batches=bad)
+    with pytest.raises(ValueError, match="micro_batches must be an int >= 1"):
+      absign_jax.FullTrainStep(parts.loss_fn, optax.sgd(0.1), micro_batches=bad)
+  step = absign_jax.BlockTrainStep(parts.loss_fn, tx, micro_batches=2)
+  with pytest.raises(ValueError, match="multiple of 2"):
+    step(step.init(parts.params), make_batch(0, batch=3))
