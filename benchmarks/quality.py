@@ -187,6 +187,8 @@ VARIANTS = {
     "absignsgd_relative": ("absignsgd", {"relative": True}, 5e-3),
     # 4x the tokens behind each sign, at the activation memory of the plain batch.
     "absignsgd_micro4": ("absignsgd", {"batch": 16, "micro_batches": 4}, 1e-3),
+    # Signum on the active block: 10 steps per visit, the buffer restarted at a switch.
+    "absignsgd_momentum": ("absignsgd", {"momentum": 0.9, "switch_every": 10}, 1e-3),
 }
 PLAIN = ("absignsgd", 1e-3)  # the plain method at its default, the comparison
 TOP_FOR_SEED = 3  # settings per task repeated with the second seed

@@ -69,6 +69,7 @@ FAMILY_LR = {("gemma3", "absignsgd"): 1e-4, ("gemma3", "absignsgd_uniform"): 1e-
 # 1e-3 on its layer matrices (median RMS 0.19); Gemma 3 270M's are 0.04.
 RELATIVE_LR = 5e-3
 RELATIVE_OPTIMIZERS = ("absignsgd", "absignsgd_uniform")
+BADAM_SWITCH_EVERY = 50  # block_adam's default --switch-every (BAdam's K)
 # BAdam's switching orders and the selection schemes that implement them.
 BLOCK_ORDERS = {"random": "random_reshuffle", "ascending": "cyclic",
                 "descending": "cyclic_descending"}
@@ -80,7 +81,7 @@ RESUME_SETTINGS = ("optimizer", "precision", "model", "task", "data", "seq", "ba
                    "weight_decay", "depth_bias", "selection", "switch_every",
                    "block_order", "lora_rank", "lora_alpha", "lora_targets",
                    "galore_rank", "galore_gap", "galore_scale", "relative",
-                   "micro_batches")
+                   "micro_batches", "momentum")
 CHAT_PROMPTS = ("What is the capital of France?",
                 "Explain in one sentence what a Python list is.")
 
@@ -135,8 +136,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--relative", action="store_true",
                  help="absignsgd: step relative to each weight matrix's RMS (lr * rms * "
                  f"sign(g)); default lr {RELATIVE_LR}, whatever the model family")
-  p.add_argument("--switch-every", type=int, default=50,
-                 help="block_adam: steps on a block before switching (BAdam's K)")
+  p.add_argument("--switch-every", type=int, default=None,
+                 help="steps on a block before the next is picked: block_adam (BAdam's "
+                 f"K, default {BADAM_SWITCH_EVERY}) and absignsgd (default 1)")
+  p.add_argument("--momentum", type=float, default=0.0,
+                 help="absignsgd: momentum of the active block only, restarted at each "
+                 "switch (sign of the average of the visit's gradients); needs "
+                 "--switch-every > 1")
   p.add_argument("--block-order", default="random", choices=tuple(BLOCK_ORDERS),
                  help="block_adam: BAdam's switching order (random: a new "
                  "permutation per pass)")
@@ -235,13 +241,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   if args.task and args.data:
     p.error("--task and --data both choose the training data: give one")
   chosen = args.compare.split(",") if args.compare else [args.optimizer]
+  need("--momentum", args.momentum, finite(args.momentum) and 0 <= args.momentum < 1,
+       "a number in [0, 1)")
+  if args.momentum and not set(chosen) & set(RELATIVE_OPTIMIZERS):
+    p.error(f"--momentum applies to {', '.join(RELATIVE_OPTIMIZERS)}; the run trains "
+            f"{', '.join(chosen)}")
+  if args.momentum and (args.switch_every or 1) == 1:
+    p.error("--momentum needs --switch-every > 1: the buffer restarts when the block "
+            "changes, so with one step per visit the sign is the gradient's. Add e.g. "
+            "--switch-every 10, or drop --momentum")
   if args.relative and not set(chosen) & set(RELATIVE_OPTIMIZERS):
     p.error(f"--relative applies to {', '.join(RELATIVE_OPTIMIZERS)}; the run trains "
             f"{', '.join(chosen)}")
   for option in ("eval_problems", "switch_every", "lora_rank", "galore_rank",
                  "galore_gap"):
-    value = getattr(args, option)
-    need("--" + option.replace("_", "-"), value, value >= 1, "an integer >= 1")
+    value = getattr(args, option)  # None: the optimizer's default
+    need("--" + option.replace("_", "-"), value, value is None or value >= 1,
+         "an integer >= 1")
   for option in ("lora_alpha", "galore_scale"):
     value = getattr(args, option)
     need("--" + option.replace("_", "-"), value, finite(value) and value > 0,
@@ -312,15 +328,17 @@ def make_optimizer(args, name: str) -> optax.GradientTransformation:
       return absign_jax.alias_absignsgd(depth_bias=args.depth_bias, seed=args.seed)
     return absign_jax.alias_sign_sgd()
   wd = args.weight_decay
+  sign_visit = dict(momentum=args.momentum, steps_per_block=args.switch_every or 1)
   factories = {
       "absignsgd": lambda lr: absign_jax.absignsgd(
           lr, depth_bias=args.depth_bias, selection=args.selection, weight_decay=wd,
-          seed=args.seed, relative=args.relative),
+          seed=args.seed, relative=args.relative, **sign_visit),
       "absignsgd_uniform": lambda lr: absign_jax.absignsgd(
           lr, selection="uniform", weight_decay=wd, seed=args.seed,
-          relative=args.relative),
+          relative=args.relative, **sign_visit),
       "block_adam": lambda lr: absign_jax.block_adam(
-          lr, weight_decay=wd, seed=args.seed, steps_per_block=args.switch_every,
+          lr, weight_decay=wd, seed=args.seed,
+          steps_per_block=args.switch_every or BADAM_SWITCH_EVERY,
           selection=BLOCK_ORDERS[args.block_order]),
       "lora": lambda lr: optax.adamw(lr, weight_decay=wd),
       "galore": lambda lr: peers_lib.galore(
@@ -556,10 +574,15 @@ def run_settings(args, name: str, loaded) -> dict[str, Any]:
     settings["selection"] = args.selection
   if name in RELATIVE_OPTIMIZERS and args.relative:
     settings["relative"] = True
+  if name in RELATIVE_OPTIMIZERS and (args.switch_every or 1) > 1:
+    settings["switch_every"] = args.switch_every
+  if name in RELATIVE_OPTIMIZERS and args.momentum:
+    settings["momentum"] = args.momentum
   if args.task:
     settings["task"] = args.task
   if name == "block_adam":
-    settings.update(switch_every=args.switch_every, block_order=args.block_order)
+    settings.update(switch_every=args.switch_every or BADAM_SWITCH_EVERY,
+                    block_order=args.block_order)
   if name == "lora":
     settings.update(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                     lora_targets=args.lora_targets)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -176,3 +177,38 @@ def test_relative_flag_builds_the_relative_step_with_its_own_default_lr():
   np.testing.assert_array_equal(active[0], [-0.5, 0.5, -0.5, -0.5])  # 0.25 * rms 2
   with pytest.raises(SystemExit):
     finetune.parse_args(["--optimizer", "adamw", "--relative"])
+
+
+def test_momentum_and_switch_every_reach_absignsgd():
+  """--momentum 0.9 --switch-every 3: three steps per block, each the sign of the
+  visit's averaged gradient (+1, then -0.5 twice: m = 0.1, 0.04, -0.014)."""
+  from absign_jax.llm import finetune
+
+  args = finetune.parse_args(["--optimizer", "absignsgd", "--lr", "0.5", "--momentum",
+                              "0.9", "--switch-every", "3", "--selection", "cyclic"])
+  tx = finetune.make_optimizer(args, "absignsgd")
+  params = {"layers": [{"w": jnp.zeros(2)} for _ in range(2)]}
+  state = tx.init(params)
+  moves = []
+  for g in (1.0, -0.5, -0.5, 1.0):
+    grads = jax.tree.map(lambda x: jnp.full_like(x, g), params)
+    updates, state = tx.update(grads, state, params)
+    moves.append([float(u["w"][0]) for u in updates["layers"]])
+  assert moves == [[-0.5, 0.0], [-0.5, 0.0], [0.5, 0.0], [0.0, -0.5]]
+  run = finetune.run_settings(args, "absignsgd",
+                              types.SimpleNamespace(cache={"data_sha256": "0"}))
+  assert run["momentum"] == 0.9 and run["switch_every"] == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--momentum", "0.9"], "needs --switch-every > 1"),
+    (["--momentum", "1.0", "--switch-every", "4"], "in [0, 1)"),
+    (["--optimizer", "adamw", "--momentum", "0.9", "--switch-every", "4"],
+     "--momentum applies to absignsgd"),
+])
+def test_momentum_option_errors(argv, message, capsys):
+  from absign_jax.llm import finetune
+
+  with pytest.raises(SystemExit):
+    finetune.parse_args(argv)
+  assert message in capsys.readouterr().err

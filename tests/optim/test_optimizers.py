@@ -539,6 +539,43 @@ def test_block_adam_k_steps_and_reset_on_switch():
     params = new
 
 
+def test_absignsgd_momentum_is_signum_on_the_active_block_reset_on_switch():
+  """momentum=beta, 3 steps per block: the step is -lr * sign(m) with m the float64
+  average of this visit's gradients only (m starts at zero at every switch)."""
+  k_steps, n, lr, beta, steps = 3, N_LAYERS, 1e-2, 0.9, 14
+  params = make_params(n)
+  tx = absign_jax.absignsgd(lr, momentum=beta, steps_per_block=k_steps,
+                            selection="cyclic")
+  state = tx.init(params)
+  step = jax.jit(lambda p, s, g: one_step(tx, p, g, s)[:2])
+  m = None
+  for k in range(steps):
+    grads = make_grads(params, k)
+    active = int(absign_jax.active_block(state))
+    assert active == (k // k_steps) % n
+    if k % k_steps == 0:
+      m = {name: np.zeros(np.shape(params["layers"][active][name])) for name in "wb"}
+    new, state = step(params, state, grads)
+    assert_untouched(params, new, active)
+    for name in ("w", "b"):
+      m[name] = beta * m[name] + (1 - beta) * np.asarray(grads["layers"][active][name],
+                                                         np.float64)
+      want = (np.asarray(params["layers"][active][name], np.float64)
+              - np.float64(np.float32(lr)) * np.sign(m[name])).astype(np.float32)
+      np.testing.assert_array_equal(np.asarray(new["layers"][active][name]), want)
+    params = new
+
+
+def test_absignsgd_momentum_errors():
+  with pytest.raises(ValueError, match="steps_per_block > 1"):
+    absign_jax.absignsgd(1e-3, momentum=0.9)
+  for beta in (-0.1, 1.0, float("nan")):
+    with pytest.raises(ValueError, match="momentum must be in"):
+      absign_jax.absignsgd(1e-3, momentum=beta, steps_per_block=4)
+  with pytest.raises(ValueError, match="steps_per_block must be an int >= 1"):
+    absign_jax.absignsgd(1e-3, steps_per_block=0)
+
+
 # ---------------------------------------------------------------------------------
 # Bad inputs
 # ---------------------------------------------------------------------------------
