@@ -1,10 +1,16 @@
 """Shared fixtures. LLM fixtures (prefix ``llm_``) load the real SmolLM2 GGUF once.
 
-The whole run (every xdist worker and every subprocess a test starts) shares one
-persistent JAX compilation cache in a temporary directory: many tests compile the
-same programs on the same tiny models, and a program read back from the cache is the
-program XLA compiled. Set ``JAX_COMPILATION_CACHE_DIR`` yourself to keep it between
-runs; ``ABSIGN_TEST_COMPILATION_CACHE=0`` turns it off.
+Compilation dominates this suite (small models, many programs), so the run makes it
+cheaper without changing a program:
+
+* XLA compiles with LLVM's cheap code generation (``FAST_XLA``): the same HLO
+  programs, buffers and collectives, less optimised machine code. Left alone when
+  ``XLA_FLAGS`` already sets an optimisation level.
+* Every xdist worker and every subprocess a test starts share one persistent JAX
+  compilation cache in a temporary directory: many tests compile the same programs
+  on the same tiny models, and a program read back from the cache is the program XLA
+  compiled. Set ``JAX_COMPILATION_CACHE_DIR`` yourself to keep it between runs;
+  ``ABSIGN_TEST_COMPILATION_CACHE=0`` turns it off.
 """
 
 import importlib.util
@@ -15,6 +21,7 @@ import tempfile
 
 import pytest
 
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 _CACHE_ENV = {
     # Cache what takes a while to compile; the many tiny eager programs are not
     # worth a file each.
@@ -27,8 +34,12 @@ _CACHE_ENV = {
 
 
 def pytest_configure(config):
-  """Sets up the shared cache before jax is imported (here: in the controller, whose
-  environment the xdist workers and the tests' subprocesses inherit)."""
+  """Sets the XLA flags and the shared cache before jax compiles anything (here: in
+  the controller, whose environment the xdist workers and the tests' subprocesses
+  inherit). XLA reads ``XLA_FLAGS`` when its first backend starts."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_backend_optimization_level" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {FAST_XLA}".strip()
   if os.environ.get("ABSIGN_TEST_COMPILATION_CACHE", "1") == "0":
     return
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

@@ -18,6 +18,8 @@ import sys
 
 import pytest
 
+from tests.conftest import FAST_XLA
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "step_time.py")
 JAX_METHODS = ("forward", "adamw", "absignsgd", "absignsgd_uniform", "block_adam",
@@ -26,8 +28,7 @@ TORCH_METHODS = ("torch_adamw", "torch_block_sign")
 HAVE_TORCH = all(importlib.util.find_spec(m) is not None
                  for m in ("torch", "transformers"))
 # A smoke test checks what the script writes, not how fast XLA's code is: cheaper
-# compiles (the same programs, less optimised) and small batches keep it short.
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# compiles (FAST_XLA: the same programs, less optimised) and small batches keep it short.
 SMALL = ["--preset", "tiny", "--batch", "2", "--seq", "16"]
 FIELDS = ("median_step_s", "mean_step_s", "speedup_vs_adamw", "model_speedup",
           "opt_state_bytes", "compile_s", "compile_plus_100_steps_s", "cpu_user_s",

@@ -15,9 +15,9 @@ import sys
 
 import pytest
 
+from tests.conftest import FAST_XLA
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Faster XLA compiles; the programs (and their collectives) are the same.
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 TIMEOUT_S = 420
 
 

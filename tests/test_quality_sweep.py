@@ -1,0 +1,96 @@
+"""The plan of ``benchmarks/quality.py``'s task sweep: which settings each phase runs,
+how the best are picked, and what counts as finished (no training here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def quality():
+  spec = importlib.util.spec_from_file_location(
+      "quality_sweep", os.path.join(ROOT, "benchmarks", "quality.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def row(quality, task, method, lr, seed=0, accuracy=None, loss=1.0):
+  s = quality.Setting(task, method, lr, seed)
+  return {"setting": s.label, "task": task, "method": method, "lr": lr, "seed": seed,
+          "accuracy_after": accuracy, "heldout_loss_after": loss}
+
+
+def test_math_phase_brackets_every_method(quality):
+  settings = quality.math_settings()
+  assert len({s.label for s in settings}) == len(settings)
+  for method, lrs in quality.BRACKETS.items():
+    assert sorted((s.lr for s in settings if s.method == method),
+                  key=lambda x: x or 0) == sorted(lrs, key=lambda x: x or 0)
+  assert {s.task for s in settings} == {"math"} and {s.seed for s in settings} == {0}
+
+
+def test_chat_phase_takes_each_methods_best_math_setting(quality):
+  rows = [row(quality, "math", "absignsgd", 1e-3, accuracy=0.05, loss=1.2),
+          row(quality, "math", "absignsgd", 3e-4, accuracy=0.05, loss=1.1),  # same acc,
+          row(quality, "math", "absignsgd", 3e-3, accuracy=0.01, loss=0.9)]  # lower loss
+  with pytest.raises(SystemExit, match="finish the math settings"):
+    quality.chat_settings(rows)
+  for method, lrs in quality.BRACKETS.items():
+    if method != "absignsgd":
+      rows.append(row(quality, "math", method, lrs[0], accuracy=0.0))
+  chat = {s.method: s for s in quality.chat_settings(rows)}
+  assert chat["absignsgd"].lr == 3e-4 and chat["absignsgd"].task == "chat"
+  assert set(chat) == set(quality.BRACKETS)
+
+
+def test_seed_phase_repeats_the_top_settings_of_both_tasks(quality):
+  rows = [row(quality, task, m, 1e-3, accuracy=acc, loss=loss)
+          for task in ("math", "chat")
+          for m, acc, loss in (("a", 0.3, 2.0), ("b", 0.2, 1.0), ("c", 0.1, 1.5),
+                               ("d", 0.0, 0.5))]
+  for r in rows:
+    if r["task"] == "chat":
+      r["accuracy_after"] = None  # chat: held-out loss only
+  picked = quality.seed_settings(rows)
+  assert [(s.task, s.method) for s in picked] == [
+      ("math", "a"), ("math", "b"), ("math", "c"),
+      ("chat", "d"), ("chat", "b"), ("chat", "c")]
+  assert {s.seed for s in picked} == {quality.SECOND_SEED}
+
+
+def test_options_phase_runs_every_variant_beside_the_plain_step(quality):
+  from absign_jax.llm import finetune
+
+  settings = quality.options_settings()
+  methods = {s.method for s in settings}
+  assert methods == {quality.PLAIN[0], *quality.VARIANTS}
+  for task in ("math", "chat"):
+    for seed in (0, quality.SECOND_SEED):
+      assert {s.method for s in settings if (s.task, s.seed) == (task, seed)} == methods
+  # The plain step's math setting is the math phase's: run once, reused.
+  plain = quality.Setting("math", *quality.PLAIN)
+  assert plain.label in {s.label for s in quality.math_settings()}
+  # Every variant's options are options of the program.
+  known = set(vars(finetune.parse_args([])))
+  for optimizer, overrides, lr in quality.VARIANTS.values():
+    assert optimizer in finetune.OPTIMIZERS and lr > 0
+    assert set(overrides) <= known, set(overrides) - known
+
+
+def test_only_finished_settings_count(quality, tmp_path):
+  done = quality.Setting("math", "adamw", 1e-4)
+  half = quality.Setting("math", "adamw", 3e-4)
+  for s in (done, half):
+    os.makedirs(s.directory(str(tmp_path)))
+    with open(os.path.join(s.directory(str(tmp_path)), "summary.json"), "w") as f:
+      json.dump({"task": "math"}, f)
+  with open(os.path.join(done.directory(str(tmp_path)), "curve.json"), "w") as f:
+    json.dump({"setting": done.label, "method": "adamw", "seed": 0}, f)
+  assert [r["setting"] for r in quality.load_rows(str(tmp_path))] == [done.label]
