@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
@@ -17,7 +18,11 @@ def quality():
   spec = importlib.util.spec_from_file_location(
       "quality_sweep", os.path.join(ROOT, "benchmarks", "quality.py"))
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  sys.modules[spec.name] = module  # (dataclasses look their module up)
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    del sys.modules[spec.name]
   return module
 
 

@@ -328,7 +328,8 @@ def make_optimizer(args, name: str) -> optax.GradientTransformation:
       return absign_jax.alias_absignsgd(depth_bias=args.depth_bias, seed=args.seed)
     return absign_jax.alias_sign_sgd()
   wd = args.weight_decay
-  sign_visit = dict(momentum=args.momentum, steps_per_block=args.switch_every or 1)
+  sign_visit = dict(momentum=args.momentum or None,  # (None: no buffer in the state)
+                    steps_per_block=args.switch_every or 1)
   factories = {
       "absignsgd": lambda lr: absign_jax.absignsgd(
           lr, depth_bias=args.depth_bias, selection=args.selection, weight_decay=wd,

@@ -156,7 +156,7 @@ def absignsgd(
     weight_decay: float = 0.0,
     relative: bool = False,
     min_scale: float = 1e-3,
-    momentum: float = 0.0,
+    momentum: float | None = None,
     steps_per_block: int = 1,
     blocks: BlockOptions = BlockOptions(),
 ) -> optax.GradientTransformationExtraArgs:
@@ -182,7 +182,8 @@ def absignsgd(
       leaves; see :func:`scale_by_param_rms`). The learning rate is then a fraction
       of each weight's RMS, so it needs a larger value than the absolute step.
     min_scale: with ``relative``, the smallest scale a leaf gets.
-    momentum: ``beta`` of a momentum of the active block only (Signum on the block):
+    momentum: ``beta`` of a momentum of the active block only (Signum on the block),
+      or None (none; a number, even 0, adds the buffer to the state's structure):
       the step is ``sign(m)`` with ``m <- beta m + (1 - beta) g``, and ``m`` starts
       from zero whenever another block becomes active, so it holds one block's
       buffers (per group of layers with one shape), not the model's. It needs
@@ -210,17 +211,17 @@ def absignsgd(
     [1.100000023841858, 1.100000023841858, 1.100000023841858]
   """
   check_hyperparams(learning_rate, weight_decay, "absignsgd")
-  beta = concrete_float(momentum)
+  beta = None if momentum is None else concrete_float(momentum)  # None: traced
   if beta is not None and not 0.0 <= beta < 1.0:
     raise ValueError(f"absignsgd: momentum must be in [0, 1), got {beta}.")
-  if beta and concrete_float(steps_per_block) == 1:
+  if momentum is not None and concrete_float(steps_per_block) == 1:
     raise ValueError(
         "absignsgd: a momentum needs steps_per_block > 1: the buffer restarts from "
         "zero when the block changes, so with one step per visit sign(m) = sign(g). "
         "Set steps_per_block (e.g. 10), or drop momentum.")
-  # Always the same chain, so the state has one structure whether weight_decay is a
-  # Python 0 (optax skips the decay) or an array injected by inject_hyperparams.
-  average = (optax.ema(momentum, debias=False),) if beta != 0.0 else ()
+  # The chain's structure never depends on a value inject_hyperparams may trace: the
+  # decay is always there (optax skips a Python 0), the momentum whenever given.
+  average = () if momentum is None else (optax.ema(momentum, debias=False),)
   step = (*average, optax.scale_by_sign()) + (
       (scale_by_param_rms(min_scale),) if relative else ())
   inner = optax.chain(*step, optax.add_decayed_weights(weight_decay))
