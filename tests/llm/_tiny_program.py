@@ -6,6 +6,10 @@ from __future__ import annotations
 import numpy as np
 
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# A plain ChatML template (the shape of SmolLM2's), for the chat-formatted tasks.
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+          "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 MERGES = ("Ġ t", "h e", "Ġ a", "i n", "Ġt he")
 
 
@@ -23,9 +27,11 @@ def byte_level_vocab() -> list[str]:
 
 
 def write_tiny_gguf(path, n_layers: int = 2, dim: int = 32, hidden: int = 64,
-                    n_heads: int = 2, n_kv_heads: int = 1, seed: int = 0) -> None:
+                    n_heads: int = 2, n_kv_heads: int = 1, seed: int = 0,
+                    chat_template: str | None = None) -> None:
   """Random Llama weights (tied head) with a byte-level BPE tokenizer of 264 tokens
-  (three ChatML special tokens, the 256 bytes and a few merges)."""
+  (three ChatML special tokens, the 256 bytes and a few merges); ``chat_template``
+  (e.g. ``CHATML``) is stored when given."""
   import gguf
 
   tokens = [*SPECIAL, *byte_level_vocab(), *("".join(m.split()) for m in MERGES)]
@@ -49,6 +55,8 @@ def write_tiny_gguf(path, n_layers: int = 2, dim: int = 32, hidden: int = 64,
   w.add_bos_token_id(1)
   w.add_eos_token_id(2)
   w.add_add_bos_token(False)
+  if chat_template is not None:
+    w.add_chat_template(chat_template)
   rng = np.random.default_rng(seed)
   hd = dim // n_heads
 
