@@ -22,14 +22,14 @@ import tempfile
 import pytest
 
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-_CACHE_ENV = {
+_CACHE_SETTINGS = {  # jax options (their environment variables: upper case)
     # Cache what takes a while to compile; the many tiny eager programs are not
     # worth a file each.
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    "jax_persistent_cache_min_compile_time_secs": 0.2,
+    "jax_persistent_cache_min_entry_size_bytes": 0,
     # A size limit turns on jax's file lock: workers and subprocesses write the same
     # entries concurrently.
-    "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 * 2**30),
+    "jax_compilation_cache_max_size": 8 * 2**30,
 }
 
 
@@ -45,15 +45,14 @@ def pytest_configure(config):
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="absign-jax-cache-")
     config._absign_owned_cache = os.environ["JAX_COMPILATION_CACHE_DIR"]
-  for name, value in _CACHE_ENV.items():
-    os.environ.setdefault(name, value)
-  if "jax" in sys.modules:  # imported already (by a plugin): its flags read the env
+  for name, value in _CACHE_SETTINGS.items():
+    os.environ.setdefault(name.upper(), str(value))
+  if "jax" in sys.modules:  # imported already (by a plugin): it read the env before
     import jax
 
-    for name in ("JAX_COMPILATION_CACHE_DIR", *_CACHE_ENV):
-      value = os.environ[name]
-      jax.config.update(name.lower(), value if name.endswith("DIR") else float(value)
-                        if "SECS" in name else int(value))
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    for name, value in _CACHE_SETTINGS.items():
+      jax.config.update(name, type(value)(os.environ[name.upper()]))
 
 
 def pytest_unconfigure(config):

@@ -68,7 +68,10 @@ FAMILY_LR = {("gemma3", "absignsgd"): 1e-4, ("gemma3", "absignsgd_uniform"): 1e-
 # absignsgd --relative: lr is a fraction of each leaf's RMS. 5e-3 is SmolLM2's absolute
 # 1e-3 on its layer matrices (median RMS 0.19); Gemma 3 270M's are 0.04.
 RELATIVE_LR = 5e-3
-RELATIVE_OPTIMIZERS = ("absignsgd", "absignsgd_uniform")
+# The absignsgd variants: they take --relative, --momentum and --switch-every.
+ABSIGNSGD_OPTIMIZERS = ("absignsgd", "absignsgd_uniform")
+# Their frozen weights ride in the step's batch argument (see peers.PartialParts.wrap).
+FROZEN_IN_BATCH = ("lora", "galore")
 BADAM_SWITCH_EVERY = 50  # block_adam's default --switch-every (BAdam's K)
 # BAdam's switching orders and the selection schemes that implement them.
 BLOCK_ORDERS = {"random": "random_reshuffle", "ascending": "cyclic",
@@ -243,16 +246,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   chosen = args.compare.split(",") if args.compare else [args.optimizer]
   need("--momentum", args.momentum, finite(args.momentum) and 0 <= args.momentum < 1,
        "a number in [0, 1)")
-  if args.momentum and not set(chosen) & set(RELATIVE_OPTIMIZERS):
-    p.error(f"--momentum applies to {', '.join(RELATIVE_OPTIMIZERS)}; the run trains "
-            f"{', '.join(chosen)}")
+  for flag, given in (("--momentum", args.momentum), ("--relative", args.relative)):
+    if given and not set(chosen) & set(ABSIGNSGD_OPTIMIZERS):
+      p.error(f"{flag} applies to {', '.join(ABSIGNSGD_OPTIMIZERS)}; the run trains "
+              f"{', '.join(chosen)}")
   if args.momentum and (args.switch_every or 1) == 1:
     p.error("--momentum needs --switch-every > 1: the buffer restarts when the block "
             "changes, so with one step per visit the sign is the gradient's. Add e.g. "
             "--switch-every 10, or drop --momentum")
-  if args.relative and not set(chosen) & set(RELATIVE_OPTIMIZERS):
-    p.error(f"--relative applies to {', '.join(RELATIVE_OPTIMIZERS)}; the run trains "
-            f"{', '.join(chosen)}")
   for option in ("eval_problems", "switch_every", "lora_rank", "galore_rank",
                  "galore_gap"):
     value = getattr(args, option)  # None: the optimizer's default
@@ -278,7 +279,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   free = [n for n in names if n in PARAMETER_FREE]
   if free and args.lr is not None:
     p.error(f"{', '.join(free)} is parameter-free (it sets its own step size): drop --lr")
-  wrapped = [n for n in names if n in ("lora", "galore")]
+  wrapped = [n for n in names if n in FROZEN_IN_BATCH]
   if wrapped and args.micro_batches > 1:
     p.error(f"--micro-batches applies to the block optimizers and the full-backprop "
             f"ones that train every weight; {', '.join(wrapped)} does not take it: "
@@ -298,7 +299,7 @@ def peak_learning_rate(args, name: str) -> float | None:
   then DEFAULT_LR); None for the parameter-free ones."""
   if args.lr is not None:
     return args.lr
-  if getattr(args, "relative", False) and name in RELATIVE_OPTIMIZERS:
+  if getattr(args, "relative", False) and name in ABSIGNSGD_OPTIMIZERS:
     return RELATIVE_LR
   return FAMILY_LR.get((getattr(args, "model_family", None), name), DEFAULT_LR[name])
 
@@ -573,11 +574,11 @@ def run_settings(args, name: str, loaded) -> dict[str, Any]:
     settings["depth_bias"] = args.depth_bias
   if name == "absignsgd":
     settings["selection"] = args.selection
-  if name in RELATIVE_OPTIMIZERS and args.relative:
+  if name in ABSIGNSGD_OPTIMIZERS and args.relative:
     settings["relative"] = True
-  if name in RELATIVE_OPTIMIZERS and (args.switch_every or 1) > 1:
+  if name in ABSIGNSGD_OPTIMIZERS and (args.switch_every or 1) > 1:
     settings["switch_every"] = args.switch_every
-  if name in RELATIVE_OPTIMIZERS and args.momentum:
+  if name in ABSIGNSGD_OPTIMIZERS and args.momentum:
     settings["momentum"] = args.momentum
   if args.task:
     settings["task"] = args.task
@@ -692,7 +693,7 @@ def params_digest(params) -> str:
 
 def run_mesh(args, name: str):
   """The ``--mesh`` of a run (None: one device, the plain steps)."""
-  if name in ("lora", "galore"):  # their frozen weights ride in the batch argument
+  if name in FROZEN_IN_BATCH:
     if args.mesh is not None:
       raise UsageError(f"{name} runs on one device: drop --mesh")
     return None

@@ -59,6 +59,7 @@ from absign_jax.train.step import (
     BlockTrainStep,
     FullTrainStep,
     all_finite,
+    check_batch_rows,
 )
 
 PyTree = Any
@@ -278,25 +279,6 @@ def _mean_aggregator(axis: str) -> Callable[[jax.Array, list], Aggregated]:
     return Aggregated(loss, grads, all_finite(loss, grads))
 
   return aggregate
-
-
-def check_batch_rows(batch: PyTree, n: int, devices: str, advice: str = "") -> None:
-  """Raises ``ValueError`` unless every leaf's leading dimension divides by ``n``.
-
-  Args:
-    batch: the global batch.
-    n: the number of devices its rows are split over.
-    devices: what those devices are, for the message.
-    advice: a further fix appended to the message.
-  """
-  for x in jax.tree.leaves(batch):
-    rows = np.shape(x)[0] if np.ndim(x) else None
-    if rows is None or rows % n:
-      raise ValueError(
-          f"the global batch has {rows if rows is not None else 'no'} rows (a leaf "
-          f"of shape {tuple(np.shape(x))}), which does not divide over the {devices}: "
-          f"use a global batch size that is a multiple of {n} (e.g. "
-          f"{max(n, -(-(rows or 0) // n) * n)}){advice}.")
 
 
 class DataParallel:

@@ -51,7 +51,8 @@ from jax.sharding import PartitionSpec as P
 
 from absign_jax.train import data_parallel as dp
 from absign_jax.train.model import LossFn
-from absign_jax.train.step import Aggregated, BlockTrainStep, FullTrainStep, TrainState, all_finite
+from absign_jax.train.step import (Aggregated, BlockTrainStep, FullTrainStep, TrainState,
+                                   all_finite, check_batch_rows)
 
 PyTree = Any
 Rules = Sequence[tuple[str, P]]
@@ -594,7 +595,7 @@ class Sharded:
       ValueError: when a leaf's leading dimension does not divide over the
         ``data x fsdp`` devices.
     """
-    dp.check_batch_rows(
+    check_batch_rows(
         batch, self.num_workers * self.fsdp_size,
         f"{self.num_workers} x {self.fsdp_size} devices of mesh axes "
         f"({self.data_axis!r}, {self.fsdp_axis!r})")

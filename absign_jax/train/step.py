@@ -223,6 +223,25 @@ def _check_micro_batches(micro_batches) -> int:
   return int(micro_batches)
 
 
+def check_batch_rows(batch: PyTree, n: int, parts: str, advice: str = "") -> None:
+  """Raises ``ValueError`` unless every leaf's leading dimension divides by ``n``.
+
+  Args:
+    batch: the global batch.
+    n: the number of parts its rows are split into (devices, micro-batches).
+    parts: what those parts are, for the message.
+    advice: a further fix appended to the message.
+  """
+  for x in jax.tree.leaves(batch):
+    rows = np.shape(x)[0] if np.ndim(x) else None
+    if rows is None or rows % n:
+      raise ValueError(
+          f"the global batch has {rows if rows is not None else 'no'} rows (a leaf "
+          f"of shape {tuple(np.shape(x))}), which does not divide over the {parts}: "
+          f"use a global batch size that is a multiple of {n} (e.g. "
+          f"{max(n, -(-(rows or 0) // n) * n)}){advice}.")
+
+
 def accumulate(grad_fn: Callable[[Batch], tuple], batch: Batch, micro_batches: int):
   """``grad_fn(batch) -> (loss, grads)`` over ``micro_batches`` equal slices of the
   batch's rows, averaged: the gradient of the whole batch (for a loss that is a mean
@@ -234,17 +253,10 @@ def accumulate(grad_fn: Callable[[Batch], tuple], batch: Batch, micro_batches: i
   """
   if micro_batches == 1:
     return grad_fn(batch)
-
-  def split(x):
-    rows = np.shape(x)[0] if np.ndim(x) else None
-    if rows is None or rows % micro_batches:
-      raise ValueError(
-          f"micro_batches={micro_batches} splits every batch leaf along its first "
-          f"axis, but a leaf has shape {np.shape(x)}: make the batch's rows a multiple "
-          f"of {micro_batches}, or lower micro_batches.")
-    return jnp.reshape(x, (micro_batches, rows // micro_batches, *np.shape(x)[1:]))
-
-  slices = jax.tree.map(split, batch)
+  check_batch_rows(batch, micro_batches, f"{micro_batches} slices of micro_batches",
+                   ", or lower micro_batches")
+  slices = jax.tree.map(
+      lambda x: jnp.reshape(x, (micro_batches, -1, *np.shape(x)[1:])), batch)
   shapes = jax.eval_shape(grad_fn, jax.tree.map(lambda x: x[0], slices))
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
 

@@ -532,15 +532,13 @@ def test_micro_batches_step_on_the_gradient_of_the_whole_batch():
     for path, p0, p1, gi in zip(paths, leaves(before), leaves(state.params), leaves(g)):
       moved = np.asarray(p1, np.float64) - np.asarray(p0, np.float64)
       want = -LR * np.sign(np.asarray(gi, np.float64))
-      owner = (0 if "embed" in path else n_blocks - 1 if "layers" not in path
-               else None)  # None: a stacked leaf, row i - 1 belongs to block i
-      if "layers" in path:
+      if "layers" in path:  # stacked: row i - 1 belongs to block i
         active = np.zeros(moved.shape[0], bool)
         if 0 < i < n_blocks - 1:
           active[i - 1] = True
         moved_on, want_on, g_on = moved[active], want[active], gi[active]
         assert not moved[~active].any(), f"block {i} moved {path} outside its row"
-      elif owner == i:
+      elif (0 if "embed" in path else n_blocks - 1) == i:  # embedding or head
         moved_on, want_on, g_on = moved, want, gi
       else:
         assert not moved.any(), f"block {i} moved {path}"
