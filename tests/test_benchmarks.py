@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from tests.conftest import FAST_XLA
+from tests.conftest import SUBPROCESS_XLA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "step_time.py")
@@ -28,7 +28,7 @@ TORCH_METHODS = ("torch_adamw", "torch_block_sign")
 HAVE_TORCH = all(importlib.util.find_spec(m) is not None
                  for m in ("torch", "transformers"))
 # A smoke test checks what the script writes, not how fast XLA's code is: cheaper
-# compiles (FAST_XLA: the same programs, less optimised) and small batches keep it short.
+# compiles (SUBPROCESS_XLA) and small batches keep it short.
 SMALL = ["--preset", "tiny", "--batch", "2", "--seq", "16"]
 FIELDS = ("median_step_s", "mean_step_s", "speedup_vs_adamw", "model_speedup",
           "opt_state_bytes", "compile_s", "compile_plus_100_steps_s", "cpu_user_s",
@@ -36,7 +36,7 @@ FIELDS = ("median_step_s", "mean_step_s", "speedup_vs_adamw", "model_speedup",
 
 
 def _env():
-  return {**os.environ, "XLA_FLAGS": FAST_XLA,
+  return {**os.environ, "XLA_FLAGS": SUBPROCESS_XLA,
           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 

@@ -15,14 +15,14 @@ import sys
 
 import pytest
 
-from tests.conftest import FAST_XLA
+from tests.conftest import SUBPROCESS_XLA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 420
 
 
 def subprocess_env(**extra):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_XLA)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=SUBPROCESS_XLA)
   env.update(extra)
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   return env

@@ -26,7 +26,7 @@ import absign_jax
 from absign_jax import BlockTrainStep, Checkpointer
 from absign_jax.train import precision
 from absign_jax.train.checkpoint import CheckpointMismatchError, describe
-from tests.conftest import FAST_XLA
+from tests.conftest import SUBPROCESS_XLA
 from tests.models import Batches
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -300,8 +300,8 @@ def test_sigkill_mid_save_resumes_exactly(tmp_path):
   """Kill the trainer right after it starts an async save; resume; compare bits."""
   steps, kill_after = 14, 4
   ckpt_dir, cache = str(tmp_path / "ckpt"), str(tmp_path / "jax_cache")
-  # Cheaper compiles (the same programs, less optimised): the trainer is timed.
-  env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS=FAST_XLA)
+  # Cheaper compiles: the trainer is timed.
+  env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS=SUBPROCESS_XLA)
   cmd = [sys.executable, SCRIPT, "--dir", ckpt_dir, "--steps", str(steps),
          "--cache", cache]
   deadline = time.monotonic() + 40

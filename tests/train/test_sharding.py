@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from absign_jax.train import sharding
-from tests.train.conftest import FAST_XLA, ROOT, TIMEOUT_S, subprocess_env
+from tests.train.conftest import ROOT, SUBPROCESS_XLA, TIMEOUT_S, subprocess_env
 
 
 def _ok(checks, name):
@@ -113,7 +113,7 @@ def program_runs(tmp_path_factory):
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   started = {
       "one": run(["--out", str(d / "one")], subprocess_env(
-          XLA_FLAGS="--xla_force_host_platform_device_count=2 " + FAST_XLA)),
+          XLA_FLAGS="--xla_force_host_platform_device_count=2 " + SUBPROCESS_XLA)),
       **{f"two_{k}": run(["--out", str(d / "two"), "--coordinator", f"127.0.0.1:{port}",
                           "--num-processes", "2", "--process-id", str(k)],
                          subprocess_env())
