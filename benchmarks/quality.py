@@ -176,7 +176,8 @@ BRACKETS = {
     # (3e-5 was run first: 3e-4 was best, at the bracket's edge, so it moved up)
     "block_adam": (1e-4, 3e-4, 1e-3),
     "lora": (1e-4, 3e-4, 1e-3),
-    "galore": (1e-4, 3e-4, 1e-3),
+    # (1e-4 was run first: 1e-3 was best, at the edge, so it moved up)
+    "galore": (3e-4, 1e-3, 3e-3),
     "alias_absignsgd": (None,),  # parameter-free
 }
 # Knobs fixed for the sweep: BAdam switches every 10 steps, so a budget of a few

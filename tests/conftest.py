@@ -31,9 +31,10 @@ FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_pass
 # step equals the plain path's rounding only there).
 SUBPROCESS_XLA = FAST_XLA + " --xla_cpu_use_fusion_emitters=false"
 _CACHE_SETTINGS = {  # jax options (their environment variables: upper case)
-    # Every program, the tiny eager ones too: reading one back is cheaper than
-    # compiling it (a 2-step program run on the tiny model: 11.1 s -> 9.4 s).
-    "jax_persistent_cache_min_compile_time_secs": 0.0,
+    # Cache what takes a while to compile. Not every program: with a size limit
+    # (below) each write scans the whole cache directory, and the many tiny eager
+    # programs made the suite slower, not faster.
+    "jax_persistent_cache_min_compile_time_secs": 0.2,
     "jax_persistent_cache_min_entry_size_bytes": 0,
     # A size limit turns on jax's file lock: workers and subprocesses write the same
     # entries concurrently.
