@@ -56,21 +56,28 @@ SLOW_FILES_FIRST = (
 )
 
 
+_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
 def pytest_collection_modifyitems(config, items):
-  tests_dir = os.path.dirname(os.path.abspath(__file__))
+  rank = {path: i for i, path in enumerate(SLOW_FILES_FIRST)}
 
-  def rank(item):
-    path = os.path.relpath(str(item.path), tests_dir).replace(os.sep, "/")
-    return SLOW_FILES_FIRST.index(path) if path in SLOW_FILES_FIRST else len(
-        SLOW_FILES_FIRST)
+  def file_rank(item):
+    path = os.path.relpath(str(item.path), _TESTS_DIR).replace(os.sep, "/")
+    return rank.get(path, len(rank))
 
-  items.sort(key=rank)  # stable: the order within a file is unchanged
+  items.sort(key=file_rank)  # stable: the order within a file is unchanged
 
 
 def pytest_configure(config):
   """Sets the XLA flags and the shared cache before jax compiles anything (here: in
   the controller, whose environment the xdist workers and the tests' subprocesses
   inherit). XLA reads ``XLA_FLAGS`` when its first backend starts."""
+  # A renamed file would silently lose its place in the order.
+  missing = [p for p in SLOW_FILES_FIRST if not os.path.exists(os.path.join(_TESTS_DIR, p))]
+  if missing:
+    raise pytest.UsageError(f"tests/conftest.py SLOW_FILES_FIRST names {missing}, which "
+                            "do not exist under tests/: update the list")
   if hasattr(config.option, "loadscopereorder"):  # xdist: keep the order above
     config.option.loadscopereorder = False
   flags = os.environ.get("XLA_FLAGS", "")
