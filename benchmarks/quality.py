@@ -10,23 +10,27 @@ to fixed chat prompts, before and after). Three phases:
 1. ``math``: each method's learning rate bracketed with three values (BRACKETS);
 2. ``chat``: each method at its best ``math`` setting (highest accuracy, then
    lowest held-out loss);
-3. ``seed``: the top settings of both tasks again with a second seed;
+3. ``seed``: every method's best setting on both tasks again with a second seed;
 4. ``options``: ABSignSGD's options beyond the paper (VARIANTS, e.g. the step
    relative to each leaf's RMS) against the plain method at its default, on both
    tasks and both seeds: an option becomes a default only if it wins all four.
 
-    python benchmarks/quality.py --phase math --budget 300 --out runs/tasks
-    python benchmarks/quality.py --phase chat --budget 300 --out runs/tasks
-    python benchmarks/quality.py --phase seed --budget 300 --out runs/tasks
-    python benchmarks/quality.py --phase options --budget 300 --out runs/tasks
-    python benchmarks/quality.py --list --out runs/tasks      # settings, done or not
-    python benchmarks/quality.py --report --out runs/tasks    # tables and plots only
+    python benchmarks/quality.py --phase math --budget 300
+    python benchmarks/quality.py --phase chat --budget 300
+    python benchmarks/quality.py --phase seed --budget 300
+    python benchmarks/quality.py --phase options --budget 300
+    python benchmarks/quality.py --list                    # settings, done or not
+    python benchmarks/quality.py --run "chat lora lr=0.0003 seed=1,..."  # exact settings
+    python benchmarks/quality.py --report                  # tables and plots only
 
 The sweep is resumable: a setting whose ``summary.json`` and ``curve.json`` exist
 is not run again, so a sweep can be stopped and restarted, or run in pieces
-(``--only "math adamw lr=1e-4 seed=0,..."``), one setting at a time on a machine
-with nothing else running. Writes ``tasks.md`` (printed), ``tasks.json`` and
-``<task>.png`` (held-out loss against wall-clock, the best setting per method).
+(``--only LABEL,...`` within a phase, ``--run LABEL,...`` for any setting), one
+setting at a time on a machine with nothing else running. Its record lives in the
+repository (``--out``, default ``benchmarks/results/tasks``: each setting's
+``summary.json``, ``curve.json``, ``metrics.jsonl`` and math answers; commit them),
+so the report can be rebuilt anywhere. Writes ``tasks.md`` (printed), ``tasks.json``
+and ``<task>.png`` (held-out loss against wall-clock, the best setting per method).
 
 Prose sweep (``--sweep prose``): held-out perplexity on the default prose data,
 the sweep behind the README's defaults (``--budget 180``); writes ``quality.json``,
@@ -193,7 +197,7 @@ VARIANTS = {
     "absignsgd_momentum": ("absignsgd", {"momentum": 0.9, "switch_every": 10}, 1e-3),
 }
 PLAIN = ("absignsgd", 1e-3)  # the plain method at its default, the comparison
-TOP_FOR_SEED = 3  # settings per task repeated with the second seed
+TOP_FOR_SEED = None  # settings per task repeated with the second seed (None: all)
 SECOND_SEED = 1
 
 
@@ -211,6 +215,28 @@ class Setting:
 
   def directory(self, out: str) -> str:
     return os.path.join(out, self.label.replace(" ", "_").replace("=", ""))
+
+  @classmethod
+  def parse(cls, label: str) -> "Setting":
+    """The setting a label names, e.g. ``"chat lora lr=0.0003 seed=1"``."""
+    parts = label.split()
+    known = set(BRACKETS) | set(VARIANTS)
+    if (len(parts) != 4 or parts[0] not in ("math", "chat") or parts[1] not in known
+        or not parts[2].startswith("lr=") or not parts[3].startswith("seed=")):
+      raise ValueError(f"{label!r} is not a setting label: write 'TASK METHOD lr=LR "
+                       f"seed=S' with TASK math or chat, METHOD one of {sorted(known)}, "
+                       f"LR a number or 'free' (see --list)")
+    lr = parts[2][3:]
+    try:
+      setting = cls(parts[0], parts[1], None if lr == "free" else float(lr),
+                    int(parts[3][5:]))
+    except ValueError as e:
+      raise ValueError(f"{label!r}: lr= takes a number or 'free', seed= an integer "
+                       f"({e})") from None
+    if (setting.lr is None) != (setting.method == "alias_absignsgd"):
+      raise ValueError(f"{label!r}: lr=free is for the parameter-free alias_absignsgd "
+                       f"only, which takes no learning rate")
+    return setting
 
 
 def math_settings() -> list[Setting]:
@@ -231,6 +257,15 @@ def best_per_method(rows: list[dict], task: str, seed: int = 0) -> dict[str, dic
   return best
 
 
+def plotted_per_method(rows: list[dict], task: str) -> dict[str, dict]:
+  """The run plotted for each method: its best at seed 0, else at its lowest seed run."""
+  plotted: dict[str, dict] = {}
+  for seed in sorted({r["seed"] for r in rows if r["task"] == task}):
+    for m, r in best_per_method(rows, task, seed).items():
+      plotted.setdefault(m, r)
+  return plotted
+
+
 def chat_settings(rows: list[dict]) -> list[Setting]:
   best = best_per_method(rows, "math")
   missing = [m for m in BRACKETS if m not in best]
@@ -246,7 +281,8 @@ def seed_settings(rows: list[dict]) -> list[Setting]:
     ranked = sorted(best_per_method(rows, task).values(), key=_score)
     if not ranked:
       raise SystemExit(f"no finished {task} setting: run --phase {task} first")
-    out += [Setting(task, r["method"], r["lr"], SECOND_SEED) for r in ranked[:TOP_FOR_SEED]]
+    out += [Setting(task, r["method"], r["lr"], SECOND_SEED)
+            for r in ranked[:TOP_FOR_SEED]]
   return out
 
 
@@ -293,6 +329,17 @@ def run_setting(s: Setting, a, loaded_by_task: dict) -> None:
                "heldout_loss_curve": [(t, math.log(p)) for t, p in result.eval_curve]}, f)
 
 
+def run_settings(settings: list[Setting], done: set[str], a, loaded_by_task: dict) -> None:
+  """Runs the settings not yet done, in order (``--list``: only says which)."""
+  for s in settings:
+    if a.list:
+      print(f"{'done' if s.label in done else 'todo'}  {s.label}")
+    elif s.label in done:
+      print(f"== {s.label}: done, skipped", flush=True)
+    else:
+      run_setting(s, a, loaded_by_task)
+
+
 def tasks_main(argv=None):
   p = argparse.ArgumentParser(description="the task sweep (see the module doc)")
   p.add_argument("--phase", default="all",
@@ -307,12 +354,29 @@ def tasks_main(argv=None):
                  help="held-out math problems scored for accuracy")
   p.add_argument("--only", default=None,
                  help="comma-separated setting labels to run (see --list)")
+  p.add_argument("--run", default=None,
+                 help="comma-separated exact setting labels to run, whatever the phase "
+                      "(e.g. \"chat lora lr=0.0003 seed=1\")")
   p.add_argument("--list", action="store_true", help="list the settings and exit")
   p.add_argument("--report", action="store_true", help="only write the report")
-  p.add_argument("--out", default="runs/tasks")
+  p.add_argument("--out", default=os.path.join("benchmarks", "results", "tasks"),
+                 help="the sweep's record: one directory per setting (commit it)")
   a = p.parse_args(argv)
   if a.budget <= 0:
     p.error(f"--budget must be positive, got {a.budget}")
+  if a.run is not None:
+    if a.only or a.phase != "all":
+      p.error("--run names its settings: drop --only and --phase")
+    try:
+      named = [Setting.parse(k.strip()) for k in a.run.split(",") if k.strip()]
+    except ValueError as e:
+      p.error(f"--run: {e}")
+    if not named:
+      p.error("--run: no setting named")
+    run_settings(named, {r["setting"] for r in load_rows(a.out)}, a, {})
+    if not a.list:
+      write_tasks_report(load_rows(a.out), a.out)
+    return
 
   phases = ("math", "chat", "seed", "options") if a.phase == "all" else (a.phase,)
   keys = [k.strip() for k in a.only.split(",") if k.strip()] if a.only else None
@@ -323,17 +387,10 @@ def tasks_main(argv=None):
       rows = load_rows(a.out)
       settings = {"math": math_settings, "chat": lambda: chat_settings(rows),
                   "seed": lambda: seed_settings(rows), "options": options_settings}[phase]()
-      done = {r["setting"] for r in rows}
       if keys is not None:
         settings = [s for s in settings if s.label in keys]
         matched |= {s.label for s in settings}
-      for s in settings:
-        if a.list:
-          print(f"{'done' if s.label in done else 'todo'}  {s.label}")
-        elif s.label in done:
-          print(f"== {s.label}: done, skipped", flush=True)
-        else:
-          run_setting(s, a, loaded)
+      run_settings(settings, {r["setting"] for r in rows}, a, loaded)
     if keys is not None and set(keys) - matched:
       print(f"--only: no setting of phase {a.phase} is labelled "
             f"{sorted(set(keys) - matched)} (see --list)", flush=True)
@@ -383,7 +440,9 @@ def write_tasks_report(rows: list[dict], out: str) -> None:
                 if r["lr"] in (BRACKETS[m][0], BRACKETS[m][-1]) else " (inside)")
       lines.append(f"- {r['setting']}{edge}")
     finetune.plot_curves(
-        {m: [tuple(x) for x in r["heldout_loss_curve"]] for m, r in best.items()},
+        {f"{m} lr={r['lr_setting'] if r['lr_setting'] is not None else 'free'} "
+         f"seed={r['seed']}": [tuple(x) for x in r["heldout_loss_curve"]]
+         for m, r in plotted_per_method(rows, task).items()},
         os.path.join(out, f"{task}.png"), ylabel=f"{task}: held-out loss")
   lines += ["", "Chat answers to the fixed prompts, before -> after:"]
   for r in rows:

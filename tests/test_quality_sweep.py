@@ -55,7 +55,7 @@ def test_chat_phase_takes_each_methods_best_math_setting(quality):
   assert set(chat) == set(quality.BRACKETS)
 
 
-def test_seed_phase_repeats_the_top_settings_of_both_tasks(quality):
+def test_seed_phase_repeats_the_top_settings_of_both_tasks(quality, monkeypatch):
   rows = [row(quality, task, m, 1e-3, accuracy=acc, loss=loss)
           for task in ("math", "chat")
           for m, acc, loss in (("a", 0.3, 2.0), ("b", 0.2, 1.0), ("c", 0.1, 1.5),
@@ -63,11 +63,50 @@ def test_seed_phase_repeats_the_top_settings_of_both_tasks(quality):
   for r in rows:
     if r["task"] == "chat":
       r["accuracy_after"] = None  # chat: held-out loss only
+  monkeypatch.setattr(quality, "TOP_FOR_SEED", 3)
   picked = quality.seed_settings(rows)
   assert [(s.task, s.method) for s in picked] == [
       ("math", "a"), ("math", "b"), ("math", "c"),
       ("chat", "d"), ("chat", "b"), ("chat", "c")]
   assert {s.seed for s in picked} == {quality.SECOND_SEED}
+  monkeypatch.setattr(quality, "TOP_FOR_SEED", None)  # every method
+  assert [(s.task, s.method) for s in quality.seed_settings(rows)] == [
+      ("math", "a"), ("math", "b"), ("math", "c"), ("math", "d"),
+      ("chat", "d"), ("chat", "b"), ("chat", "c"), ("chat", "a")]
+
+
+def test_a_label_names_its_setting_and_a_malformed_one_says_how_to_write_it(quality):
+  for s in (quality.Setting("chat", "lora", 3e-4, 1),
+            quality.Setting("math", "alias_absignsgd", None, 0),
+            quality.Setting("math", "absignsgd_relative", 5e-3, 1)):
+    assert quality.Setting.parse(s.label) == s
+  for bad, why in (("chat lora 0.0003 seed=1", "TASK METHOD lr=LR seed=S"),
+                   ("prose lora lr=0.0003 seed=1", "TASK math or chat"),
+                   ("chat sgd lr=0.1 seed=0", "METHOD one of"),
+                   ("chat lora lr=fast seed=0", "lr= takes a number"),
+                   ("chat lora lr=free seed=0", "parameter-free"),
+                   ("chat alias_absignsgd lr=0.001 seed=0", "parameter-free")):
+    with pytest.raises(ValueError, match=why):
+      quality.Setting.parse(bad)
+
+
+def test_run_refuses_a_bad_label_before_any_work(quality, tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    quality.main(["--run", "math adamw lr=1e-4 seed=0,chat lora lr=oops seed=0",
+                  "--out", str(tmp_path)])
+  assert "lr= takes a number" in capsys.readouterr().err
+  assert os.listdir(tmp_path) == []
+
+
+def test_plot_takes_each_methods_seed_0_run_else_its_lowest_seed(quality):
+  rows = [row(quality, "chat", "adamw", 1e-4, seed=1, loss=2.0),
+          row(quality, "chat", "adamw", 1e-4, seed=0, loss=2.5),
+          row(quality, "chat", "lora", 3e-4, seed=1, loss=2.1),
+          row(quality, "chat", "lora", 1e-3, seed=1, loss=2.2),
+          row(quality, "math", "galore", 1e-3, seed=0, loss=1.0)]
+  plotted = quality.plotted_per_method(rows, "chat")
+  assert {m: (r["seed"], r["lr"]) for m, r in plotted.items()} == {
+      "adamw": (0, 1e-4), "lora": (1, 3e-4)}
 
 
 def test_options_phase_runs_every_variant_beside_the_plain_step(quality):
