@@ -49,9 +49,20 @@ What the figures mean (also written into the Markdown output):
   uses, from this run's measured figures (not a separate wall-clock run; that is the
   opt-in compile study).
 
+``--family flax-gpt`` runs the same measurement on a model the library does not own:
+the GPT of ``examples/any_flax_model.py`` (written as Flax NNX's examples write one:
+``nnx.List`` of blocks with ``nnx.MultiHeadAttention``, LayerNorm, a GELU MLP),
+sized like the preset (width, heads, MLP width, layers, vocabulary), cut by
+``absign_jax.cut_nnx``. Its rows are the forward, the full-backprop and the block
+methods (LoRA and the PyTorch rows build a Llama). ``--compare-to`` a Llama run's
+JSON adds the targets "within 10% of the Llama's ratios".
+
 Usage::
 
     python benchmarks/step_time.py --preset smollm2-135m --out runs/step_time
+    python benchmarks/step_time.py --preset smollm2-135m --family flax-gpt \
+        --methods forward,adamw,absignsgd \
+        --compare-to runs/step_time/step_time_smollm2-135m.json
 
 Writes ``step_time_<preset>.json`` and ``.md`` under ``--out`` and prints the tables
 last.
@@ -67,7 +78,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +87,9 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), "examples"))
+import any_flax_model  # noqa: E402  (examples/any_flax_model.py)
 import lora as lora_lib  # noqa: E402  (benchmarks/lora.py)
 import torch_ref  # noqa: E402  (benchmarks/torch_ref.py)
 
@@ -101,6 +115,9 @@ LR, WEIGHT_DECAY = 1e-5, 0.01
 DISPATCH_CONFIGS = ("list:per_block", "list:switch", "stacked:auto")
 COMPILE_PLUS = 100  # the target's "compilation plus 100 steps"
 LOSS_RTOL = 1e-4  # PyTorch's loss against the JAX model's, before timing
+FLAX_GPT_METHODS = ("forward", "adamw", "absignsgd", "absignsgd_uniform", "block_adam",
+                    "sign_sgd")
+COMPARE_TOLERANCE = 0.10  # another model's ratios: within 10% of the Llama's
 
 
 # ---------------------------------------------------------------------------------
@@ -157,6 +174,44 @@ class Model:
   def lora_shapes(self):
     """The shapes of :meth:`lora`'s result; builds nothing."""
     return jax.eval_shape(lambda: self.lora(Llama(self.cfg, rngs=nnx.Rngs(self._seed))))
+
+
+class FlaxGPTShape(NamedTuple):
+  """The benchmark's view of ``examples/any_flax_model.py``'s GPT (what ``main`` reads
+  of a :class:`LlamaConfig`)."""
+  gpt: any_flax_model.GPTConfig
+  remat: bool = False
+  loss_chunk: int | None = None
+  arch: str = "flax-gpt"
+
+  @classmethod
+  def like(cls, cfg: LlamaConfig, seq: int) -> "FlaxGPTShape":
+    """A GPT with the Llama's width, heads, MLP width, layers and vocabulary."""
+    return cls(any_flax_model.GPTConfig(
+        vocab=cfg.vocab_size, max_len=max(seq, 8), dim=cfg.dim, heads=cfg.n_heads,
+        ff=cfg.hidden_dim, layers=cfg.n_layers, dtype=cfg.dtype))
+
+  n_layers = property(lambda self: self.gpt.layers)
+  vocab_size = property(lambda self: self.gpt.vocab)
+  dtype = property(lambda self: self.gpt.dtype)
+
+  def num_params(self) -> int:
+    return self.gpt.num_params()
+
+
+class FlaxGPTModel:
+  """The GPT of ``examples/any_flax_model.py`` cut by ``absign_jax.cut_nnx``: the
+  same ``parts`` / ``params()`` as :class:`Model` (no LoRA)."""
+
+  def __init__(self, shape: FlaxGPTShape, seed: int = 0):
+    self.cfg = shape
+    self.parts = any_flax_model.cut(any_flax_model.MiniGPT(shape.gpt,
+                                                           rngs=nnx.Rngs(seed)))
+    self._host = jax.tree.map(np.asarray, self.parts.params)
+    self.parts = self.parts._replace(params=None)  # the host copy is the one kept
+
+  def params(self):
+    return jax.tree.map(jnp.array, self._host)
 
 
 def make_batch(cfg: LlamaConfig, batch: int, seq: int, seed: int = 0) -> dict:
@@ -661,6 +716,40 @@ def check_targets(rows: dict) -> list[dict]:
   return out
 
 
+RATIOS = {  # name -> (the ratio from a run's rows, how it is computed)
+    "absignsgd speed-up vs adamw": (lambda r: r["absignsgd"]["speedup_vs_adamw"],
+                                    "adamw median / absignsgd mean"),
+    "absignsgd memory vs adamw": (lambda r: r["absignsgd"]["memory_ratio_vs_adamw"],
+                                  "compiled bytes"),
+    "absignsgd step / forward": (lambda r: step_of(r["absignsgd"]) / step_of(r["forward"]),
+                                 "absignsgd mean / forward median"),
+}
+
+
+def compare_targets(rows: dict, path: str | None) -> list[dict]:
+  """This run's ratios against another run's (``--compare-to``): each within 10%."""
+  if path is None:
+    return []
+  with open(path) as f:
+    other = json.load(f)
+  theirs = {row["name"]: row for row in other["rows"]}
+  out = []
+  for name, (ratio, how) in RATIOS.items():
+    try:
+      mine, ref = ratio(rows), ratio(theirs)
+    except (KeyError, TypeError):
+      continue  # a row this run or the other did not measure
+    if mine is None or ref is None:
+      continue
+    rel = abs(mine / ref - 1.0)
+    out.append({"target": f"{name} within {COMPARE_TOLERANCE:.0%} of "
+                          f"{other['preset']}'s ({ref:.3f})",
+                "value": float(rel), "limit": COMPARE_TOLERANCE,
+                "met": bool(rel <= COMPARE_TOLERANCE),
+                "how": f"|this run's {mine:.3f} / {ref:.3f} - 1| ({how})"})
+  return out
+
+
 # ---------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------
@@ -671,6 +760,13 @@ def parse_args(argv=None):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--preset", default="smollm2-135m",
                  choices=["tiny", "gpt2-small", "smollm2-135m", "qwen3-8b"])
+  p.add_argument("--family", default="llama", choices=["llama", "flax-gpt"],
+                 help="llama: the project's Llama; flax-gpt: the Flax-example GPT of "
+                      "examples/any_flax_model.py at the preset's size, through "
+                      "absign_jax.cut_nnx")
+  p.add_argument("--compare-to", default=None, metavar="JSON",
+                 help="a Llama run's step_time_*.json: adds the targets that this "
+                      "run's ratios are within 10%% of its ratios")
   p.add_argument("--model", default=None,
                  help="a .gguf file or a Hugging Face directory to take the shape and "
                       "weights from (read by absign_jax.llm; replaces --preset's random "
@@ -741,6 +837,22 @@ def parse_args(argv=None):
               f"{','.join(DISPATCH_CONFIGS)})")
   if args.model is not None and not os.path.exists(args.model):
     p.error(f"--model {args.model}: no such file or directory")
+  if args.compare_to is not None and not os.path.isfile(args.compare_to):
+    p.error(f"--compare-to {args.compare_to}: no such file (a step_time_*.json)")
+  if args.family == "flax-gpt":
+    if args.model is not None:
+      p.error("--model reads a Llama-family checkpoint: drop it with --family flax-gpt")
+    if args.memory_only or study not in ("", "none") or args.remat or args.loss_chunk:
+      p.error("--family flax-gpt times the default step only: drop --memory-only, "
+              "--dispatch-study, --remat and --loss-chunk")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.methods == ",".join(METHODS):  # the default: every row this family has
+      methods = [m for m in METHODS if m in FLAX_GPT_METHODS]
+      args.methods = ",".join(methods)
+    other = [m for m in methods if m not in FLAX_GPT_METHODS]
+    if other:
+      p.error(f"--family flax-gpt has no rows {other} (LoRA and the PyTorch rows "
+              f"build a Llama); choose from {','.join(FLAX_GPT_METHODS)}")
   return args
 
 
@@ -772,7 +884,8 @@ def main(argv=None):
 
   def model_for(lay):
     if lay not in models:
-      models[lay] = load_model(args, base_cfg.replace(scan_layers=(lay == "stacked")))
+      models[lay] = load_model(args, base_cfg if isinstance(base_cfg, FlaxGPTShape)
+                               else base_cfg.replace(scan_layers=(lay == "stacked")))
     return models[lay]
 
   model = model_for(layout)
@@ -904,7 +1017,8 @@ def main(argv=None):
   dispatch = dispatch_study(args, n, model_for, batch, layout, rows, log)
 
   result = {
-      "preset": name, "n_layers": n, "num_params": base_cfg.num_params(),
+      "preset": name, "family": args.family, "n_layers": n,
+      "num_params": base_cfg.num_params(),
       "batch": args.batch, "seq": args.seq, "dtype": base_cfg.dtype,
       "remat": base_cfg.remat, "loss_chunk": base_cfg.loss_chunk, "layout": layout,
       "model": args.model, "dispatch": args.dispatch, "steps": args.steps,
@@ -919,7 +1033,7 @@ def main(argv=None):
           sys.argv[1:] if argv is None else argv),
       "rows": [rows[m] for m in METHODS if m in rows],
       "torch_note": torch_note,
-      "targets": check_targets(rows),
+      "targets": check_targets(rows) + compare_targets(rows, args.compare_to),
       "compile_study": compile_summary,
       "dispatch_study": dispatch,
       "wall_s": time.perf_counter() - t_start,
@@ -946,7 +1060,10 @@ def config_for(args) -> tuple[LlamaConfig, str, str]:
   if args.loss_chunk is not None:
     overrides["loss_chunk"] = args.loss_chunk
   if args.model is None:
-    return LlamaConfig.preset(args.preset, **overrides), layout, args.preset
+    cfg = LlamaConfig.preset(args.preset, **overrides)
+    if args.family == "flax-gpt":
+      return FlaxGPTShape.like(cfg, args.seq), "list", f"{args.preset}-flax-gpt"
+    return cfg, layout, args.preset
   from absign_jax.llm import export  # pylint: disable=g-import-not-at-top
   cfg, _ = export.read_config_and_tokenizer(args.model)
   name = os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0]
@@ -955,6 +1072,8 @@ def config_for(args) -> tuple[LlamaConfig, str, str]:
 
 def load_model(args, cfg: LlamaConfig) -> Model:
   """The benchmark's :class:`Model`: random weights, or ``--model``'s."""
+  if isinstance(cfg, FlaxGPTShape):
+    return FlaxGPTModel(cfg)
   if args.model is None:
     return Model(cfg)
   from absign_jax.llm import export  # pylint: disable=g-import-not-at-top

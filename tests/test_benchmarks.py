@@ -206,3 +206,51 @@ def test_memory_only_agrees_with_the_run(tiny, tmp_path, cache):
   for name in methods:
     assert mem_rows[name]["memory_bytes"] == rows[name]["memory_bytes"], name
     assert mem_rows[name]["opt_state_bytes"] == rows[name]["opt_state_bytes"], name
+
+
+def test_a_flax_model_the_library_does_not_own(tiny, tmp_path, cache):
+  """--family flax-gpt: the Flax-example GPT at the preset's size, cut by cut_nnx,
+  one program for every block; --compare-to puts its ratios beside the Llama's."""
+  llama_result, _ = tiny
+  llama = tmp_path / "llama.json"
+  llama.write_text(json.dumps(llama_result))
+  _run([*SMALL, "--family", "flax-gpt", "--methods", "forward,adamw,absignsgd",
+        "--steps", "2", "--sequence-steps", "3", "--compare-to", str(llama),
+        "--compilation-cache", cache, "--out", str(tmp_path)])
+  result = json.loads((tmp_path / "step_time_tiny-flax-gpt.json").read_text())
+  assert result["family"] == "flax-gpt"
+  assert result["n_layers"] == llama_result["n_layers"]
+  rows = {r["name"]: r for r in result["rows"]}
+  assert list(rows) == ["forward", "adamw", "absignsgd"]
+  assert rows["absignsgd"]["programs"] == 1  # list layers, one dynamic-index program
+  assert len(rows["absignsgd"]["block_median_s"]) == result["n_layers"]
+  assert rows["absignsgd"]["opt_state_bytes"] < 0.01 * rows["adamw"]["opt_state_bytes"]
+  theirs = {r["name"]: r for r in llama_result["rows"]}
+  mine_vs_theirs = {
+      "speed-up": (rows["absignsgd"]["speedup_vs_adamw"],
+                   theirs["absignsgd"]["speedup_vs_adamw"]),
+      "memory": (rows["absignsgd"]["memory_ratio_vs_adamw"],
+                 theirs["absignsgd"]["memory_ratio_vs_adamw"]),
+      "step / forward": (
+          rows["absignsgd"]["mean_step_s"] / rows["forward"]["median_step_s"],
+          theirs["absignsgd"]["mean_step_s"] / theirs["forward"]["median_step_s"])}
+  compared = {t["target"].split(" within")[0]: t for t in result["targets"]
+              if "within 10%" in t["target"]}
+  assert len(compared) == 3
+  for (mine, ref), target in zip(mine_vs_theirs.values(), compared.values()):
+    assert target["value"] == pytest.approx(abs(mine / ref - 1.0))
+    assert target["met"] == (target["value"] <= 0.10)
+
+
+@pytest.mark.parametrize("args, why", [
+    (["--family", "flax-gpt", "--methods", "adamw,lora"], "no rows ['lora']"),
+    (["--family", "flax-gpt", "--memory-only"], "drop --memory-only"),
+    (["--compare-to", "no_such.json"], "no such file"),
+])
+def test_bad_family_options_are_refused(args, why, capsys):
+  spec = importlib.util.spec_from_file_location("step_time_args", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  with pytest.raises(SystemExit):
+    module.parse_args(args)
+  assert why in capsys.readouterr().err

@@ -32,7 +32,7 @@ def loss_fell(out: str) -> tuple[float, float]:
 
 def test_every_example_is_tested():
   tested = {"quickstart_optax.py", "nnx_training_loop.py", "inspect_schedule.py",
-            "multiprocess_launch.py"}  # the last one runs in tests/train/test_data_parallel.py
+            "any_flax_model.py", "multiprocess_launch.py"}  # the last one runs in tests/train/test_data_parallel.py
   assert {p.name for p in EXAMPLES.glob("*.py")} <= tested
 
 
@@ -52,6 +52,15 @@ def test_nnx_training_loop():
   visits = re.search(r"visits per layer \(shallow -> deep\): \[([\d, ]+)\]", out)
   counts = [int(v) for v in visits.group(1).split(",")]
   assert sum(counts) == 31 and counts[-1] == max(counts)
+
+
+def test_any_flax_model():
+  out = run_example("any_flax_model.py", "--steps", "24", "--layers", "3")
+  assert "3 blocks," in out
+  first, last = loss_fell(out)
+  assert last < first
+  assert "compiled step programs: 1" in out  # every block, one program
+  assert "MiniGPT with 3 blocks in an nnx.List" in out  # back in its own layout
 
 
 def test_inspect_schedule():
