@@ -1,6 +1,7 @@
 """Step time, memory and compile time of ABSignSGD's partial-backprop step vs baselines.
 
-In one run, on the same model, batch and machine:
+In one run, on the same model, batch and machine (``absignsgd_uniform`` and
+``sign_sgd`` only with ``--methods all`` or by name):
 
 * ``forward``            the model's forward and loss only (jitted): the floor
 * ``adamw``              optax.adamw, full backprop (:class:`absign_jax.FullTrainStep`)
@@ -100,6 +101,10 @@ from absign_jax.llm.model import Llama, LlamaConfig  # noqa: E402
 TORCH_METHODS = ("torch_adamw", "torch_block_sign")
 METHODS = ("forward", "adamw", "absignsgd", "absignsgd_uniform", "block_adam",
            "sign_sgd", "lora") + TORCH_METHODS
+# The rows a run times unless --methods says otherwise (--methods all: every row):
+# those the targets read, and BAdam beside them; absignsgd_uniform and sign_sgd are
+# context, opt-in, so that the default run fits in 10 minutes on a 2-core CPU.
+DEFAULT_METHODS = ("forward", "adamw", "absignsgd", "block_adam", "lora") + TORCH_METHODS
 BLOCK_METHODS = ("absignsgd", "absignsgd_uniform", "block_adam")
 # Timed block by block (forced active), weighted by visit frequencies.
 PER_BLOCK_TIMED = BLOCK_METHODS + ("torch_block_sign",)
@@ -775,8 +780,10 @@ def parse_args(argv=None):
   p.add_argument("--seq", type=int, default=128)
   p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                  help="default: the preset's (float32; bfloat16 for qwen3-8b)")
-  p.add_argument("--methods", default=",".join(METHODS),
-                 help=f"comma-separated subset of {','.join(METHODS)}")
+  p.add_argument("--methods", default=None,
+                 help=f"comma-separated subset of {','.join(METHODS)}, or 'all' "
+                      f"(default: {','.join(DEFAULT_METHODS)}; for --family flax-gpt "
+                      f"the same without LoRA and PyTorch)")
   p.add_argument("--steps", type=int, default=10,
                  help="timed steps of every full-backprop method (and the forward)")
   p.add_argument("--block-repeats", type=int, default=1,
@@ -839,16 +846,20 @@ def parse_args(argv=None):
     p.error(f"--model {args.model}: no such file or directory")
   if args.compare_to is not None and not os.path.isfile(args.compare_to):
     p.error(f"--compare-to {args.compare_to}: no such file (a step_time_*.json)")
+  if args.family == "llama":
+    args.methods = {None: ",".join(DEFAULT_METHODS), "all": ",".join(METHODS)}.get(
+        args.methods, args.methods)
   if args.family == "flax-gpt":
     if args.model is not None:
       p.error("--model reads a Llama-family checkpoint: drop it with --family flax-gpt")
     if args.memory_only or study not in ("", "none") or args.remat or args.loss_chunk:
       p.error("--family flax-gpt times the default step only: drop --memory-only, "
               "--dispatch-study, --remat and --loss-chunk")
+    if args.methods is None:  # the default: the default rows this family has
+      args.methods = ",".join(m for m in DEFAULT_METHODS if m in FLAX_GPT_METHODS)
+    elif args.methods == "all":
+      args.methods = ",".join(FLAX_GPT_METHODS)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.methods == ",".join(METHODS):  # the default: every row this family has
-      methods = [m for m in METHODS if m in FLAX_GPT_METHODS]
-      args.methods = ",".join(methods)
     other = [m for m in methods if m not in FLAX_GPT_METHODS]
     if other:
       p.error(f"--family flax-gpt has no rows {other} (LoRA and the PyTorch rows "

@@ -73,7 +73,8 @@ def cache(request, tmp_path_factory):
 def tiny(tmp_path_factory, cache):
   """Every row, both studies, two steps of each."""
   out = tmp_path_factory.mktemp("step_time")
-  stdout = _run([*SMALL, "--steps", "2", "--sequence-steps", "3", "--compile-steps", "2",
+  stdout = _run([*SMALL, "--methods", "all", "--steps", "2", "--sequence-steps", "3",
+                 "--compile-steps", "2",
                  "--dispatch-study", "stacked:auto,stacked:switch",
                  "--compilation-cache", cache, "--out", str(out)])
   result = json.loads((out / "step_time_tiny.json").read_text())
@@ -240,6 +241,21 @@ def test_a_flax_model_the_library_does_not_own(tiny, tmp_path, cache):
   for (mine, ref), target in zip(mine_vs_theirs.values(), compared.values()):
     assert target["value"] == pytest.approx(abs(mine / ref - 1.0))
     assert target["met"] == (target["value"] <= 0.10)
+
+
+def test_default_rows_are_the_targets_and_badam(capsys):
+  spec = importlib.util.spec_from_file_location("step_time_args", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  default = module.parse_args([]).methods.split(",")
+  assert {"forward", "adamw", "absignsgd", "lora", "torch_adamw",
+          "torch_block_sign"} <= set(default)  # every row a target reads
+  assert "sign_sgd" not in default
+  assert module.parse_args(["--methods", "all"]).methods.split(",") == list(
+      module.METHODS)
+  gpt = module.parse_args(["--family", "flax-gpt"]).methods.split(",")
+  assert gpt == [m for m in default if m not in ("lora", "torch_adamw",
+                                                 "torch_block_sign")]
 
 
 @pytest.mark.parametrize("args, why", [
