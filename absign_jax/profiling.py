@@ -13,11 +13,15 @@ and the tests read sizes through these functions:
   from its optimized HLO text.
 * :func:`cpu_usage`: this process's CPU time (user and kernel) and page faults so far;
   the difference of two readings is what the code between them cost the CPU.
+* :func:`machine_info`: the machine and the versions a figure was measured with.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
+import os
+import platform
 import re
 import resource
 from typing import Any, NamedTuple
@@ -27,8 +31,8 @@ import numpy as np
 
 PyTree = Any
 
-__all__ = ["CpuUsage", "collective_bytes", "cpu_usage", "master_bytes", "program_memory",
-           "tree_bytes"]
+__all__ = ["CpuUsage", "collective_bytes", "cpu_usage", "machine_info", "master_bytes",
+           "program_memory", "tree_bytes"]
 
 
 def tree_bytes(tree: PyTree) -> int:
@@ -122,6 +126,38 @@ _CALLED = re.compile(
 _COMMENT = re.compile(r"/\*.*?\*/")
 _GROUPS_LIST = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
+
+
+def machine_info() -> dict[str, Any]:
+  """What a measurement ran on: backend and device, CPU model and count, load, versions.
+
+  Every recorded figure carries this, so that figures from different machines are
+  never compared as if they were one machine's.
+  """
+  def version(dist):
+    try:
+      return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+      return None
+
+  info: dict[str, Any] = {
+      "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+      "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
+      "platform": platform.platform(), "python": platform.python_version(),
+      "jax": jax.__version__, "flax": version("flax"), "optax": version("optax")}
+  try:
+    info["load_avg"] = os.getloadavg()
+  except OSError:
+    pass
+  try:
+    with open("/proc/cpuinfo") as fh:
+      for line in fh:
+        if line.startswith("model name"):
+          info["cpu"] = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return info
 
 
 def _type_bytes(type_str: str) -> float:

@@ -45,7 +45,9 @@ import json
 import math
 import os
 import shutil
+import time
 
+from absign_jax import profiling
 from absign_jax.llm import finetune
 
 # (label, optimizer, overrides of the fine-tuning program's options)
@@ -326,6 +328,7 @@ def run_setting(s: Setting, a, loaded_by_task: dict) -> None:
   with open(os.path.join(d, "curve.json"), "w") as f:
     json.dump({"setting": s.label, "task": s.task, "method": s.method, "seed": s.seed,
                "lr_setting": s.lr, "budget_s": a.budget,
+               "date": time.strftime("%Y-%m-%d"), "machine": profiling.machine_info(),
                "heldout_loss_curve": [(t, math.log(p)) for t, p in result.eval_curve]}, f)
 
 
@@ -412,6 +415,13 @@ def write_tasks_report(rows: list[dict], out: str) -> None:
   r0 = rows[0]
   lines = [f"Budget {r0['budget_s']:g} s of training per setting, batch {r0['batch']} x "
            f"seq {r0['seq']}, device {r0['device']}."]
+  machines: dict[str, set] = {}
+  for r in rows:
+    cpu = (r.get("machine") or {}).get("cpu", "machine not recorded")
+    machines.setdefault(cpu, set()).add(r.get("date") or "date not recorded")
+  lines.append("Machines (settings on different machines are not comparable step for "
+               "step): " + "; ".join(f"{cpu} ({', '.join(sorted(dates))})"
+                                     for cpu, dates in sorted(machines.items())) + ".")
   for task in ("math", "chat"):
     trs = sorted((r for r in rows if r["task"] == task),
                  key=lambda r: (r["method"], r["seed"], r["lr"] or 0))

@@ -75,7 +75,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -1036,7 +1035,7 @@ def main(argv=None):
       "sequence_steps": args.sequence_steps, "interleaved": interleave,
       "block_repeats": args.block_repeats,
       "compilation_cache": args.compilation_cache,
-      "machine": dict(machine_info(), load_avg_start=load_start,
+      "machine": dict(profiling.machine_info(), load_avg_start=load_start,
                       xla_flags=os.environ.get("XLA_FLAGS"),
                       malloc_conf=os.environ.get("MALLOC_CONF"), allocator=allocator,
                       ld_preload=os.environ.get("LD_PRELOAD")),
@@ -1133,7 +1132,7 @@ def memory_only(args, methods: list[str]) -> dict:
   result = {"preset": name, "n_layers": n, "num_params": cfg.num_params(),
             "batch": args.batch, "seq": args.seq, "dtype": cfg.dtype, "remat": cfg.remat,
             "loss_chunk": cfg.loss_chunk, "layout": layout,
-            "machine": machine_info(), "rows": rows,
+            "machine": profiling.machine_info(), "rows": rows,
             "command": "python benchmarks/step_time.py " + " ".join(
                 sys.argv[1:] if args.argv is None else args.argv)}
   lines = [f"### Compiled memory (no run): {name} ({cfg.num_params() / 1e6:,.1f}M "
@@ -1214,33 +1213,6 @@ def dispatch_study(args, n, model_for, batch, layout, rows, log) -> list[dict] |
         f"mean step {entry['mean_step_s']:.4f} s")
     out.append(entry)
   return out
-
-
-def machine_info() -> dict:
-  info = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-          "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
-          "platform": platform.platform(), "python": platform.python_version(),
-          "jax": jax.__version__, "flax": _version("flax"), "optax": optax.__version__}
-  try:
-    info["load_avg"] = os.getloadavg()
-  except OSError:
-    pass
-  try:
-    with open("/proc/cpuinfo") as fh:
-      for line in fh:
-        if line.startswith("model name"):
-          info["cpu"] = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  return info
-
-
-def _version(mod):
-  try:
-    return __import__(mod).__version__
-  except Exception:  # noqa: BLE001
-    return None
 
 
 def fmt_mb(b):

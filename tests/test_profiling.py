@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import absign_jax
-from absign_jax.profiling import collective_bytes, program_memory, tree_bytes
+from absign_jax.profiling import (collective_bytes, machine_info, program_memory,
+                                  tree_bytes)
 
 
 def test_tree_bytes_counts_arrays_and_shapes():
@@ -76,3 +79,12 @@ def test_cpu_usage_counts_cpu_time_and_page_faults():
   d = cpu_usage() - before
   assert d.user_s >= 0.05 and d.sys_s >= 0 and d.minor_faults > 0
   assert all(v >= 0 for v in d)
+
+
+def test_machine_info_names_the_machine_and_the_versions():
+  info = machine_info()
+  assert info["backend"] == jax.default_backend()
+  assert info["cpu_count"] == os.cpu_count() and info["jax"] == jax.__version__
+  assert info["flax"] and info["optax"]
+  if os.path.exists("/proc/cpuinfo"):
+    assert info["cpu"]  # the CPU model, where Linux tells it
