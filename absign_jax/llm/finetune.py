@@ -672,7 +672,7 @@ class RunResult:
   optimizer: str
   summary: dict[str, Any]
   curve: list[tuple[float, float]]  # (wall-clock s, train loss)
-  eval_curve: list[tuple[float, float]]  # (wall-clock s, held-out ppl)
+  eval_curve: list[tuple[float, float]]  # (wall-clock s, held-out ppl): heldout_curve
 
 
 def host_params(params):
@@ -793,9 +793,13 @@ def train(args, name: str, loaded, out_dir: str, ckpt_dir: str | None = None
     print(f"[{name}] note: {note}", flush=True)
 
   # The pretrained model's figures are the same for every run: computed once.
-  before = loaded.cache.setdefault((args.precision, args.forgetting), {})
+  subset = args.eval_seqs if args.eval_every else None
+  before = loaded.cache.setdefault((args.precision, args.forgetting, subset), {})
   if not before:
     before["ppl_before"] = math.exp(evaluate(parts, pretrained, heldout, args.batch))
+    if subset:  # the curve's first point, on the set evaluated during training
+      before["heldout_ppl_subset_before"] = math.exp(
+          evaluate(parts, pretrained, heldout, args.batch, subset))
     if problems:
       before["accuracy_before"], _ = tasks_lib.math_accuracy(
           parts.merge(pretrained), tokenizer, problems, progress=not args.no_progress)
@@ -807,7 +811,7 @@ def train(args, name: str, loaded, out_dir: str, ckpt_dir: str | None = None
                                for q in CHAT_PROMPTS}
   ppl_before = before["ppl_before"]
   forgetting = {k: v for k, v in before.items()
-                if k not in ("ppl_before", "accuracy_before")}
+                if k not in ("ppl_before", "accuracy_before", "heldout_ppl_subset_before")}
   del pretrained
   print(f"[{name}] held-out perplexity before: {ppl_before:.3f}", flush=True)
 
@@ -871,13 +875,16 @@ def train(args, name: str, loaded, out_dir: str, ckpt_dir: str | None = None
 
   records = log.records
   curve = [(r["wall_s"], r["loss"]) for r in records]
-  eval_curve = [(0.0, ppl_before)] + [(r["wall_s"], r["heldout_ppl_subset"])
-                                      for r in records if "heldout_ppl_subset" in r]
   ppl_after = None
   task_figures = {}
+  subset_figures = {}
+  if subset:
+    subset_figures["heldout_ppl_subset_before"] = before["heldout_ppl_subset_before"]
   if not interrupted:
     ppl_after = math.exp(evaluate(parts, params, heldout, args.batch))
-    eval_curve.append((wall, ppl_after))
+    if subset:
+      subset_figures["heldout_ppl_subset_after"] = math.exp(
+          evaluate(parts, params, heldout, args.batch, subset))
     if loaded.task is not None:
       task_figures = {"task": loaded.task.name,
                       "heldout_loss_before": math.log(ppl_before),
@@ -925,9 +932,11 @@ def train(args, name: str, loaded, out_dir: str, ckpt_dir: str | None = None
       "aggregation": args.aggregation if mesh is not None and name in BLOCK_OPTIMIZERS
                      else None,
       "params_sha256": params_digest(params),
+      **subset_figures,
       **task_figures,
       **forgetting,
   }
+  eval_curve = heldout_curve(summary, records)
   if interrupted:
     summary["interrupted"] = interrupted
   with open(summary_path, "w") as f:
@@ -976,10 +985,28 @@ def result_from_files(name: str, out_dir: str) -> RunResult:
     summary = json.load(f)
   records, _ = read_records(os.path.join(out_dir, "metrics.jsonl"))
   curve = [(r["wall_s"], r["loss"]) for r in records]
-  eval_curve = ([(0.0, summary["ppl_before"])]
-                + [(r["wall_s"], r["heldout_ppl_subset"]) for r in records
-                   if "heldout_ppl_subset" in r] + [(summary["wall_s"], summary["ppl_after"])])
-  return RunResult(name, summary, curve, eval_curve)
+  return RunResult(name, summary, curve, heldout_curve(summary, records))
+
+
+def heldout_curve(summary: dict, records: list[dict]) -> list[tuple[float, float]]:
+  """Held-out perplexity against training wall-clock, on one set of sequences.
+
+  A run that evaluates during training (``--eval-every``) scores the first
+  ``--eval-seqs`` held-out sequences: its curve is that subset's perplexity before,
+  every ``eval_every`` steps and after (a summary written before the subset's
+  endpoints were recorded gives only the middle points). Without evaluations during
+  training, the whole held-out set's before and after. Never the two sets mixed.
+  """
+  middle = [(r["wall_s"], r["heldout_ppl_subset"]) for r in records
+            if "heldout_ppl_subset" in r]
+  if "heldout_ppl_subset_before" in summary:
+    ends = (summary["heldout_ppl_subset_before"], summary.get("heldout_ppl_subset_after"))
+  elif middle:
+    ends = (None, None)
+  else:
+    ends = (summary["ppl_before"], summary.get("ppl_after"))
+  return (([(0.0, ends[0])] if ends[0] is not None else []) + middle
+          + ([(summary["wall_s"], ends[1])] if ends[1] is not None else []))
 
 
 def restore_run(args, name: str, ckpt, state, settings: dict):

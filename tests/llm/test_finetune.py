@@ -212,3 +212,20 @@ def test_momentum_option_errors(argv, message, capsys):
   with pytest.raises(SystemExit):
     finetune.parse_args(argv)
   assert message in capsys.readouterr().err
+
+
+def test_heldout_curve_never_mixes_the_subset_and_the_whole_set():
+  from absign_jax.llm import finetune
+
+  records = [{"wall_s": 1.0}, {"wall_s": 2.0, "heldout_ppl_subset": 9.0},
+             {"wall_s": 3.0}]
+  whole = {"ppl_before": 20.0, "ppl_after": 15.0, "wall_s": 3.5}
+  subset = {**whole, "heldout_ppl_subset_before": 12.0, "heldout_ppl_subset_after": 8.0}
+  assert finetune.heldout_curve(subset, records) == [(0.0, 12.0), (2.0, 9.0), (3.5, 8.0)]
+  # A record written before the subset's endpoints were: the subset's points only.
+  assert finetune.heldout_curve(whole, records) == [(2.0, 9.0)]
+  # No evaluation during training: the whole set, before and after.
+  assert finetune.heldout_curve(whole, [{"wall_s": 1.0}]) == [(0.0, 20.0), (3.5, 15.0)]
+  # Interrupted before the final evaluation: no end point.
+  interrupted = {k: v for k, v in subset.items() if k != "heldout_ppl_subset_after"}
+  assert finetune.heldout_curve(interrupted, records) == [(0.0, 12.0), (2.0, 9.0)]

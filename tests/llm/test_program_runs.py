@@ -217,6 +217,12 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(files, reference, tmp_p
     summary = json.load(f)
   assert without_timing(summary) == without_timing(ref_summary)
   assert summary["steps"] == summary["logged_steps"] == 12
+  # The held-out curve stays on the evaluation subset from before to after.
+  curve = finetune.heldout_curve(summary, got)
+  assert curve[0] == (0.0, summary["heldout_ppl_subset_before"])
+  assert curve[-1] == (summary["wall_s"], summary["heldout_ppl_subset_after"])
+  assert [p for _, p in curve[1:-1]] == [r["heldout_ppl_subset"] for r in got
+                                         if "heldout_ppl_subset" in r]
   ref_state, state = saved_state(reference, 12), saved_state(out, 12)
   assert sorted(state) == sorted(ref_state) and len(state) > 10
   for name in state:
