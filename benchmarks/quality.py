@@ -304,7 +304,23 @@ def load_rows(out: str) -> list[dict]:
     if os.path.exists(summary) and os.path.exists(curve):
       with open(summary) as f, open(curve) as g:
         rows.append({**json.load(f), **json.load(g)})
+      rows[-1]["heldout_loss_curve"] = loss_curve(os.path.join(out, name), rows[-1])
   return rows
+
+
+def loss_curve(directory: str, row: dict) -> list[tuple[float, float]]:
+  """A setting's held-out loss against wall-clock, rebuilt from its records.
+
+  On the evaluation subset throughout (``finetune.heldout_curve``); a setting
+  recorded before the subset's endpoints were kept has only its middle points.
+  """
+  from absign_jax.llm import finetune
+
+  path = os.path.join(directory, "metrics.jsonl")
+  if not os.path.exists(path):
+    return [tuple(x) for x in row.get("heldout_loss_curve", [])]
+  records, _ = finetune.read_records(path)
+  return [(t, math.log(p)) for t, p in finetune.heldout_curve(row, records)]
 
 
 def run_setting(s: Setting, a, loaded_by_task: dict) -> None:
@@ -408,6 +424,14 @@ def write_tasks_report(rows: list[dict], out: str) -> None:
     raise SystemExit(f"no finished setting under {out}")
   from absign_jax.llm import finetune
 
+  # The pretrained model's loss on the subset is the first point of every setting of
+  # a task (the same weights and sequences): given to those recorded without it.
+  for r in rows:
+    firsts = [x["heldout_ppl_subset_before"] for x in rows
+              if x["task"] == r["task"] and "heldout_ppl_subset_before" in x]
+    curve = r["heldout_loss_curve"]
+    if firsts and (not curve or curve[0][0] > 0):
+      r["heldout_loss_curve"] = [(0.0, math.log(firsts[0]))] + list(curve)
   with open(os.path.join(out, "tasks.json"), "w") as f:
     json.dump(rows, f, indent=2)
   adamw_mem = max((r["step_memory_bytes"] or 0) for r in rows if r["method"] == "adamw") \
@@ -453,7 +477,8 @@ def write_tasks_report(rows: list[dict], out: str) -> None:
         {f"{m} lr={r['lr_setting'] if r['lr_setting'] is not None else 'free'} "
          f"seed={r['seed']}": [tuple(x) for x in r["heldout_loss_curve"]]
          for m, r in plotted_per_method(rows, task).items()},
-        os.path.join(out, f"{task}.png"), ylabel=f"{task}: held-out loss")
+        os.path.join(out, f"{task}.png"),
+        ylabel=f"{task}: held-out loss (evaluation subset)")
   lines += ["", "Chat answers to the fixed prompts, before -> after:"]
   for r in rows:
     for q, ans in r["chat_after"].items():

@@ -138,3 +138,29 @@ def test_only_finished_settings_count(quality, tmp_path):
   with open(os.path.join(done.directory(str(tmp_path)), "curve.json"), "w") as f:
     json.dump({"setting": done.label, "method": "adamw", "seed": 0}, f)
   assert [r["setting"] for r in quality.load_rows(str(tmp_path))] == [done.label]
+
+
+def test_the_plotted_curve_is_rebuilt_on_the_evaluation_subset(quality, tmp_path):
+  import math
+
+  old = quality.Setting("chat", "lora", 3e-4, 1)  # recorded without subset endpoints
+  new = quality.Setting("chat", "adamw", 1e-4, 1)
+  for s, extra in ((old, {}), (new, {"heldout_ppl_subset_before": 12.0,
+                                     "heldout_ppl_subset_after": 8.0})):
+    d = s.directory(str(tmp_path))
+    os.makedirs(d)
+    with open(os.path.join(d, "summary.json"), "w") as f:
+      json.dump({"task": "chat", "ppl_before": 20.0, "ppl_after": 15.0, "wall_s": 3.5,
+                 "heldout_loss_after": 2.7, **extra}, f)
+    with open(os.path.join(d, "curve.json"), "w") as f:
+      json.dump({"setting": s.label, "task": "chat", "method": s.method, "seed": 1,
+                 "lr_setting": s.lr, "heldout_loss_curve": [[0.0, 3.0], [2.0, 2.2],
+                                                            [3.5, 2.7]]}, f)
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+      for rec in ({"step": 1, "wall_s": 1.0, "loss": 3.0},
+                  {"step": 2, "wall_s": 2.0, "loss": 2.9, "heldout_ppl_subset": 9.0}):
+        f.write(json.dumps(rec) + "\n")
+  rows = {r["method"]: r for r in quality.load_rows(str(tmp_path))}
+  assert rows["adamw"]["heldout_loss_curve"] == [
+      (0.0, math.log(12.0)), (2.0, math.log(9.0)), (3.5, math.log(8.0))]
+  assert rows["lora"]["heldout_loss_curve"] == [(2.0, math.log(9.0))]
