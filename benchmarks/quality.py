@@ -464,15 +464,17 @@ def write_tasks_report(rows: list[dict], out: str) -> None:
           f"| {r['setting']} | {r['steps']} | {acc} | {r['heldout_loss_before']:.4f} "
           f"| {r['heldout_loss_after']:.4f} | {mem / 2**20:.0f} | {ratio} "
           f"| {r['second_text_ppl_before']:.3f} | {r['second_text_ppl_after']:.3f} |")
-    best = best_per_method(rows, task)
-    lines += ["", "Best per method (seed 0), and whether its learning rate is inside the "
-              "bracket:"]
-    for m, r in sorted(best.items(), key=lambda kv: _score(kv[1])):
-      edge = ""
-      if m in BRACKETS and len(BRACKETS[m]) > 1 and task == "math":
-        edge = (" (at the edge of the bracket: extend it)"
-                if r["lr"] in (BRACKETS[m][0], BRACKETS[m][-1]) else " (inside)")
-      lines.append(f"- {r['setting']}{edge}")
+    for seed in sorted({r["seed"] for r in trs}):
+      lines += ["", f"Ranking, seed {seed} (accuracy, then held-out loss; on math, whether "
+                "a bracketed learning rate is inside its bracket):"]
+      ranked = sorted(best_per_method(rows, task, seed).items(), key=lambda kv: _score(kv[1]))
+      for m, r in ranked:
+        edge = ""
+        if m in BRACKETS and len(BRACKETS[m]) > 1 and task == "math" and \
+            sum(x["method"] == m and x["seed"] == seed for x in trs) > 1:
+          edge = (" (at the edge of the bracket: extend it)"
+                  if r["lr"] in (BRACKETS[m][0], BRACKETS[m][-1]) else " (inside)")
+        lines.append(f"- {r['setting']}{edge}")
     finetune.plot_curves(
         {f"{m} lr={r['lr_setting'] if r['lr_setting'] is not None else 'free'} "
          f"seed={r['seed']}": [tuple(x) for x in r["heldout_loss_curve"]]
