@@ -303,7 +303,10 @@ def load_rows(out: str) -> list[dict]:
     summary, curve = (os.path.join(out, name, f) for f in ("summary.json", "curve.json"))
     if os.path.exists(summary) and os.path.exists(curve):
       with open(summary) as f, open(curve) as g:
-        rows.append({**json.load(f), **json.load(g)})
+        row = {**json.load(f), **json.load(g)}
+      if row.get("interrupted"):
+        continue  # (written by an older version of this script)
+      rows.append(row)
       rows[-1]["heldout_loss_curve"] = loss_curve(os.path.join(out, name), rows[-1])
   return rows
 
@@ -340,6 +343,9 @@ def run_setting(s: Setting, a, loaded_by_task: dict) -> None:
   d = s.directory(a.out)
   print(f"== {s.label} ({a.budget:g} s)", flush=True)
   result = finetune.train(args, optimizer, loaded_by_task[s.task], d)
+  if result.summary.get("interrupted"):  # not finished: no curve.json, so it runs again
+    raise SystemExit(f"{s.label}: stopped by {result.summary['interrupted']} before the "
+                     f"end of its budget; delete {d} and run it again")
   shutil.rmtree(os.path.join(d, "checkpoints"), ignore_errors=True)  # not needed here
   with open(os.path.join(d, "curve.json"), "w") as f:
     json.dump({"setting": s.label, "task": s.task, "method": s.method, "seed": s.seed,

@@ -138,6 +138,12 @@ def test_only_finished_settings_count(quality, tmp_path):
   with open(os.path.join(done.directory(str(tmp_path)), "curve.json"), "w") as f:
     json.dump({"setting": done.label, "method": "adamw", "seed": 0}, f)
   assert [r["setting"] for r in quality.load_rows(str(tmp_path))] == [done.label]
+  # A run stopped before its budget ran out is not finished, whatever files it left.
+  with open(os.path.join(half.directory(str(tmp_path)), "summary.json"), "w") as f:
+    json.dump({"task": "math", "interrupted": "SIGTERM"}, f)
+  with open(os.path.join(half.directory(str(tmp_path)), "curve.json"), "w") as f:
+    json.dump({"setting": half.label, "method": "adamw", "seed": 0}, f)
+  assert [r["setting"] for r in quality.load_rows(str(tmp_path))] == [done.label]
 
 
 def test_the_plotted_curve_is_rebuilt_on_the_evaluation_subset(quality, tmp_path):
