@@ -14,6 +14,7 @@ In one run, on the same model, batch and machine (``absignsgd_uniform`` and
 * ``lora``               LoRA rank 8 on every attention and MLP projection, adamw on
                          the adapters, full backprop through the frozen base
                          (``benchmarks/lora.py``)
+* ``torch_forward``      PyTorch: the same model's forward and loss under ``no_grad``
 * ``torch_adamw``        PyTorch: transformers' LlamaForCausalLM with the same weights,
                          ``torch.optim.AdamW``, full backprop (``benchmarks/torch_ref.py``)
 * ``torch_block_sign``   PyTorch: the one-layer sign step with partial backprop by
@@ -97,7 +98,7 @@ import absign_jax  # noqa: E402
 from absign_jax import profiling  # noqa: E402
 from absign_jax.llm.model import Llama, LlamaConfig  # noqa: E402
 
-TORCH_METHODS = ("torch_adamw", "torch_block_sign")
+TORCH_METHODS = ("torch_forward", "torch_adamw", "torch_block_sign")
 METHODS = ("forward", "adamw", "absignsgd", "absignsgd_uniform", "block_adam",
            "sign_sgd", "lora") + TORCH_METHODS
 # The rows a run times unless --methods says otherwise (--methods all: every row):
@@ -259,7 +260,7 @@ def model_speedup(method: str, n: int) -> float:
     return 3 * n / cost
   if method == "lora":
     return 3 * n / (2 * n)
-  if method == "forward":
+  if method in ("forward", "torch_forward"):
     return 3.0
   return 1.0
 
@@ -600,7 +601,10 @@ def torch_runners(methods, model: Model, batch: dict, rows: dict, jax_loss: floa
       raise SystemExit(f"{method}: PyTorch's loss {loss_t} differs from the JAX "
                        f"model's {jax_loss} by {rel:.2e} (relative), more than "
                        f"{LOSS_RTOL}: the two do not compute the same function.")
-    if method == "torch_adamw":
+    if method == "torch_forward":
+      r = torch_ref.ForwardRunner(tmodel, host_batch)
+      first = r()[0]
+    elif method == "torch_adamw":
       r = torch_ref.AdamWRunner(tmodel, host_batch, LR, WEIGHT_DECAY)
       first = r()[0]
     else:

@@ -109,6 +109,21 @@ def eval_loss(model, tb: dict) -> float:
     return float(loss_of(model, tb))
 
 
+class ForwardRunner:
+  """The model's forward and loss only, under ``torch.no_grad`` (PyTorch's floor)."""
+
+  def __init__(self, model, batch: dict):
+    self.model, self.batch = model, torch_batch(batch)
+
+  def __call__(self, block: int | None = None) -> tuple[float, Any]:
+    import torch  # pylint: disable=g-import-not-at-top
+    del block
+    t = time.perf_counter()
+    with torch.no_grad():
+      float(loss_of(self.model, self.batch))
+    return time.perf_counter() - t, None
+
+
 class AdamWRunner:
   """One full AdamW step per call (``torch.optim.AdamW``, default implementation)."""
 

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "step_time.py")
 JAX_METHODS = ("forward", "adamw", "absignsgd", "absignsgd_uniform", "block_adam",
                "sign_sgd", "lora")
-TORCH_METHODS = ("torch_adamw", "torch_block_sign")
+TORCH_METHODS = ("torch_forward", "torch_adamw", "torch_block_sign")
 HAVE_TORCH = all(importlib.util.find_spec(m) is not None
                  for m in ("torch", "transformers"))
 # A smoke test checks what the script writes, not how fast XLA's code is: cheaper
@@ -162,6 +162,8 @@ def test_torch_rows_match_the_jax_model(tiny):
   assert rows["torch_block_sign"]["sequence_blocks"] == rows["absignsgd"]["sequence_blocks"]
   assert rows["torch_block_sign"]["visit_frequency"] == rows["absignsgd"]["visit_frequency"]
   assert rows["torch_adamw"]["opt_state_bytes"] >= 2 * rows["torch_adamw"]["param_bytes"]
+  assert rows["torch_forward"]["opt_state_bytes"] == 0
+  assert rows["torch_forward"]["model_speedup"] == rows["forward"]["model_speedup"] == 3.0
 
 
 def test_torch_rows_skip_with_a_note_and_studies_are_off_by_default(tmp_path, cache):
@@ -254,8 +256,7 @@ def test_default_rows_are_the_targets_and_badam(capsys):
   assert module.parse_args(["--methods", "all"]).methods.split(",") == list(
       module.METHODS)
   gpt = module.parse_args(["--family", "flax-gpt"]).methods.split(",")
-  assert gpt == [m for m in default if m not in ("lora", "torch_adamw",
-                                                 "torch_block_sign")]
+  assert gpt == [m for m in default if m != "lora" and not m.startswith("torch_")]
 
 
 @pytest.mark.parametrize("args, why", [
