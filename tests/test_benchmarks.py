@@ -50,12 +50,17 @@ def _run(args, prelude="pass"):
 
 
 @functools.lru_cache(maxsize=None)
-def step_time_allocator_lib(name):
-  """The shared library the benchmark preloads for allocator ``name``."""
+def step_time_module():
+  """The benchmark script imported in this process (its constants and parse_args)."""
   spec = importlib.util.spec_from_file_location("step_time_module", SCRIPT)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.ALLOCATORS[name][0]
+  return module
+
+
+def step_time_allocator_lib(name):
+  """The shared library the benchmark preloads for allocator ``name``."""
+  return step_time_module().ALLOCATORS[name][0]
 
 
 @pytest.fixture(scope="module")
@@ -246,9 +251,7 @@ def test_a_flax_model_the_library_does_not_own(tiny, tmp_path, cache):
 
 
 def test_default_rows_are_the_targets_and_badam(capsys):
-  spec = importlib.util.spec_from_file_location("step_time_args", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = step_time_module()
   default = module.parse_args([]).methods.split(",")
   assert {"forward", "adamw", "absignsgd", "lora", "torch_adamw",
           "torch_block_sign"} <= set(default)  # every row a target reads
@@ -265,9 +268,7 @@ def test_default_rows_are_the_targets_and_badam(capsys):
     (["--compare-to", "no_such.json"], "no such file"),
 ])
 def test_bad_family_options_are_refused(args, why, capsys):
-  spec = importlib.util.spec_from_file_location("step_time_args", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = step_time_module()
   with pytest.raises(SystemExit):
     module.parse_args(args)
   assert why in capsys.readouterr().err
