@@ -341,41 +341,48 @@ def _norm(dim: int, cfg: "LlamaConfig") -> RMSNorm:
 
 def rope_inv_freq(
     head_dim: int, theta: float, scaling: Any = None
-) -> jax.Array:
+) -> np.ndarray:
   """Float32 RoPE inverse frequencies ``[head_dim // 2]``, scaled as configured.
 
   ``scaling`` is a mapping (or ``(key, value)`` pairs) with ``rope_type``
-  ``"llama3"`` or ``"linear"``, as in a Hugging Face ``config.json``.
+  ``"llama3"`` or ``"linear"``, as in a Hugging Face ``config.json``. Computed
+  with NumPy: they depend on the configuration only, so they enter a compiled
+  program as constants.
   """
-  inv_freq = 1.0 / (
-      theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  )
-  if not scaling:
-    return inv_freq
-  sc = dict(scaling)
-  factor = float(sc["factor"])
-  if sc["rope_type"] == "linear":
-    return inv_freq / factor
-  # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, and
-  # the band between is interpolated smoothly.
-  low, high = float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
-  old = float(sc["original_max_position_embeddings"])
-  wavelen = 2 * math.pi / inv_freq
-  scaled = jnp.where(wavelen > old / low, inv_freq / factor, inv_freq)
-  smooth = (old / wavelen - low) / (high - low)
-  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-  medium = ~(wavelen < old / high) & ~(wavelen > old / low)
-  return jnp.where(medium, smoothed, scaled)
+  inv_freq = (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  if scaling:
+    sc = dict(scaling)
+    factor = float(sc["factor"])
+    if sc["rope_type"] == "linear":
+      inv_freq = inv_freq / factor
+    else:
+      # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, and
+      # the band between is interpolated smoothly.
+      low, high = float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+      old = float(sc["original_max_position_embeddings"])
+      wavelen = 2 * math.pi / inv_freq
+      scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq)
+      smooth = (old / wavelen - low) / (high - low)
+      smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+      medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+      inv_freq = np.where(medium, smoothed, scaled)
+  return inv_freq.astype(np.float32)
 
 
 def rope_tables(
-    positions: jax.Array, head_dim: int, theta: float, scaling: Any = None
+    positions: jax.Array | np.ndarray, head_dim: int, theta: float, scaling: Any = None
 ) -> tuple[jax.Array, jax.Array]:
-  """Returns float32 ``(cos, sin)`` of shape ``[T, head_dim]`` (halves repeated)."""
+  """Returns float32 ``(cos, sin)`` of shape ``[T, head_dim]`` (halves repeated).
+
+  NumPy ``positions`` (the training forward's ``0 .. T-1``) give NumPy tables:
+  constants of the compiled program, instead of ``cos``/``sin`` evaluated in every
+  layer's forward and again in its backward.
+  """
   inv_freq = rope_inv_freq(head_dim, theta, scaling)
-  angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
-  angles = jnp.concatenate([angles, angles], axis=-1)
-  return jnp.cos(angles), jnp.sin(angles)
+  xp = np if isinstance(positions, np.ndarray) else jnp
+  angles = positions.astype(xp.float32)[:, None] * inv_freq[None, :]
+  angles = xp.concatenate([angles, angles], axis=-1)
+  return xp.cos(angles), xp.sin(angles)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -439,9 +446,9 @@ class Attention(nnx.Module):
     mask = k_pos[None, :] <= q_pos[:, None]
     in_window = q_pos[:, None] - k_pos[None, :] < (self.window or 0)
     if self.static_window:
-      mask &= in_window
-    elif self.sliding is not None:
-      mask &= in_window | ~self._is_sliding()
+      mask = mask & in_window
+    elif self.sliding is not None:  # traced: not in place (mask may be NumPy)
+      mask = mask & (in_window | ~self._is_sliding())
     return mask
 
   def _qkv(self, x: jax.Array, positions: jax.Array):
@@ -478,7 +485,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, t, _ = x.shape
-    pos = jnp.arange(t)
+    pos = np.arange(t)  # static positions: RoPE tables and mask are constants
     q, k, v = self._qkv(x, pos)
     if self.attn_impl == "einsum":
       out = self._attend(q, k, v, self._mask(pos, pos))

@@ -273,59 +273,94 @@ def _take(stack, i):
   return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, False), stack)
 
 
-def _kept_layers(layer, stack, j, k, h):
-  """The top ``k`` layers (``n-k .. n-1``) of ``stack`` above ``j`` applied to ``h``.
+def _saved_layer(layer, stack, i, h):
+  """Layer ``i`` of ``stack`` on ``h`` and what its backward keeps.
 
-  Differentiated by JAX's autodiff with their activations kept: each layer is
-  rematerialised with ``dots_saveable``, so the backward keeps the layer's matmul
-  outputs and recomputes only the cheap elementwise work. The loop is unrolled over
-  static layer indices (``k`` is small; a scan would carry the whole stack as a
-  per-iteration residual); a ``cond`` skips the layers at or below ``j``. Each kept
-  layer's weight slice is the cond's operand and stays alive until its backward:
-  a kept layer costs its activations plus one copy of its own weights (never of
-  the stack).
+  Returns ``(out, saved, rebuild)``: ``saved`` is the list of arrays the layer's
+  vector-Jacobian product needs (its input and matmul outputs, under
+  ``dots_saveable``), without the weights: those are read again from ``stack`` by
+  ``rebuild(saved, stack) -> vjp``, so a kept layer never holds a copy of its
+  weights.
   """
-  n = jax.tree.leaves(stack)[0].shape[0]
-  run = jax.checkpoint(lambda h, w: layer(w, h),
-                       policy=jax.checkpoint_policies.dots_saveable)
-  for i in range(n - k, n):
-    w = jax.tree.map(lambda x, i=i: x[i], stack)
-    h = jax.lax.cond(i > j, run, lambda h, w: h, h, w)
-  return h
+  f = jax.checkpoint(lambda x: layer(_take(stack, i), x),
+                     policy=jax.checkpoint_policies.dots_saveable)
+  out, vjp = jax.vjp(f, h)
+  leaves, treedef = jax.tree.flatten(vjp)
+  # The stack is the remat's closed-over input, so it appears among the leaves as
+  # itself; everything else is this layer's own.
+  position = {id(x): p for p, x in enumerate(jax.tree.leaves(stack))}
+  where = [position.get(id(x)) for x in leaves]
+
+  def rebuild(saved, stack):
+    weights, own = jax.tree.leaves(stack), iter(saved)
+    return jax.tree.unflatten(
+        treedef, [next(own) if p is None else weights[p] for p in where])
+
+  return out, [x for x, p in zip(leaves, where) if p is None], rebuild
 
 
-def _layers_above(layer, stack, j, h, stop=None):
-  """Layers ``j+1 .. stop-1`` of ``stack`` applied to ``h`` (``stop`` defaults to all
-  ``n``); differentiable in ``h`` only.
+def _layers_above(layer, stack, j, h, keep=0):
+  """Layers ``j+1 .. n-1`` of ``stack`` applied to ``h``; differentiable in ``h`` only.
 
   The stacked program's memory and speed hinge on this: autodiff of a plain scan
   over the stack would save every layer's weights as residuals (a second copy of
-  the stack) and run the backward of the skipped layers too. Here the forward saves
-  only each layer's input, and the backward recomputes layer ``i``'s vector-Jacobian
-  product from ``stack[i]`` for ``i > j`` (a ``cond`` skips the others), so the
-  layers above the active one cost one extra forward each and no weight copy.
-  """
-  n = jax.tree.leaves(stack)[0].shape[0] if stop is None else stop
-  if n <= 0:
-    return h
+  the stack) and run the backward of the skipped layers too. Here a custom backward
+  never differentiates the weights and never copies them:
 
-  def apply(h, stack, j):
-    def body(h, i):
-      return jax.lax.cond(i > j, lambda h: layer(_take(stack, i), h), lambda h: h, h), h
-    return jax.lax.scan(body, h, jnp.arange(n))
+  * the top ``keep`` layers (``n-keep .. n-1``) save their activations (the matmul
+    outputs, ``dots_saveable``): their backward is a vector-Jacobian product only;
+  * the layers below those save only their input and are recomputed in the
+    backward (one extra forward each).
+
+  Both run as scans whose body is a ``cond`` that skips the layers at or below
+  ``j``, so the program's size does not grow with ``keep``. (The ``cond`` also keeps
+  XLA from hoisting per-layer work out of the loop: on XLA:CPU a loop body that
+  slices a bfloat16 buffer directly gets the whole buffer converted to float32
+  before the loop.)
+  """
+  n = jax.tree.leaves(stack)[0].shape[0]
+  lo = n - keep
+  built = {}  # how a kept layer's saved arrays become its vjp (set while tracing)
+
+  def recomputed(h, i):  # saves the layer's input only
+    return jax.lax.cond(i > j, lambda h: layer(_take(stack, i), h), lambda h: h, h), h
+
+  def apply(h, stack, j, save):
+    h, inputs = jax.lax.scan(recomputed, h, jnp.arange(lo))
+    if not save or not keep:
+      h, _ = jax.lax.scan(recomputed, h, jnp.arange(lo, n))
+      return h, (inputs, [])
+    shapes = jax.eval_shape(lambda h, s, i: _saved_layer(layer, s, i, h)[1], h, stack,
+                            jnp.int32(lo))
+
+    def kept(h, i):  # saves the layer's activations
+      def run(h):
+        out, saved, built["rebuild"] = _saved_layer(layer, stack, i, h)
+        return out, saved
+
+      skip = lambda h: (h, [jnp.zeros(s.shape, s.dtype) for s in shapes])
+      return jax.lax.cond(i > j, run, skip, h)
+
+    h, saved = jax.lax.scan(kept, h, jnp.arange(lo, n))
+    return h, (inputs, saved)
 
   @jax.custom_vjp
   def run(h, stack, j):
-    return apply(h, stack, j)[0]
+    return apply(h, stack, j, save=False)[0]
 
   def fwd(h, stack, j):
-    out, inputs = apply(h, stack, j)
-    return out, (inputs, stack, j)
+    out, (inputs, saved) = apply(h, stack, j, save=True)
+    return out, (inputs, saved, stack, j)
 
   def bwd(res, ct):
-    inputs, stack, j = res
+    inputs, saved, stack, j = res
 
-    def body(ct, xs):
+    def kept(ct, xs):
+      saved_i, i = xs
+      back = lambda ct: built["rebuild"](saved_i, stack)(ct)[0]
+      return jax.lax.cond(i > j, back, lambda ct: ct, ct), None
+
+    def recomputed(ct, xs):
       h_i, i = xs
 
       def back(ct):
@@ -334,7 +369,9 @@ def _layers_above(layer, stack, j, h, stop=None):
 
       return jax.lax.cond(i > j, back, lambda ct: ct, ct), None
 
-    ct, _ = jax.lax.scan(body, ct, (inputs, jnp.arange(n)), reverse=True)
+    if keep:
+      ct, _ = jax.lax.scan(kept, ct, (saved, jnp.arange(lo, n)), reverse=True)
+    ct, _ = jax.lax.scan(recomputed, ct, (inputs, jnp.arange(lo)), reverse=True)
     return ct, None, None  # stack and j: constants of the step, no cotangent
 
   run.defvjp(fwd, bwd)
@@ -351,8 +388,8 @@ class LayerCost(NamedTuple):
 
   Attributes:
     num_layers: layers in the stack.
-    layer_residual_bytes: the activations one layer keeps for its backward (its
-      matmul outputs at this batch shape, estimated from the traced layer).
+    layer_residual_bytes: what one kept layer holds for its backward at this batch
+      shape: its input and matmul outputs (from the traced layer; no weights).
     layer_param_bytes: one layer's parameters.
     stack_bytes: all layers' parameters.
   """
@@ -372,7 +409,8 @@ class ResidualPolicy(Protocol):
   above the active one save only their input and are recomputed in the backward (one
   extra forward each). Which ``k`` layers are kept does not change the count
   recomputed, ``max(0, n-1-j-k)`` for active layer ``j``; the top ones are a static
-  window, so keeping them costs no copy of any weights.
+  window. A kept layer holds ``layer_residual_bytes``, never a copy of its weights
+  (its backward reads them from the stack).
   """
 
   def __call__(self, cost: LayerCost) -> int:
@@ -391,10 +429,9 @@ class keep_layers(NamedTuple):  # noqa: N801 -- used like a function
 class residual_budget(NamedTuple):  # noqa: N801 -- used like a function
   """Keep as many layers' activations as fit in a byte budget.
 
-  A kept layer costs its activations and its weight slice
-  (``layer_residual_bytes + layer_param_bytes`` of :class:`LayerCost`; on the
-  135M-parameter Llama at batch 4 x 128 that predicts the 26 MB each kept layer
-  added to the compiled program: 11.8 + 14.2 MB).
+  A kept layer costs its activations (``layer_residual_bytes`` of
+  :class:`LayerCost`: on the 135M-parameter Llama at batch 4 x 128 the estimate is
+  13.0 MB; each kept layer added 11.8 MB to the compiled program).
 
   Attributes:
     max_bytes: the budget in bytes; or None for ``fraction`` of the stacked
@@ -408,8 +445,7 @@ class residual_budget(NamedTuple):  # noqa: N801 -- used like a function
   def __call__(self, cost: LayerCost) -> int:
     budget = (self.max_bytes if self.max_bytes is not None
               else self.fraction * cost.stack_bytes)
-    # A kept layer holds its activations and, until its backward, its weight slice.
-    return int(budget // max(cost.layer_residual_bytes + cost.layer_param_bytes, 1))
+    return int(budget // max(cost.layer_residual_bytes, 1))
 
 
 def _check_policy(residuals) -> ResidualPolicy:
@@ -433,29 +469,25 @@ def _tree_bytes(tree) -> int:
 def _layer_cost(layer, stack, h) -> LayerCost:
   """The :class:`LayerCost` of ``layer`` on ``h`` (traced abstractly, no compute)."""
   n = jax.tree.leaves(stack)[0].shape[0]
-  w = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), stack)
+  stack = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), stack)
   x = jax.ShapeDtypeStruct(h.shape, h.dtype)
-
-  def residuals(w, x):
-    f = jax.checkpoint(lambda x: layer(w, x), policy=jax.checkpoint_policies.dots_saveable)
-    return jax.vjp(f, x)[1]
-
-  saved = jax.eval_shape(residuals, w, x)
-  w_bytes = _tree_bytes(w)
-  # The vjp closes over the layer's weights and input too; what is left is kept.
-  kept = max(_tree_bytes(saved) - w_bytes - _tree_bytes(x), 0)
-  return LayerCost(int(n), int(kept), int(w_bytes), int(w_bytes * n))
+  saved = jax.eval_shape(lambda s, x, i: _saved_layer(layer, s, i, x)[1], stack, x,
+                         jnp.int32(0))
+  stack_bytes = _tree_bytes(stack)
+  return LayerCost(int(n), _tree_bytes(saved), stack_bytes // n, stack_bytes)
 
 
-DEFAULT_RESIDUALS: ResidualPolicy = residual_budget(fraction=0.2)
-"""The residual policy of :class:`BlockTrainStep` unless one is given: keep what
-fits in a fifth of the layers' parameter bytes.
+DEFAULT_RESIDUALS: ResidualPolicy = residual_budget(fraction=0.25)
+"""The residual policy of :class:`BlockTrainStep` unless one is given: keep the
+activations that fit in a quarter of the layers' parameter bytes.
 
 Measured on the 135M-parameter Llama (float32, batch 4 x 128, XLA:CPU compiled
-bytes from ``profiling.program_memory``, 2-core CPU, 2026-11-29): k = 0 compiles to
-836 MB, each kept layer adds 26 MB (k = 4: 940 MB, 8: 1,044 MB, 16: 1,252 MB, 29:
-1,593 MB), AdamW takes 3,143 MB on the list layout (3,589 MB stacked). This default
-keeps k = 3: about 914 MB, 0.29x AdamW.
+bytes from ``profiling.program_memory``, 2-core AMD EPYC, 2026-12-02): k = 0
+compiles to 836 MB and each kept layer adds 11.8 MB (k = 16: 1,025 MB, 29: 1,178
+MB), against AdamW's 3,589 MB. This default keeps k = 8 there (931 MB, 0.26x
+AdamW); a kept layer's backward took 16 ms against 27 ms for a recomputed one. On
+Qwen3-8B at batch 16 x 512 (bfloat16) a layer's activations are 1.17 GB, three times
+its weights, and the same quarter keeps 2 layers.
 """
 
 
@@ -723,8 +755,7 @@ class BlockTrainStep:
         out = lay.layer(w, h)
         # Layers j+1 .. n-k-1 are recomputed in the backward, the top k kept (the
         # number recomputed, max(0, n-1-j-k), is the same whichever k are kept).
-        out = _layers_above(lay.layer, stack, j, out, stop=n - k)
-        out = _kept_layers(lay.layer, stack, j, k, out)
+        out = _layers_above(lay.layer, stack, j, out, keep=k)
         return lay.head_loss(params, out, batch)
 
       scaled = precision_lib.scaled_loss(loss_from_active, prec, self.loss_scale)
