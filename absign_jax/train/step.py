@@ -288,8 +288,14 @@ def _saved_layer(layer, stack, i, h):
   leaves, treedef = jax.tree.flatten(vjp)
   # The stack is the remat's closed-over input, so it appears among the leaves as
   # itself; everything else is this layer's own.
-  position = {id(x): p for p, x in enumerate(jax.tree.leaves(stack))}
+  weights = jax.tree.leaves(stack)
+  position = {id(x): p for p, x in enumerate(weights)}
   where = [position.get(id(x)) for x in leaves]
+  stacked = {(w.shape, w.dtype) for w in weights}
+  if any(p is None and (x.shape, x.dtype) in stacked for x, p in zip(leaves, where)):
+    raise RuntimeError("a kept layer's residuals hold an array shaped like the whole "
+                       "stack (a transformed copy of the weights); keep no layers "
+                       "(BlockTrainStep(..., residuals=0)) for this model.")
 
   def rebuild(saved, stack):
     weights, own = jax.tree.leaves(stack), iter(saved)
@@ -743,8 +749,6 @@ class BlockTrainStep:
     flat, treedef = jax.tree.flatten(params)
     j = find_state(opt_state).active - lo
     stack = subtree(params, lay.stack_path)
-
-    n = jax.tree.leaves(stack)[0].shape[0]
 
     def grad_fn(batch):
       h = lay.embed(params, batch)
