@@ -25,8 +25,10 @@ per step (``getrusage``), the compiled program's size (``memory_analysis()``:
 argument + output + temp - alias bytes), the optimizer state's bytes, on GPU the
 device's peak memory, and the compile time of all its programs. Opt-in studies:
 ``--compile-steps`` (compile time + that many steps of absignsgd vs adamw,
-wall-clock from empty caches) and ``--dispatch-study`` (block dispatch: list layout
-per-block vs ``lax.switch``, stacked layout's dynamic program).
+wall-clock from empty caches), ``--dispatch-study`` (block dispatch: list layout
+per-block vs ``lax.switch``, stacked layout's dynamic program) and
+``--residual-study`` (absignsgd's step and memory for several numbers of layers
+kept above the active one, ``BlockTrainStep(residuals=k)``).
 
 What the figures mean (also written into the Markdown output):
 
@@ -353,8 +355,10 @@ def _mean(xs):
 
 
 def make_runner(method: str, model: Model, batch: dict, layout_model: Model,
-                dispatch: str, donate: bool = True) -> tuple[Any, Any]:
-  """A fresh step, parameters and optimizer state for ``method`` (JAX methods)."""
+                dispatch: str, donate: bool = True,
+                residuals: int | None = None) -> tuple[Any, Any]:
+  """A fresh step, parameters and optimizer state for ``method`` (JAX methods);
+  ``residuals``: the block step's residual policy (None: the library's default)."""
   if method == "forward":
     return ForwardRunner(layout_model.parts.loss_fn, layout_model.params(), batch), None
   tx = make_tx(method)
@@ -366,7 +370,8 @@ def make_runner(method: str, model: Model, batch: dict, layout_model: Model,
   params = m.params()
   if method in BLOCK_METHODS:
     step = absign_jax.BlockTrainStep(m.parts.loss_fn, tx, layered=m.parts.layered,
-                                     dispatch=dispatch, donate=donate)
+                                     dispatch=dispatch, donate=donate,
+                                     residuals=residuals)
   else:
     step = absign_jax.FullTrainStep(m.parts.loss_fn, tx, donate=donate)
   return Runner(step, step.init(params), batch), tx
@@ -810,6 +815,10 @@ def parse_args(argv=None):
   p.add_argument("--dispatch-study", default="none",
                  help="opt-in: layout:dispatch configurations of absignsgd to compare, "
                       f"e.g. {','.join(DISPATCH_CONFIGS)} ('none': skip)")
+  p.add_argument("--residual-study", default="none",
+                 help="opt-in: absignsgd with residuals=k for each k of this comma "
+                      "list (layers kept above the active one; stacked layout), e.g. "
+                      "0,8,16,29 ('none': skip)")
   p.add_argument("--torch-threads", type=int, default=None,
                  help="torch.set_num_threads for the PyTorch rows (default: the core "
                       "count)")
@@ -848,6 +857,10 @@ def parse_args(argv=None):
       p.error(f"--dispatch-study: {config!r} is not layout:dispatch with layout list "
               f"or stacked and dispatch auto, per_block or switch (e.g. "
               f"{','.join(DISPATCH_CONFIGS)})")
+  args.residual_ks = parse_residual_study(p, args.residual_study)
+  if args.residual_ks and args.layout != "stacked":
+    p.error("--residual-study times the stacked program (what residuals= applies "
+            "to): drop --layout list")
   if args.model is not None and not os.path.exists(args.model):
     p.error(f"--model {args.model}: no such file or directory")
   if args.compare_to is not None and not os.path.isfile(args.compare_to):
@@ -858,9 +871,10 @@ def parse_args(argv=None):
   if args.family == "flax-gpt":
     if args.model is not None:
       p.error("--model reads a Llama-family checkpoint: drop it with --family flax-gpt")
-    if args.memory_only or study not in ("", "none") or args.remat or args.loss_chunk:
+    if (args.memory_only or study not in ("", "none") or args.residual_ks
+        or args.remat or args.loss_chunk):
       p.error("--family flax-gpt times the default step only: drop --memory-only, "
-              "--dispatch-study, --remat and --loss-chunk")
+              "--dispatch-study, --residual-study, --remat and --loss-chunk")
     if args.methods is None:  # the default: the default rows this family has
       args.methods = ",".join(m for m in DEFAULT_METHODS if m in FLAX_GPT_METHODS)
     elif args.methods == "all":
@@ -1032,6 +1046,7 @@ def main(argv=None):
 
   compile_summary = summarize_compile_study(compile_study, rows)
   dispatch = dispatch_study(args, n, model_for, batch, layout, rows, log)
+  residual = residual_study(args, n, model_for, batch, layout, rows, log)
 
   result = {
       "preset": name, "family": args.family, "n_layers": n,
@@ -1053,6 +1068,7 @@ def main(argv=None):
       "targets": check_targets(rows) + compare_targets(rows, args.compare_to),
       "compile_study": compile_summary,
       "dispatch_study": dispatch,
+      "residual_study": residual,
       "wall_s": time.perf_counter() - t_start,
   }
   base = os.path.join(args.out, f"step_time_{name}")
@@ -1222,6 +1238,48 @@ def dispatch_study(args, n, model_for, batch, layout, rows, log) -> list[dict] |
   return out
 
 
+def parse_residual_study(p, spec: str) -> list[int]:
+  """The ``k`` values of ``--residual-study`` (an empty list for 'none')."""
+  spec = spec.strip()
+  if spec in ("", "none"):
+    return []
+  try:
+    ks = [int(k) for k in spec.split(",")]
+  except ValueError:
+    ks = [-1]
+  if any(k < 0 for k in ks):
+    p.error(f"--residual-study {spec!r}: give layers to keep as integers >= 0, "
+            f"comma-separated (e.g. 0,8,16,29)")
+  return ks
+
+
+def residual_study(args, n, model_for, batch, layout, rows, log) -> list[dict] | None:
+  """absignsgd's mean step and compiled bytes for each ``--residual-study`` k."""
+  if not args.residual_ks:
+    return None
+  out = []
+  adamw, forward = rows.get("adamw"), rows.get("forward")
+  for k in args.residual_ks:
+    log(f"[residual study: absignsgd, residuals={k}]")
+    m = model_for(layout)
+    runner, _ = make_runner("absignsgd", m, batch, m, args.dispatch, residuals=k)
+    only_blocks = argparse.Namespace(steps=1, block_repeats=args.block_repeats,
+                                     sequence_steps=0)
+    r = measure("absignsgd", runner, n, only_blocks, {}, log)
+    entry = {"residuals": k, "kept": min(k, n - 1), "mean_step_s": r["mean_step_s"],
+             "block_median_s": r["block_median_s"],
+             "memory_bytes": runner_memory(runner, n, r["_warm"]["executables"])["total"]}
+    entry["memory_ratio_vs_adamw"] = (entry["memory_bytes"] / adamw["memory_bytes"]
+                                      if adamw and adamw.get("memory_bytes") else None)
+    entry["step_over_forward"] = (entry["mean_step_s"] / forward["median_step_s"]
+                                  if forward else None)
+    del runner
+    gc.collect()
+    log(f"  mean step {entry['mean_step_s']:.4f} s, {fmt_mb(entry['memory_bytes'])} MiB")
+    out.append(entry)
+  return out
+
+
 def fmt_mb(b):
   return "-" if b is None else f"{b / 2**20:,.1f}"
 
@@ -1321,6 +1379,16 @@ def markdown(r: dict) -> str:
                    f"{e['compile_s']:.2f} | {e['mean_step_s']:.4f} | "
                    f"{_f(e['median_step_s'], '.4f')} | {fmt_mb(e['memory_bytes'])} | "
                    f"{e['compile_plus_100_steps_s']:.1f} |")
+  rs = r.get("residual_study")
+  if rs:
+    lines += ["", "Residual study (absignsgd depth-biased, layers kept above the "
+              "active one):", "",
+              "| residuals (k) | mean step (s) | step / forward | memory (MiB) | "
+              "memory / adamw |", "|---:|---:|---:|---:|---:|"]
+    for e in rs:
+      lines.append(f"| {e['residuals']} | {e['mean_step_s']:.4f} | "
+                   f"{_f(e['step_over_forward'], '.3f')} | {fmt_mb(e['memory_bytes'])} "
+                   f"| {_f(e['memory_ratio_vs_adamw'], '.3f')} |")
   lines += [
       "",
       "Mean step: full backprop and forward, the mean of the timed steps; block "

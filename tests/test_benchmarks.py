@@ -81,6 +81,7 @@ def tiny(tmp_path_factory, cache):
   stdout = _run([*SMALL, "--methods", "all", "--steps", "2", "--sequence-steps", "3",
                  "--compile-steps", "2",
                  "--dispatch-study", "stacked:auto,stacked:switch",
+                 "--residual-study", "0,2",
                  "--compilation-cache", cache, "--out", str(out)])
   result = json.loads((out / "step_time_tiny.json").read_text())
   assert (out / "step_time_tiny.md").read_text().strip() in stdout
@@ -201,6 +202,22 @@ def test_opt_in_studies(tiny):
     assert e["compile_s"] >= 0 and e["mean_step_s"] > 0 and e["memory_bytes"] > 0
 
 
+def test_residual_study(tiny):
+  """Each k is its own step: kept layers cost memory, and the table reports them."""
+  result, stdout = tiny
+  rows = {r["name"]: r for r in result["rows"]}
+  study = {e["residuals"]: e for e in result["residual_study"]}
+  assert set(study) == {0, 2}
+  assert study[2]["memory_bytes"] > study[0]["memory_bytes"]
+  for e in study.values():
+    assert len(e["block_median_s"]) == result["n_layers"] and e["mean_step_s"] > 0
+    assert e["memory_ratio_vs_adamw"] == pytest.approx(
+        e["memory_bytes"] / rows["adamw"]["memory_bytes"])
+    assert e["step_over_forward"] == pytest.approx(
+        e["mean_step_s"] / rows["forward"]["median_step_s"])
+  assert "| residuals (k) | mean step (s)" in stdout
+
+
 def test_memory_only_agrees_with_the_run(tiny, tmp_path, cache):
   """--memory-only compiles the same programs from shapes alone: the same sizes."""
   result, _ = tiny
@@ -266,6 +283,9 @@ def test_default_rows_are_the_targets_and_badam(capsys):
     (["--family", "flax-gpt", "--methods", "adamw,lora"], "no rows ['lora']"),
     (["--family", "flax-gpt", "--memory-only"], "drop --memory-only"),
     (["--compare-to", "no_such.json"], "no such file"),
+    (["--residual-study", "0,x"], "integers >= 0"),
+    (["--residual-study", "4", "--layout", "list"], "drop --layout list"),
+    (["--family", "flax-gpt", "--residual-study", "4"], "--residual-study"),
 ])
 def test_bad_family_options_are_refused(args, why, capsys):
   module = step_time_module()
