@@ -1254,29 +1254,49 @@ def parse_residual_study(p, spec: str) -> list[int]:
 
 
 def residual_study(args, n, model_for, batch, layout, rows, log) -> list[dict] | None:
-  """absignsgd's mean step and compiled bytes for each ``--residual-study`` k."""
+  """absignsgd's mean step and compiled bytes for each ``--residual-study`` k.
+
+  Every k's step and the forward are timed interleaved, block by block (each block
+  ``--block-repeats`` times per k), so that all see the same machine load: on a
+  shared VM, timings taken one configuration after the other drifted by up to 50%
+  over a few minutes. ``step_over_forward`` divides by the forward timed alongside.
+  """
   if not args.residual_ks:
     return None
-  out = []
-  adamw, forward = rows.get("adamw"), rows.get("forward")
+  m = model_for(layout)
+  forward, _ = make_runner("forward", m, batch, m, args.dispatch)
+  forward()
+  runners, memory = {}, {}
   for k in args.residual_ks:
-    log(f"[residual study: absignsgd, residuals={k}]")
-    m = model_for(layout)
-    runner, _ = make_runner("absignsgd", m, batch, m, args.dispatch, residuals=k)
-    only_blocks = argparse.Namespace(steps=1, block_repeats=args.block_repeats,
-                                     sequence_steps=0)
-    r = measure("absignsgd", runner, n, only_blocks, {}, log)
-    entry = {"residuals": k, "kept": min(k, n - 1), "mean_step_s": r["mean_step_s"],
-             "block_median_s": r["block_median_s"],
-             "memory_bytes": runner_memory(runner, n, r["_warm"]["executables"])["total"]}
-    entry["memory_ratio_vs_adamw"] = (entry["memory_bytes"] / adamw["memory_bytes"]
-                                      if adamw and adamw.get("memory_bytes") else None)
-    entry["step_over_forward"] = (entry["mean_step_s"] / forward["median_step_s"]
-                                  if forward else None)
-    del runner
-    gc.collect()
-    log(f"  mean step {entry['mean_step_s']:.4f} s, {fmt_mb(entry['memory_bytes'])} MiB")
-    out.append(entry)
+    log(f"[residual study: absignsgd, residuals={k}: compiling]")
+    runners[k], _ = make_runner("absignsgd", m, batch, m, args.dispatch, residuals=k)
+    memory[k] = runner_memory(runners[k], n)["total"]
+    runners[k](block=0)
+  log(f"[residual study: timing k = {args.residual_ks} and the forward, interleaved]")
+  times = {k: [[] for _ in range(n)] for k in runners}
+  forward_times = []
+  for _ in range(args.block_repeats):
+    for b in range(n):
+      forward_times.append(forward()[0])
+      for k, runner in runners.items():
+        times[k][b].append(runner(block=b)[0])
+  f = visit_frequencies("absignsgd", n)
+  forward_s = _median(forward_times)
+  adamw = rows.get("adamw")
+  out = []
+  for k in args.residual_ks:
+    medians = [_median(t) for t in times[k]]
+    mean = float(np.sum(f * np.asarray(medians)))
+    out.append({
+        "residuals": k, "mean_step_s": mean, "block_median_s": medians,
+        "forward_median_s": forward_s, "step_over_forward": mean / forward_s,
+        "memory_bytes": memory[k],
+        "memory_ratio_vs_adamw": (memory[k] / adamw["memory_bytes"]
+                                  if adamw and adamw.get("memory_bytes") else None)})
+    log(f"  residuals={k}: mean step {mean:.4f} s ({mean / forward_s:.3f}x the "
+        f"forward), {fmt_mb(memory[k])} MiB")
+  del runners, forward
+  gc.collect()
   return out
 
 
@@ -1382,7 +1402,8 @@ def markdown(r: dict) -> str:
   rs = r.get("residual_study")
   if rs:
     lines += ["", "Residual study (absignsgd depth-biased, layers kept above the "
-              "active one):", "",
+              f"active one; timed interleaved with a forward of median "
+              f"{rs[0]['forward_median_s']:.4f} s):", "",
               "| residuals (k) | mean step (s) | step / forward | memory (MiB) | "
               "memory / adamw |", "|---:|---:|---:|---:|---:|"]
     for e in rs:
