@@ -287,15 +287,12 @@ def _saved_layer(layer, stack, i, h):
   out, vjp = jax.vjp(f, h)
   leaves, treedef = jax.tree.flatten(vjp)
   # The stack is the remat's closed-over input, so it appears among the leaves as
-  # itself; everything else is this layer's own.
+  # itself; everything else is this layer's own. (Were the weights ever kept in
+  # another form, they would count among the layer's own arrays: in
+  # LayerCost.layer_residual_bytes too, so a budget would keep fewer layers.)
   weights = jax.tree.leaves(stack)
   position = {id(x): p for p, x in enumerate(weights)}
   where = [position.get(id(x)) for x in leaves]
-  stacked = {(w.shape, w.dtype) for w in weights}
-  if any(p is None and (x.shape, x.dtype) in stacked for x, p in zip(leaves, where)):
-    raise RuntimeError("a kept layer's residuals hold an array shaped like the whole "
-                       "stack (a transformed copy of the weights); keep no layers "
-                       "(BlockTrainStep(..., residuals=0)) for this model.")
 
   def rebuild(saved, stack):
     weights, own = jax.tree.leaves(stack), iter(saved)
