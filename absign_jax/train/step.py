@@ -358,9 +358,11 @@ def _layers_above(layer, stack, j, h, keep=0):
   def bwd(res, ct):
     inputs, saved, stack, j = res
 
-    def kept(ct, xs):
-      saved_i, i = xs
-      back = lambda ct: built["rebuild"](saved_i, stack)(ct)[0]
+    def kept(ct, i):
+      def back(ct):  # reads layer i's buffers only when it runs
+        now = [jax.lax.dynamic_index_in_dim(b, i - lo, 0, False) for b in saved]
+        return built["rebuild"](now, stack)(ct)[0]
+
       return jax.lax.cond(i > j, back, lambda ct: ct, ct), None
 
     def recomputed(ct, xs):
@@ -373,7 +375,7 @@ def _layers_above(layer, stack, j, h, keep=0):
       return jax.lax.cond(i > j, back, lambda ct: ct, ct), None
 
     if keep:
-      ct, _ = jax.lax.scan(kept, ct, (saved, jnp.arange(lo, n)), reverse=True)
+      ct, _ = jax.lax.scan(kept, ct, jnp.arange(lo, n), reverse=True)
     ct, _ = jax.lax.scan(recomputed, ct, (inputs, jnp.arange(lo)), reverse=True)
     return ct, None, None  # stack and j: constants of the step, no cotangent
 
