@@ -1270,8 +1270,8 @@ def residual_study(args, n, model_for, batch, layout, rows, log) -> list[dict] |
   for k in args.residual_ks:
     log(f"[residual study: absignsgd, residuals={k}: compiling]")
     runners[k], _ = make_runner("absignsgd", m, batch, m, args.dispatch, residuals=k)
-    memory[k] = runner_memory(runners[k], n)["total"]
-    runners[k](block=0)
+    warm = warm_up(runners[k], n, {})  # compiles once, runs once
+    memory[k] = runner_memory(runners[k], n, warm["executables"])["total"]
   log(f"[residual study: timing k = {args.residual_ks} and the forward, interleaved]")
   times = {k: [[] for _ in range(n)] for k in runners}
   forward_times = []

@@ -325,10 +325,10 @@ def _layers_above(layer, stack, j, h, keep=0):
   lo = n - keep
   built = {}  # how a kept layer's saved arrays become its vjp (set while tracing)
 
-  def recomputed(h, i):  # saves the layer's input only
-    return jax.lax.cond(i > j, lambda h: layer(_take(stack, i), h), lambda h: h, h), h
-
   def apply(h, stack, j, save):
+    def recomputed(h, i):  # saves the layer's input only
+      return jax.lax.cond(i > j, lambda h: layer(_take(stack, i), h), lambda h: h, h), h
+
     h, inputs = jax.lax.scan(recomputed, h, jnp.arange(lo))
     if not save or not keep:
       h, _ = jax.lax.scan(recomputed, h, jnp.arange(lo, n))
