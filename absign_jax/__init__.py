@@ -13,10 +13,16 @@ The folders follow the flow of one training step:
 * :mod:`absign_jax.train` -- the training steps, the model protocol, precision, data
   parallelism and checkpoints;
 * :mod:`absign_jax.profiling` -- bytes of trees and compiled programs, collective bytes;
+* :mod:`absign_jax.allocator` -- glibc malloc settings that keep XLA:CPU's freed
+  temporaries mapped (applied on import);
 * :mod:`absign_jax.llm` -- the fine-tuning program (a Llama-family model, GGUF, data).
 """
 
-from absign_jax import blocks, optim, profiling, related, train
+# First, before JAX starts threads: keep XLA:CPU's freed temporaries mapped.
+from absign_jax import allocator
+allocator.keep_freed_memory()
+
+from absign_jax import blocks, optim, profiling, related, train  # noqa: E402
 from absign_jax.blocks.partition import BlockSpec, LeafBlock, block_spec
 from absign_jax.blocks.selection import (
     BlockSelection,
@@ -60,6 +66,7 @@ from absign_jax.train.model import (
     cut_nnx,
     split_nnx,
 )
+from absign_jax.train.plan import TrainingPlan, training_plan
 from absign_jax.train.precision import (
     DynamicLossScale,
     LossScaleState,
@@ -94,8 +101,9 @@ __all__ = [
     "BlockTrainStep", "Checkpointer", "DataParallelBlockStep", "DataParallelFullStep",
     "Cut", "DynamicLossScale", "FullTrainStep", "LayerCost", "LayerCut", "LayeredLoss",
     "LossScaleState", "NnxParts", "Policy", "PrecisionState", "Restored",
-    "StackedLayers", "TrainState", "cut", "cut_linen", "cut_nnx", "keep_layers",
-    "policy", "residual_budget", "split_nnx", "stochastic_round",
+    "StackedLayers", "TrainState", "TrainingPlan", "cut", "cut_linen", "cut_nnx",
+    "keep_layers", "policy", "residual_budget", "split_nnx", "stochastic_round",
+    "training_plan",
     # subpackages
-    "blocks", "optim", "profiling", "related", "train",
+    "allocator", "blocks", "optim", "profiling", "related", "train",
 ]

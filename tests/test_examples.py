@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -32,7 +33,7 @@ def loss_fell(out: str) -> tuple[float, float]:
 
 def test_every_example_is_tested():
   tested = {"quickstart_optax.py", "nnx_training_loop.py", "inspect_schedule.py",
-            "any_flax_model.py", "multiprocess_launch.py"}  # the last one runs in tests/train/test_data_parallel.py
+            "any_flax_model.py", "tunix_drop_in.py", "multiprocess_launch.py"}  # the last one runs in tests/train/test_data_parallel.py
   assert {p.name for p in EXAMPLES.glob("*.py")} <= tested
 
 
@@ -76,3 +77,13 @@ def test_inspect_schedule():
   assert measured == pytest.approx(predicted, rel=0.02)
   err = re.search(r"max relative error of the frequencies: ([\d.]+)%", out)
   assert float(err.group(1)) < 3.0
+
+
+def test_tunix_drop_in():
+  if importlib.util.find_spec("tunix") is None:
+    pytest.skip("needs google-tunix (the install is in examples/tunix_drop_in.py)")
+  out = run_example("tunix_drop_in.py", "--steps", "6", "--layers", "3")
+  trainer, fast = re.findall(r"loss fell from ([\d.]+) to ([\d.]+)", out)
+  assert float(trainer[1]) < float(trainer[0]) and float(fast[1]) < float(fast[0])
+  assert "compiled step programs: 1;" in out  # every layer, one program
+  assert "merged back: Llama3 with 3 layers" in out

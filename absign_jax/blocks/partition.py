@@ -128,13 +128,19 @@ def _key_str(entry: Any) -> str:
   return str(entry)
 
 
-def leaf_paths(tree: PyTree) -> tuple[tuple[tuple[str, ...], ...], list[Any]]:
+def leaf_paths(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None
+               ) -> tuple[tuple[tuple[str, ...], ...], list[Any]]:
   """Flattens ``tree`` into (key tuples, leaves).
 
   A trailing ``value`` attribute (an ``nnx.Variable`` flattened as a pytree) is
   dropped, so a state of Variables and its pure-array twin have the same paths.
+
+  Args:
+    tree: any pytree.
+    is_leaf: passed to ``jax.tree_util.tree_flatten_with_path`` (e.g. to keep the
+      None entries of a sparse gradient tree as leaves).
   """
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
   paths = []
   for path, _ in flat:
     keys = tuple(_key_str(k) for k in path)

@@ -21,11 +21,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from fractions import Fraction
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from absign_jax._checks import check_bool, check_int, check_real
 
 _INT32_MAX = 2**31 - 1
 
@@ -51,15 +53,37 @@ class SelectionState(NamedTuple):
 
 
 class BlockSelection(NamedTuple):
-  """A block-selection scheme: ``init(num_blocks)`` and ``select(state)``."""
+  """A block-selection scheme: ``init(num_blocks)`` and ``select(state)``.
+
+  Attributes:
+    init: ``init(num_blocks) -> SelectionState``.
+    select: ``select(state) -> (block, state)``.
+    name: the scheme's name.
+    config: ``(option, value)`` pairs that, with the name and the block count, fix
+      the sequence of selected blocks (e.g. ``(("seed", 0),)``): Python ints,
+      floats, strings or tuples of them (hashable and JSON-serialisable), None
+      where a value is traced. A checkpoint records them, and restoring checks them
+      against the scheme restoring it.
+  """
 
   init: Callable[[int], SelectionState]
   select: Callable[[SelectionState], tuple[jax.Array, SelectionState]]
   name: str
+  config: tuple[tuple[str, Any], ...] = ()
+
+
+# The largest seed: ``jax.random.key`` truncates larger ones to 32 bits (without x64).
+_SEED_MAX = 2**32 - 1
+
+
+def _concrete(value: Any, convert: Callable[[Any], Any]) -> Any:
+  """``convert(value)``, or None for a value traced by ``optax.inject_hyperparams``."""
+  return None if isinstance(value, jax.core.Tracer) else convert(value)
 
 
 def _base_state(num_blocks: int, *, costs=None, order=None, seed: int = 0):
-  if not isinstance(num_blocks, (int, np.integer)) or num_blocks < 1:
+  if (not isinstance(num_blocks, (int, np.integer)) or isinstance(num_blocks, bool)
+      or num_blocks < 1):
     raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}.")
   costs = np.zeros(num_blocks, np.int32) if costs is None else costs
   order = np.arange(num_blocks, dtype=np.int32) if order is None else order
@@ -104,7 +128,8 @@ def depth_biased_costs(num_blocks: int, depth_bias: float) -> list[float]:
   return [num_blocks + depth_bias * (num_blocks - i) for i in range(num_blocks)]
 
 
-def _cost_scheme(costs_fn: Callable[[int], Sequence[float]], name: str) -> BlockSelection:
+def _cost_scheme(costs_fn: Callable[[int], Sequence[float]], name: str,
+                 config: tuple = ()) -> BlockSelection:
   def init(num_blocks: int) -> SelectionState:
     tau = list(costs_fn(num_blocks))
     if len(tau) != num_blocks:
@@ -116,7 +141,7 @@ def _cost_scheme(costs_fn: Callable[[int], Sequence[float]], name: str) -> Block
     clock = state.clock.at[block].add(state.costs[block])
     return _advance(state, block, clock=clock - jnp.min(clock))
 
-  return BlockSelection(init, select, name)
+  return BlockSelection(init, select, name, config)
 
 
 def _check_depth_bias(depth_bias) -> None:
@@ -125,6 +150,7 @@ def _check_depth_bias(depth_bias) -> None:
                     "is initialised (it fixes the integer cost table); with "
                     "optax.inject_hyperparams, call init outside jit or pass "
                     "static_args=('depth_bias',).")
+  check_real("depth_biased", "depth_bias", depth_bias, "a finite number >= 0")
   if not (np.isfinite(depth_bias) and depth_bias >= 0):
     raise ValueError(f"depth_bias must be finite and >= 0, got {depth_bias}. Use 0 for "
                      "cost-balanced round-robin, 10 (default) to favour deep layers.")
@@ -138,6 +164,10 @@ def depth_biased(depth_bias: float = 10.0) -> BlockSelection:
 
   Args:
     depth_bias: ``c >= 0``; 0 visits all blocks equally often (in round-robin order).
+
+  Raises:
+    TypeError: ``depth_bias`` is not a number.
+    ValueError: ``depth_bias`` is negative or not finite.
   """
   if isinstance(depth_bias, jax.core.Tracer):
     # optax.inject_hyperparams rebuilds the optimizer inside jit with every numeric
@@ -145,21 +175,42 @@ def depth_biased(depth_bias: float = 10.0) -> BlockSelection:
     # in the state), so only init() needs a concrete value.
     def traced_costs(num_blocks):
       _check_depth_bias(depth_bias)  # raises the TypeError that explains the fix
-    return _cost_scheme(traced_costs, "depth_biased")
+    return _cost_scheme(traced_costs, "depth_biased", (("depth_bias", None),))
   _check_depth_bias(depth_bias)
   depth_bias = float(depth_bias)
-  return _cost_scheme(lambda n: depth_biased_costs(n, depth_bias), "depth_biased")
+  return _cost_scheme(lambda n: depth_biased_costs(n, depth_bias), "depth_biased",
+                      (("depth_bias", depth_bias),))
 
 
 def costs(tau: Sequence[float]) -> BlockSelection:
-  """Cost-based selection with user costs ``tau`` (one per block, > 0)."""
+  """Cost-based selection with user costs ``tau`` (one per block, > 0).
+
+  Raises:
+    TypeError: ``tau`` is not a sequence of numbers.
+    ValueError: a cost is not finite and > 0.
+  """
+  if isinstance(tau, (str, bytes)) or not isinstance(tau, (Sequence, np.ndarray)):
+    raise TypeError(f"costs: tau must be a sequence of numbers > 0 (one per block), "
+                    f"got {tau!r} ({type(tau).__name__}).")
   tau = list(tau)
+  for i, t in enumerate(tau):
+    check_real("costs", f"tau[{i}]", t, "a finite number > 0")
   integer_costs(tau)  # validate early
-  return _cost_scheme(lambda n: tau, "costs")
+  tau = [float(t) for t in tau]
+  return _cost_scheme(lambda n: tau, "costs", (("costs", tuple(tau)),))
+
+
+def _check_seed(owner: str, seed: Any) -> None:
+  check_int(owner, "seed", seed, lo=0, hi=_SEED_MAX)
 
 
 def uniform(seed: int = 0) -> BlockSelection:
-  """I.i.d. uniform selection from a PRNG key held in the state (reproducible)."""
+  """I.i.d. uniform selection from a PRNG key held in the state (reproducible).
+
+  Args:
+    seed: an int in ``[0, 2**32 - 1]``.
+  """
+  _check_seed("uniform", seed)
 
   def init(num_blocks):
     return _base_state(num_blocks, seed=seed)
@@ -169,11 +220,12 @@ def uniform(seed: int = 0) -> BlockSelection:
     block = jax.random.randint(sub, (), 0, state.visits.shape[0])
     return _advance(state, block, key=jax.random.key_data(key))
 
-  return BlockSelection(init, select, "uniform")
+  return BlockSelection(init, select, "uniform", (("seed", _concrete(seed, int)),))
 
 
 def cyclic(descending: bool = False) -> BlockSelection:
   """Round-robin: 0, 1, ..., N-1 (or N-1, ..., 0 with ``descending=True``)."""
+  check_bool("cyclic", "descending", descending)
 
   def init(num_blocks):
     return _base_state(num_blocks)
@@ -187,7 +239,12 @@ def cyclic(descending: bool = False) -> BlockSelection:
 
 
 def random_reshuffle(seed: int = 0) -> BlockSelection:
-  """A fresh random permutation of the blocks per pass (BAdam's "random" order)."""
+  """A fresh random permutation of the blocks per pass (BAdam's "random" order).
+
+  Args:
+    seed: an int in ``[0, 2**32 - 1]``.
+  """
+  _check_seed("random_reshuffle", seed)
 
   def init(num_blocks):
     state = _base_state(num_blocks, seed=seed)
@@ -205,11 +262,22 @@ def random_reshuffle(seed: int = 0) -> BlockSelection:
     key = jnp.where(new_pass, jax.random.key_data(key), state.key)
     return _advance(state, order[pos], order=order, key=key)
 
-  return BlockSelection(init, select, "random_reshuffle")
+  return BlockSelection(init, select, "random_reshuffle",
+                        (("seed", _concrete(seed, int)),))
 
 
 def fixed_order(order: Sequence[int]) -> BlockSelection:
-  """Repeats a user-given sequence of block ids."""
+  """Repeats a user-given sequence of block ids.
+
+  Raises:
+    TypeError: ``order`` is not a sequence of ints.
+    ValueError: ``order`` is empty (ids outside the block range: at ``init``).
+  """
+  if isinstance(order, (str, bytes)) or not isinstance(order, (Sequence, np.ndarray)):
+    raise TypeError(f"fixed_order: order must be a sequence of block ids (ints), got "
+                    f"{order!r} ({type(order).__name__}).")
+  for i, o in enumerate(order):
+    check_int("fixed_order", f"order[{i}]", o)
   order = [int(o) for o in order]
   if not order:
     raise ValueError("fixed_order: the order is empty; give at least one block id.")
@@ -223,7 +291,7 @@ def fixed_order(order: Sequence[int]) -> BlockSelection:
   def select(state):
     return _advance(state, state.order[state.count % state.order.shape[0]])
 
-  return BlockSelection(init, select, "fixed_order")
+  return BlockSelection(init, select, "fixed_order", (("order", tuple(order)),))
 
 
 SCHEMES = ("depth_biased", "uniform", "cyclic", "cyclic_descending", "random_reshuffle")
@@ -231,9 +299,17 @@ SCHEMES = ("depth_biased", "uniform", "cyclic", "cyclic_descending", "random_res
 
 def resolve(selection: str | BlockSelection, *, depth_bias: float = 10.0,
             seed: int = 0) -> BlockSelection:
-  """Turns a scheme name (or a :class:`BlockSelection`) into a :class:`BlockSelection`."""
+  """Turns a scheme name (or a :class:`BlockSelection`) into a :class:`BlockSelection`.
+
+  Raises:
+    TypeError: ``selection`` is neither a name nor a :class:`BlockSelection`.
+    ValueError: an unknown scheme name.
+  """
   if isinstance(selection, BlockSelection):
     return selection
+  if not isinstance(selection, str):
+    raise TypeError(f"selection must be a scheme name (one of {SCHEMES}) or a "
+                    f"BlockSelection, got {selection!r} ({type(selection).__name__}).")
   factories = {
       "depth_biased": lambda: depth_biased(depth_bias),
       "uniform": lambda: uniform(seed),

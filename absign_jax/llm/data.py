@@ -84,10 +84,15 @@ class SequenceSet:
   Attributes:
     tokens: int32 ``[N, seq_len + 1]`` windows.
     mask: float32 ``[N, seq_len]`` loss weights of ``tokens[:, 1:]``.
+    segment_ids: int32 ``[N, seq_len]``, the example each input token belongs to
+      (1, 2, ... within a window; 0 for padding), for windows that pack whole
+      examples; None for windows cut from one stream. Batches carry them, and the
+      model attends within each example only, at positions counted from its start.
   """
 
   tokens: np.ndarray
   mask: np.ndarray
+  segment_ids: np.ndarray | None = None
 
   @property
   def seq_len(self) -> int:
@@ -101,10 +106,14 @@ class SequenceSet:
     return int(np.count_nonzero(self.mask))
 
   def batch(self, indices: np.ndarray | Sequence[int]) -> dict[str, np.ndarray]:
-    """``{"inputs", "targets", "mask"}`` of the given sequences."""
+    """``{"inputs", "targets", "mask"}`` of the given sequences (and
+    ``"segment_ids"`` when the windows pack examples)."""
     idx = np.asarray(indices, dtype=np.int64)
     w = self.tokens[idx]
-    return {"inputs": w[:, :-1], "targets": w[:, 1:], "mask": self.mask[idx]}
+    out = {"inputs": w[:, :-1], "targets": w[:, 1:], "mask": self.mask[idx]}
+    if self.segment_ids is not None:
+      out["segment_ids"] = self.segment_ids[idx]
+    return out
 
   def eval_batches(
       self, batch_size: int, max_batches: int | None = None

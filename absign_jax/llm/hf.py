@@ -16,6 +16,13 @@ Gemma3ForConditionalGeneration      bases, q/k-norm, sandwich norms, GeGLU,
 (its text part)                     ``sqrt(d)``-scaled embeddings, (1 + w) norms
 ==================================  ===========================================
 
+RoPE is read from either form transformers writes: 4.x's ``rope_theta`` and
+``rope_scaling`` (Gemma 3: plus ``rope_local_base_freq`` for the sliding
+layers) or 5.x's ``rope_parameters`` (Gemma 3: one dict per layer type); where
+a config has both, they must agree. Types ``default``, ``linear``, ``llama3``
+and ``yarn`` are supported (sliding layers: ``default`` only); the export
+writes both forms, so transformers 4.x and 5.x read it alike.
+
 Weights are read tensor by tensor from memory-mapped safetensors files
 (one ``model.safetensors`` or shards listed in ``model.safetensors.index.json``)
 and converted straight to the target dtype; the reader is a few lines over
@@ -25,9 +32,13 @@ Linear weights are stored ``[out, in]`` there and ``[in, out]`` in the model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any, Iterable, Mapping
+import re
+import secrets
+import shutil
+from typing import Any, Iterable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -45,6 +56,8 @@ __all__ = [
     "is_hf_dir",
     "load_hf",
     "save_hf",
+    "check_replaceable",
+    "atomic_output",
 ]
 
 # architectures entry -> family (LlamaConfig.arch)
@@ -76,10 +89,14 @@ _GEMMA3_DEFAULTS = dict(
     vocab_size=262208, hidden_size=2304, intermediate_size=9216,
     num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
     head_dim=256, max_position_embeddings=131072, rms_norm_eps=1e-6,
-    rope_theta=1e6, rope_local_base_freq=1e4, query_pre_attn_scalar=256,
+    query_pre_attn_scalar=256,
     sliding_window=4096, sliding_window_pattern=6, tie_word_embeddings=True,
     hidden_activation="gelu_pytorch_tanh",
 )
+# Gemma 3's RoPE bases when a config names none: full-attention, sliding layers.
+_GEMMA3_THETAS = {"full_attention": 1e6, "sliding_attention": 1e4}
+_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+_LAYER_TYPES = tuple(_GEMMA3_THETAS)
 
 
 # -- safetensors -------------------------------------------------------------------
@@ -181,6 +198,92 @@ def _read_json(path: str) -> dict[str, Any]:
     return json.load(f)
 
 
+def _rope_entry(params: Any, where: str,
+                source: str) -> tuple[float | None, dict[str, Any] | None]:
+  """``(rope_theta or None, scaling dict or None)`` of one RoPE parameter dict."""
+  p = dict(params or {})
+  kind = p.pop("rope_type", None) or p.pop("type", None) or "default"
+  p.pop("type", None)
+  theta = p.pop("rope_theta", None)
+  partial = p.pop("partial_rotary_factor", None)
+  if partial is not None and float(partial) != 1.0:
+    raise ValueError(f"{source}: {where} partial_rotary_factor {partial} is not"
+                     " supported; only full rotary embeddings (1.0) are")
+  if kind not in _ROPE_TYPES:
+    raise ValueError(f"{source}: {where} rope_type {kind!r} is not supported;"
+                     f" supported: {', '.join(_ROPE_TYPES)}")
+  return (None if theta is None else float(theta),
+          None if kind == "default" else {"rope_type": kind, **p})
+
+
+def _agreed(values: list[tuple[str, Any]], default: Any, source: str) -> Any:
+  """The one value the named sources give (``default`` if none); raises on a conflict."""
+  for name, value in values[1:]:
+    if value != values[0][1]:
+      raise ValueError(f"{source}: {values[0][0]} ({values[0][1]}) and {name} ({value})"
+                       " disagree; remove one of them or make them equal")
+  return values[0][1] if values else default
+
+
+def _rope_from_hf(c: Mapping[str, Any], arch: str, max_pos: int,
+                  source: str) -> dict[str, Any]:
+  """RoPE fields of :class:`LlamaConfig` from a (text) ``config.json`` dict.
+
+  Reads both the transformers 4.x keys (``rope_theta``, ``rope_scaling``,
+  Gemma 3's ``rope_local_base_freq``) and 5.x's ``rope_parameters`` (keyed by
+  layer type for Gemma 3); where both are present they must agree.
+  """
+  params = c.get("rope_parameters") or {}
+  nested = any(k in _LAYER_TYPES for k in params)
+  if arch == "gemma3":
+    if params and not (nested and set(params) <= set(_LAYER_TYPES)):
+      raise ValueError(
+          f"{source}: gemma3 rope_parameters must be keyed by layer type"
+          f" ({', '.join(_LAYER_TYPES)}), got keys {sorted(params)}")
+    kinds = _LAYER_TYPES
+  elif nested:
+    raise ValueError(f"{source}: rope_parameters keyed by layer type is not supported"
+                     f" for {arch}; give one rope_parameters dict for every layer")
+  else:
+    params, kinds = {"full_attention": params}, ("full_attention",)
+  legacy = {"full_attention": ("rope_theta", c.get("rope_theta")),
+            "sliding_attention": ("rope_local_base_freq", c.get("rope_local_base_freq"))}
+  out = {}
+  for kind in kinds:
+    where = f"rope_parameters.{kind}" if arch == "gemma3" else "rope_parameters"
+    thetas, scalings = [], []
+    key, value = legacy[kind]
+    if value is not None:
+      thetas.append((key, float(value)))
+    if kind == "full_attention" and c.get("rope_scaling"):
+      theta, scaling = _rope_entry(c["rope_scaling"], "rope_scaling", source)
+      if theta is not None:
+        thetas.append(("rope_scaling.rope_theta", theta))
+      scalings.append(("rope_scaling", scaling))
+    if params.get(kind):
+      theta, scaling = _rope_entry(params[kind], where, source)
+      if theta is not None:
+        thetas.append((f"{where}.rope_theta", theta))
+      scalings.append((where, scaling))
+    theta = _agreed(thetas, _GEMMA3_THETAS[kind] if arch == "gemma3" else 10000.0,
+                    source)
+    scaling = _agreed(scalings, None, source)
+    if scaling and kind == "sliding_attention":
+      raise ValueError(f"{source}: {where} rope_type {scaling['rope_type']!r} is not"
+                       " supported on sliding layers; only default RoPE is")
+    if scaling and scaling["rope_type"] in ("llama3", "yarn"):
+      # transformers' defaults: the pretraining context is the model's, and
+      # YaRN's factor is the context's growth over it.
+      scaling.setdefault("original_max_position_embeddings", max_pos)
+      if scaling["rope_type"] == "yarn" and scaling.get("factor") is None:
+        scaling["factor"] = max_pos / scaling["original_max_position_embeddings"]
+    if kind == "full_attention":
+      out.update(rope_theta=theta, rope_scaling=scaling)
+    else:
+      out["rope_local_theta"] = theta
+  return out
+
+
 def config_from_hf(config: Mapping[str, Any], *, source: str = "config.json",
                    **overrides: Any) -> LlamaConfig:
   """:class:`LlamaConfig` from a Hugging Face ``config.json`` dict."""
@@ -211,7 +314,6 @@ def config_from_hf(config: Mapping[str, Any], *, source: str = "config.json",
       n_layers=int(need("num_hidden_layers")), n_heads=n_heads,
       n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
       hidden_dim=int(need("intermediate_size")),
-      rope_theta=float(c.get("rope_theta", 10000.0)),
       norm_eps=float(c.get("rms_norm_eps", 1e-6)),
       max_seq_len=int(c.get("max_position_embeddings", 2048)),
       tie_embeddings=bool(c.get("tie_word_embeddings", arch == "gemma3")),
@@ -231,16 +333,7 @@ def config_from_hf(config: Mapping[str, Any], *, source: str = "config.json",
       raise unsupported("use_sliding_window")
   if arch == "mistral" and c.get("sliding_window"):
     cfg["sliding_window"] = int(c["sliding_window"])
-  scaling = c.get("rope_scaling")
-  if scaling:
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind not in (None, "default"):
-      if kind not in ("llama3", "linear"):
-        raise ValueError(f"{source}: rope_scaling type {kind!r} is not supported;"
-                         " supported: llama3, linear")
-      cfg["rope_scaling"] = tuple(sorted({**scaling, "rope_type": kind}.items()))
-      cfg["rope_scaling"] = tuple((k, v) for k, v in cfg["rope_scaling"]
-                                  if k != "type")
+  cfg.update(_rope_from_hf(c, arch, cfg["max_seq_len"], source))
   if arch == "gemma3":
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
       raise unsupported(f"hidden_activation {act!r}")
@@ -258,7 +351,6 @@ def config_from_hf(config: Mapping[str, Any], *, source: str = "config.json",
         norm_unit_offset=True, embed_scale=True,
         query_scale=float(c["query_pre_attn_scalar"]) ** -0.5,
         sliding_window=int(c["sliding_window"]), layer_types=tuple(types),
-        rope_local_theta=float(c.get("rope_local_base_freq", 10000.0)),
     )
   elif act != "silu":
     raise unsupported(f"hidden_act {act!r}")
@@ -276,11 +368,15 @@ def hf_config(cfg: LlamaConfig, *, torch_dtype: str = "float32",
       "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
       "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
       "head_dim": cfg.head_size, "rms_norm_eps": cfg.norm_eps,
-      "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len,
+      "max_position_embeddings": cfg.max_seq_len,
       "tie_word_embeddings": cfg.tie_embeddings,
-      "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
       "torch_dtype": torch_dtype, "attention_dropout": 0.0,
   }
+  # RoPE in both forms: transformers 5.x reads rope_parameters, 4.x the legacy
+  # keys (5.x reads those too, and config_from_hf checks that they agree).
+  scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
+  full = {"rope_type": "default", "rope_theta": cfg.rope_theta, **(scaling or {})}
+  c.update(rope_theta=cfg.rope_theta, rope_scaling=scaling, rope_parameters=full)
   if bos_id is not None:
     c["bos_token_id"] = bos_id
   if eos_id is not None:
@@ -288,13 +384,16 @@ def hf_config(cfg: LlamaConfig, *, torch_dtype: str = "float32",
   if cfg.arch == "gemma3":
     # transformers declares query_pre_attn_scalar an int (it is one in every Gemma 3).
     scalar = (cfg.query_scale or cfg.head_size ** -0.5) ** -2
+    local = cfg.rope_local_theta or cfg.rope_theta
     c.update(
         hidden_activation="gelu_pytorch_tanh",
         query_pre_attn_scalar=round(scalar) if abs(scalar - round(scalar)) < 1e-6 * scalar
         else scalar,
         sliding_window=cfg.sliding_window,
         layer_types=list(cfg.layer_types or ["full_attention"] * cfg.n_layers),
-        rope_local_base_freq=cfg.rope_local_theta or cfg.rope_theta,
+        rope_local_base_freq=local,
+        rope_parameters={"full_attention": full, "sliding_attention": {
+            "rope_type": "default", "rope_theta": local}},
         final_logit_softcapping=None, attn_logit_softcapping=None,
         attention_bias=False,
     )
@@ -458,13 +557,113 @@ def load_hf(
   return cfg, model, {"config": config, "path": path}
 
 
+# What a Hugging Face model folder holds (an export of ours, a downloaded model): a
+# folder of only these is replaced whole by save_hf; any other entry stops it.
+_MODEL_FOLDER_FILE = re.compile(
+    r"config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors"
+    r"|model\.safetensors\.index\.json|tokenizer\.json|tokenizer_config\.json"
+    r"|special_tokens_map\.json|added_tokens\.json|chat_template\.jinja"
+    r"|tokenizer\.model|vocab\.json|merges\.txt")
+
+
+def check_replaceable(out_dir: str | os.PathLike) -> None:
+  """Raises ``ValueError`` unless :func:`save_hf` may write ``out_dir``.
+
+  It may when ``out_dir`` is absent, or a folder holding only the files of a
+  Hugging Face model folder (:data:`_MODEL_FOLDER_FILE`), which the export replaces
+  whole; not when it is a file, a link, or a folder with anything else in it.
+  """
+  out_dir = os.fspath(out_dir)
+  if not os.path.lexists(out_dir):
+    return
+  if os.path.islink(out_dir) or not os.path.isdir(out_dir):
+    kind = "a symbolic link" if os.path.islink(out_dir) else "a file"
+    raise ValueError(f"{out_dir} is {kind}, not a model folder; move it away or "
+                     "export elsewhere")
+  other = sorted(e.name + ("/" if e.is_dir() else "") for e in os.scandir(out_dir)
+                 if not (e.is_file(follow_symlinks=False)
+                         and _MODEL_FOLDER_FILE.fullmatch(e.name)))
+  if other:
+    shown = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5
+                                    else "")
+    raise ValueError(f"{out_dir} holds files that are no part of a model folder "
+                     f"({shown}); an export replaces the folder whole, so move them "
+                     "away or export elsewhere")
+
+
+def _process_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:  # another user's process
+    return True
+  return True
+
+
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path, ignore_errors=True)
+  elif os.path.lexists(path):
+    with contextlib.suppress(OSError):
+      os.remove(path)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[str]:
+  """A temporary path next to ``path`` that takes its place when the block ends.
+
+  Write the file or folder at the yielded path (in ``path``'s folder, so on its file
+  system); when the block ends without an exception it is renamed to ``path``,
+  replacing what was there whole. On any exception, Ctrl-C included, it is removed
+  and ``path`` is left as it was (a folder being replaced is moved aside and back,
+  so an interruption at that moment can leave no folder, never a partial one).
+  The next call for ``path`` tidies up after a killed process: it removes its
+  ``.NAME.tmp-PID-*`` and puts a ``.NAME.old-PID-*`` it moved aside back in place.
+  """
+  path = os.path.abspath(os.fspath(path))
+  parent, base = os.path.split(path)
+  os.makedirs(parent, exist_ok=True)
+  stale = re.compile(rf"\.{re.escape(base)}\.(tmp|old)-(\d+)-[0-9a-f]+")
+  for entry in sorted(os.listdir(parent)):
+    m = stale.fullmatch(entry)
+    if m and not _process_alive(int(m.group(2))):
+      if m.group(1) == "old" and not os.path.lexists(path):  # killed mid-swap
+        os.rename(os.path.join(parent, entry), path)
+      else:
+        _remove(os.path.join(parent, entry))
+  tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+  tmp = os.path.join(parent, f".{base}.tmp-{tag}")
+  try:
+    yield tmp
+    if os.path.isdir(tmp) and os.path.isdir(path) and not os.path.islink(path):
+      old = os.path.join(parent, f".{base}.old-{tag}")
+      os.rename(path, old)
+      try:
+        os.rename(tmp, path)
+      except BaseException:
+        if not os.path.lexists(path):
+          os.rename(old, path)
+        raise
+      _remove(old)
+    else:  # (the OS refuses a file over a folder and a folder over a file)
+      os.replace(tmp, path)
+  finally:
+    _remove(tmp)
+
+
 def save_hf(model: Llama, out_dir: str | os.PathLike, *, dtype: Any = None,
             tokenizer: Any = None, max_shard_bytes: int = 4 << 30) -> str:
   """Writes ``model`` (and ``tokenizer``) as a Hugging Face checkpoint directory.
 
+  The folder is written next to ``out_dir`` and then moved into place
+  (:func:`atomic_output`): an earlier model folder at ``out_dir`` is replaced
+  whole (no shard or index of it stays), and an interrupted write leaves the
+  earlier folder, never a partial one.
+
   Args:
     model: The model (either layout).
-    out_dir: Directory to create or fill.
+    out_dir: Directory to create or replace (see :func:`check_replaceable`).
     dtype: Weight dtype (``"float32"``, ``"bfloat16"``, ``"float16"``);
       ``None`` keeps the model's.
     tokenizer: A :class:`absign_jax.llm.tokenizer.Tokenizer`; writes
@@ -473,9 +672,22 @@ def save_hf(model: Llama, out_dir: str | os.PathLike, *, dtype: Any = None,
 
   Returns:
     ``out_dir``.
+
+  Raises:
+    ValueError: ``out_dir`` is a file, a link, or a folder with other files.
   """
   out_dir = os.fspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
+  check_replaceable(out_dir)
+  with atomic_output(out_dir) as tmp:
+    os.mkdir(tmp)
+    _write_hf_dir(model, tmp, dtype=dtype, tokenizer=tokenizer,
+                  max_shard_bytes=max_shard_bytes)
+  return out_dir
+
+
+def _write_hf_dir(model: Llama, out_dir: str, *, dtype: Any, tokenizer: Any,
+                  max_shard_bytes: int) -> None:
+  """The files of :func:`save_hf`, written into the existing folder ``out_dir``."""
   cfg = model.config
   np_dtype = np.dtype(ml_dtypes.bfloat16 if str(dtype or cfg.dtype) == "bfloat16"
                       else (dtype or cfg.dtype))
@@ -519,4 +731,3 @@ def save_hf(model: Llama, out_dir: str | os.PathLike, *, dtype: Any = None,
     json.dump(config, f, indent=2)
   if tokenizer is not None:
     tokenizer.save_hf(out_dir)
-  return out_dir

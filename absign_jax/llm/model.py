@@ -95,7 +95,15 @@ _ACTIVATIONS = {
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
 }
 _LAYER_TYPES = ("sliding_attention", "full_attention")
-_ROPE_SCALINGS = ("llama3", "linear")
+_ROPE_SCALINGS = ("llama3", "linear", "yarn")
+# Keys each scaling needs; YaRN's others (attention_factor, beta_fast, beta_slow,
+# mscale, mscale_all_dim, truncate) are optional, with transformers' defaults.
+_ROPE_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+               "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +155,11 @@ class LlamaConfig:
     rope_scaling: RoPE scaling of the full-attention layers as sorted
       ``(key, value)`` pairs: ``rope_type`` ``"llama3"`` (with ``factor``,
       ``low_freq_factor``, ``high_freq_factor``,
-      ``original_max_position_embeddings``) or ``"linear"`` (``factor``).
+      ``original_max_position_embeddings``), ``"linear"`` (``factor``) or
+      ``"yarn"`` (``factor``, ``original_max_position_embeddings`` and
+      optionally ``attention_factor``, ``beta_fast``, ``beta_slow``,
+      ``mscale``, ``mscale_all_dim``, ``truncate``), as Hugging Face
+      transformers defines them. Sliding layers always use unscaled RoPE.
     arch: The family the weights came from (``"llama"``, ``"mistral"``,
       ``"qwen2"``, ``"qwen3"``, ``"gemma3"``); names the export's architecture.
   """
@@ -226,6 +238,13 @@ class LlamaConfig:
         raise ValueError(
             f"rope_scaling rope_type {kind!r} is not supported; supported:"
             f" {_ROPE_SCALINGS} (or none)"
+        )
+      missing = [k for k in _ROPE_KEYS[kind]
+                 if dict(self.rope_scaling).get(k) is None]
+      if missing:
+        raise ValueError(
+            f"rope_scaling rope_type {kind!r} needs {', '.join(missing)};"
+            " add them to rope_scaling"
         )
 
   @property
@@ -345,9 +364,9 @@ def rope_inv_freq(
   """Float32 RoPE inverse frequencies ``[head_dim // 2]``, scaled as configured.
 
   ``scaling`` is a mapping (or ``(key, value)`` pairs) with ``rope_type``
-  ``"llama3"`` or ``"linear"``, as in a Hugging Face ``config.json``. Computed
-  with NumPy: they depend on the configuration only, so they enter a compiled
-  program as constants.
+  ``"llama3"``, ``"linear"`` or ``"yarn"``, as in a Hugging Face
+  ``config.json``. Computed with NumPy: they depend on the configuration only,
+  so they enter a compiled program as constants.
   """
   inv_freq = (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
   if scaling:
@@ -355,6 +374,24 @@ def rope_inv_freq(
     factor = float(sc["factor"])
     if sc["rope_type"] == "linear":
       inv_freq = inv_freq / factor
+    elif sc["rope_type"] == "yarn":
+      # YaRN: frequencies that turn more than beta_fast times over the original
+      # context are kept, fewer than beta_slow times are divided by `factor`,
+      # with a linear ramp over the dimensions between.
+      old = float(sc["original_max_position_embeddings"])
+      fast, slow = float(sc.get("beta_fast") or 32), float(sc.get("beta_slow") or 1)
+
+      def dim_of(turns):
+        return head_dim * math.log(old / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+      low, high = dim_of(fast), dim_of(slow)
+      if sc.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+      low, high = max(low, 0), min(high, head_dim - 1)
+      if low == high:
+        high += 0.001  # as transformers does, against a zero-width ramp
+      ramp = np.clip((np.arange(head_dim // 2) - low) / (high - low), 0, 1)
+      inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
     else:
       # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, and
       # the band between is interpolated smoothly.
@@ -369,12 +406,31 @@ def rope_inv_freq(
   return inv_freq.astype(np.float32)
 
 
+def _rope_attention_factor(scaling: Any) -> float:
+  """YaRN's scale on ``cos`` and ``sin`` (so on attention logits, squared); else 1."""
+  sc = dict(scaling or ())
+  if sc.get("rope_type") != "yarn":
+    return 1.0
+  if sc.get("attention_factor") is not None:
+    return float(sc["attention_factor"])
+  factor = float(sc["factor"])
+
+  def mscale(m):
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+  m, m_all = sc.get("mscale"), sc.get("mscale_all_dim")
+  if m and m_all:
+    return mscale(float(m)) / mscale(float(m_all))
+  return mscale(1.0)
+
+
 def rope_tables(
     positions: jax.Array | np.ndarray, head_dim: int, theta: float, scaling: Any = None
 ) -> tuple[jax.Array, jax.Array]:
   """Returns float32 ``(cos, sin)`` of shape ``[T, head_dim]`` (halves repeated).
 
-  NumPy ``positions`` (the training forward's ``0 .. T-1``) give NumPy tables:
+  Both carry YaRN's attention factor when ``scaling`` is YaRN. NumPy
+  ``positions`` (the training forward's ``0 .. T-1``) give NumPy tables:
   constants of the compiled program, instead of ``cos``/``sin`` evaluated in every
   layer's forward and again in its backward.
   """
@@ -382,14 +438,20 @@ def rope_tables(
   xp = np if isinstance(positions, np.ndarray) else jnp
   angles = positions.astype(xp.float32)[:, None] * inv_freq[None, :]
   angles = xp.concatenate([angles, angles], axis=-1)
-  return xp.cos(angles), xp.sin(angles)
+  cos, sin = xp.cos(angles), xp.sin(angles)
+  factor = _rope_attention_factor(scaling)
+  if factor != 1.0:
+    cos, sin = cos * np.float32(factor), sin * np.float32(factor)
+  return cos, sin
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   """Rotate-half RoPE on ``x`` of shape ``[B, T, H, head_dim]``."""
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
-  cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+  # Tables of shared positions are [T, head_dim]; per-row ones [B, T, head_dim].
+  cos, sin = (cos[None, :, None, :], sin[None, :, None, :]) if cos.ndim == 2 else (
+      cos[:, :, None, :], sin[:, :, None, :])
   return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
@@ -404,6 +466,44 @@ def _linear(din: int, dout: int, cfg: LlamaConfig, rngs: nnx.Rngs,
       din, dout, use_bias=bias, dtype=cfg.param_dtype,
       param_dtype=cfg.param_dtype, kernel_init=_normal(), rngs=rngs,
   )
+
+
+def _layer_rope(positions, head_dim: int, theta: float, scaling: Any,
+                local_theta: float | None, *, mixed: bool,
+                static_local: bool) -> dict[str, Any]:
+  """The RoPE tables a layer reads: ``cos``/``sin``, plus ``cos_local``/``sin_local``
+  for models that mix sliding and full layers.
+
+  ``positions`` is ``[T]`` (tables ``[T, head_dim]``) or ``[B, T]`` (tables
+  ``[B, T, head_dim]``).
+  """
+  shape = np.shape(positions)
+  flat = positions.reshape(-1)
+
+  def tables(theta, scaling=None):
+    cos, sin = rope_tables(flat, head_dim, theta, scaling)
+    return cos.reshape(*shape, -1), sin.reshape(*shape, -1)
+
+  if mixed:
+    cos, sin = tables(theta, scaling)
+    cos_l, sin_l = tables(local_theta or theta)
+    return {"cos": cos, "sin": sin, "cos_local": cos_l, "sin_local": sin_l}
+  if static_local and local_theta:
+    cos, sin = tables(local_theta)
+  else:
+    cos, sin = tables(theta, scaling)
+  return {"cos": cos, "sin": sin}
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+  """Each token's position within its segment: ``[B, T]`` int32, from 0 at a
+  segment's first token (a run of equal ids; padding is a segment of its own)."""
+  t = segment_ids.shape[-1]
+  idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+  starts = jnp.concatenate(
+      [jnp.ones_like(segment_ids[..., :1], bool),
+       segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+  return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
 
 
 class Attention(nnx.Module):
@@ -451,7 +551,9 @@ class Attention(nnx.Module):
       mask = mask & (in_window | ~self._is_sliding())
     return mask
 
-  def _qkv(self, x: jax.Array, positions: jax.Array):
+  def _qkv(self, x: jax.Array, positions: jax.Array | None = None,
+           tables: dict | None = None):
+    """Projected, rotated q, k and v; RoPE from ``positions`` or ready ``tables``."""
     b, t, d = x.shape
     x = x.reshape(b * t, d)  # 2-D matmuls: see _flat_matmul_note
     q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim)
@@ -459,15 +561,15 @@ class Attention(nnx.Module):
     v = self.v_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    cos, sin = rope_tables(positions, self.head_dim, self.rope_theta,
-                           self.rope_scaling)
-    if self.sliding is not None:
-      local = self.rope_local_theta or self.rope_theta
-      cos_l, sin_l = rope_tables(positions, self.head_dim, local)
+    if tables is None:
+      tables = _layer_rope(positions, self.head_dim, self.rope_theta, self.rope_scaling,
+                           self.rope_local_theta, mixed=self.sliding is not None,
+                           static_local=bool(self.static_window))
+    cos, sin = tables["cos"], tables["sin"]
+    if "cos_local" in tables:
       sliding = self._is_sliding()
-      cos, sin = jnp.where(sliding, cos_l, cos), jnp.where(sliding, sin_l, sin)
-    elif self.static_window and self.rope_local_theta:
-      cos, sin = rope_tables(positions, self.head_dim, self.rope_local_theta)
+      cos = jnp.where(sliding, tables["cos_local"], cos)
+      sin = jnp.where(sliding, tables["sin_local"], sin)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
   def _attend(self, q, k, v, mask):
@@ -483,7 +585,32 @@ class Attention(nnx.Module):
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b * t, self.n_heads * hd)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def _call_in_context(self, x: jax.Array, ctx: Mapping[str, jax.Array]) -> jax.Array:
+    """Attention with per-row positions and mask (see :meth:`Llama.batch_context`)."""
+    b, t, _ = x.shape
+    q, k, v = self._qkv(x, tables=ctx)
+    mask = ctx["mask"]  # [B, T, S]
+    if "mask_window" in ctx:
+      mask = (ctx["mask_window"] if self.sliding is None
+              else jnp.where(self._is_sliding(), ctx["mask_window"], mask))
+    if self.attn_impl == "einsum":
+      out = self._attend(q, k, v, mask[:, None, None])
+    else:
+      out = jax.nn.dot_product_attention(
+          q, k, v, mask=mask[:, None], scale=self.scale, implementation=self.attn_impl,
+      ).reshape(b * t, self.n_heads * self.head_dim)
+    return self.o_proj(out).reshape(b, t, -1)
+
+  def __call__(self, x: jax.Array, ctx: Mapping[str, jax.Array] | None = None
+               ) -> jax.Array:
+    """Causal self-attention over ``x`` ``[B, T, D]``.
+
+    Without ``ctx`` every row holds one sequence at positions ``0 .. T-1``. With
+    ``ctx`` (from :meth:`Llama.batch_context`), each row's positions and attention
+    mask come from its segments: padding and packed examples.
+    """
+    if ctx is not None:
+      return self._call_in_context(x, ctx)
     b, t, _ = x.shape
     pos = np.arange(t)  # static positions: RoPE tables and mask are constants
     q, k, v = self._qkv(x, pos)
@@ -573,18 +700,20 @@ class LlamaBlock(nnx.Module):
       return a
     return self.post_attention_layernorm(a)
 
-  def forward(self, h: jax.Array) -> jax.Array:
-    """The layer without remat."""
-    h = h + self._attn_out(self.self_attn(self.input_layernorm(h)))
+  def forward(self, h: jax.Array, ctx: Mapping[str, jax.Array] | None = None
+              ) -> jax.Array:
+    """The layer without remat (``ctx``: see :meth:`Llama.batch_context`)."""
+    h = h + self._attn_out(self.self_attn(self.input_layernorm(h), ctx))
     return self._mlp_residual(h)
 
-  def __call__(self, h: jax.Array) -> jax.Array:
+  def __call__(self, h: jax.Array, ctx: Mapping[str, jax.Array] | None = None
+               ) -> jax.Array:
     if not self.remat:
-      return self.forward(h)
+      return self.forward(h, ctx)
     graphdef, state = nnx.split(self)
     # Pure function of the block's state, so jax.checkpoint sees plain arrays.
-    run = jax.checkpoint(lambda s, x: nnx.merge(graphdef, s).forward(x))
-    return run(state, h)
+    run = jax.checkpoint(lambda s, x, c: nnx.merge(graphdef, s).forward(x, c))
+    return run(state, h, ctx)
 
   def decode(self, h, start, cache):
     """Incremental forward with a key/value cache (see :meth:`Attention.decode`)."""
@@ -601,13 +730,14 @@ def layer_flags(cfg: LlamaConfig) -> jax.Array:
   )
 
 
-def apply_layer(graphdef: nnx.GraphDef, layer_state: Any, h: jax.Array) -> jax.Array:
+def apply_layer(graphdef: nnx.GraphDef, layer_state: Any, h: jax.Array,
+                ctx: Mapping[str, jax.Array] | None = None) -> jax.Array:
   """Runs one block given its graphdef and (unstacked) state; pure.
 
   For the stacked layout pass ``model.layers_graphdef`` and one slice of
   ``nnx.state(model.layers)`` along the leading axis.
   """
-  return nnx.merge(graphdef, layer_state)(h)
+  return nnx.merge(graphdef, layer_state)(h, ctx)
 
 
 class Llama(nnx.Module):
@@ -688,10 +818,11 @@ class Llama(nnx.Module):
     merge = lambda p: nnx.merge(graphdef, p, rest)
     return LayeredLoss(
         embed=lambda p, batch: merge(p).embed(batch["inputs"]),
-        layer=lambda w, h: nnx.merge(layer_graphdef, w).forward(h),
+        layer=lambda w, h, ctx: nnx.merge(layer_graphdef, w).forward(h, ctx),
         head_loss=lambda p, h, batch: merge(p).head_loss(
             h, batch["targets"], batch.get("mask")),
         stack_path=("layers",),
+        context=lambda p, batch: merge(p).batch_context(batch),
     )
 
   def layer_cut(self) -> Any:
@@ -699,8 +830,10 @@ class Llama(nnx.Module):
 
     Either layout: :func:`absign_jax.split_nnx` stacks list layers for training,
     so both run the one dynamic-index program. Batches are ``{"inputs",
-    "targets", "mask"}``. A layer runs its ``forward`` (no remat): the step keeps
-    or recomputes the layers above the active one itself.
+    "targets", "mask"}``, with ``"segment_ids"`` for padded or packed rows (see
+    :meth:`batch_context`, computed once per step). A layer runs its ``forward``
+    (no remat): the step keeps or recomputes the layers above the active one
+    itself.
     """
     from absign_jax.train.model import LayerCut
 
@@ -709,8 +842,46 @@ class Llama(nnx.Module):
         head_loss=lambda m, h, batch: m.head_loss(
             h, batch["targets"], batch.get("mask")),
         layers="layers",
-        layer=lambda block, h: block.forward(h),
+        layer=lambda block, h, ctx: block.forward(h, ctx),
+        context=lambda m, batch: m.batch_context(batch),
     )
+
+  def batch_context(self, batch: Mapping[str, Any]) -> dict[str, jax.Array] | None:
+    """What every layer reads from ``batch`` besides the hidden state, or None.
+
+    A batch whose rows hold one sequence each at positions ``0 .. T-1`` needs
+    nothing (None: the layers use constant RoPE tables and a causal mask). A batch
+    with ``"segment_ids"`` (int ``[B, T]``: equal ids mark one example, runs of
+    them may follow each other; padding is an id of its own, conventionally 0)
+    gets per-row tables and masks: each token attends causally within its own
+    segment, at its position in that segment, so left padding and packed examples
+    compute what each example alone would.
+
+    Returns:
+      None, or ``{"cos", "sin"[, "cos_local", "sin_local"], "mask"[,
+      "mask_window"]}``: RoPE tables ``[B, T, head_dim]`` and bool attention masks
+      ``[B, T, T]`` (``mask_window`` also limits sliding-window layers).
+    """
+    if "segment_ids" not in batch:
+      return None
+    cfg = self.config
+    seg = jnp.asarray(batch["segment_ids"])
+    if seg.shape != np.shape(batch["inputs"]):
+      raise ValueError(f"segment_ids has shape {seg.shape}, the inputs "
+                       f"{np.shape(batch['inputs'])}: give one segment id per input "
+                       f"token.")
+    t = seg.shape[-1]
+    ctx = _layer_rope(segment_positions(seg), cfg.head_size, cfg.rope_theta,
+                      cfg.rope_scaling, cfg.rope_local_theta,
+                      mixed=cfg.mixed_attention, static_local=bool(cfg.static_window))
+    idx = np.arange(t)
+    causal = idx[None, :] <= idx[:, None]
+    ctx["mask"] = (seg[:, :, None] == seg[:, None, :]) & causal
+    if cfg.static_window or cfg.mixed_attention:
+      # Within one segment, index distance is position distance.
+      ctx["mask_window"] = ctx["mask"] & (idx[:, None] - idx[None, :]
+                                          < cfg.sliding_window)
+    return ctx
 
   def embed(self, inputs: jax.Array) -> jax.Array:
     """Token ids ``[B, T]`` to hidden states ``[B, T, D]`` (param dtype)."""
@@ -720,22 +891,24 @@ class Llama(nnx.Module):
     return h
 
   def run_layers(
-      self, h: jax.Array, start: int = 0, stop: int | None = None
+      self, h: jax.Array, start: int = 0, stop: int | None = None,
+      ctx: Mapping[str, jax.Array] | None = None,
   ) -> jax.Array:
-    """Runs layers ``start .. stop-1`` (static bounds) on ``h``."""
+    """Runs layers ``start .. stop-1`` (static bounds) on ``h`` (``ctx``: see
+    :meth:`batch_context`)."""
     stop = self.n_layers if stop is None else stop
     if start >= stop:
       return h
     if not self.stacked:
       for i in range(start, stop):
-        h = self.layers[i](h)
+        h = self.layers[i](h, ctx)
       return h
     graphdef, state = nnx.split(self.layers)
     if (start, stop) != (0, self.n_layers):
       state = jax.tree.map(lambda x: x[start:stop], state)
 
     def body(carry, layer_state):
-      return apply_layer(graphdef, layer_state, carry), None
+      return apply_layer(graphdef, layer_state, carry, ctx), None
 
     h, _ = jax.lax.scan(body, h, state)
     return h
@@ -826,8 +999,9 @@ class Llama(nnx.Module):
     return self.logits(self.run_layers(self.embed(inputs)))
 
   def loss(self, batch: Mapping[str, jax.Array]) -> jax.Array:
-    """Mean cross-entropy of ``batch = {"inputs", "targets", "mask"}``."""
-    h = self.run_layers(self.embed(batch["inputs"]))
+    """Mean cross-entropy of ``batch = {"inputs", "targets", "mask"}`` (and
+    ``"segment_ids"`` for padded or packed rows, see :meth:`batch_context`)."""
+    h = self.run_layers(self.embed(batch["inputs"]), ctx=self.batch_context(batch))
     return self.head_loss(h, batch["targets"], batch.get("mask"))
 
   def decode(

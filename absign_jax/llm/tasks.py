@@ -66,6 +66,9 @@ MATH_MODULES = ("arithmetic__add_or_sub", "arithmetic__add_sub_multiple",
 MATH_TRAIN_SEED, MATH_HELDOUT_SEED = 1, 2
 MATH_TRAIN_PROBLEMS = 4000
 MATH_HELDOUT_PROBLEMS = 200
+# Each held-out problem is generated (~2 ms) and answered by greedy decoding: more
+# than this is a mistyped count, which would run for hours while memory grows.
+MAX_EVAL_PROBLEMS = 10_000
 CHAT_TRAIN_CONVERSATIONS = 2000
 CHAT_HELDOUT_SEQUENCES = 128
 CHAT_MAX_TOKENS = 1024  # tokens kept per conversation (its beginning)
@@ -209,9 +212,11 @@ def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[float]]], seq
 
   Examples are placed in order, a new window starting when the next one does not
   fit; the rest of a window is ``pad_id`` with weight 0. An example longer than a
-  window is cut to its first ``seq_len + 1`` tokens.
+  window is cut to its first ``seq_len + 1`` tokens. The windows carry segment ids
+  (example ``k`` of a window is ``k``, padding 0), so each example attends to
+  itself only, from position 0, as it would alone.
   """
-  windows, current = [], ([], [])
+  windows, current = [], ([], [], [])
 
   def close():
     if current[0]:
@@ -221,16 +226,23 @@ def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[float]]], seq
     ids, w = list(ids)[:seq_len + 1], list(w)[:seq_len + 1]
     if len(current[0]) + len(ids) > seq_len + 1:
       close()
-      current = ([], [])
+      current = ([], [], [])
+    segment = (current[2][-1] if current[2] else 0) + 1
     current[0].extend(ids)
     current[1].extend(w)
+    current[2].extend([segment] * len(ids))
   close()
   tokens = np.full((len(windows), seq_len + 1), pad_id, np.int32)
   weights = np.zeros((len(windows), seq_len + 1), np.float32)
-  for i, (ids, w) in enumerate(windows):
+  segments = np.zeros((len(windows), seq_len + 1), np.int32)
+  for i, (ids, w, seg) in enumerate(windows):
     tokens[i, :len(ids)] = ids
     weights[i, :len(w)] = w
-  return data_lib.SequenceSet(tokens, weights[:, 1:])
+    segments[i, :len(seg)] = seg
+  # A target is scored only within its own example (not the next example's first
+  # token predicted from the last one).
+  same = segments[:, 1:] == segments[:, :-1]
+  return data_lib.SequenceSet(tokens, weights[:, 1:] * same, segments[:, :-1])
 
 
 # -- math: scoring ---------------------------------------------------------------
@@ -434,8 +446,9 @@ def load_task(name: str, tokenizer, seq_len: int, *, max_seq_len: int | None = N
   if name not in TASKS:
     raise ValueError(f"unknown task {name!r}; choose from {TASKS}")
   data_lib._check_seq_len(seq_len, max_seq_len)  # pylint: disable=protected-access
-  if eval_problems < 1:
-    raise ValueError(f"eval_problems must be >= 1, got {eval_problems}")
+  if not 1 <= eval_problems <= MAX_EVAL_PROBLEMS:
+    raise ValueError(f"eval_problems must be in [1, {MAX_EVAL_PROBLEMS}], got "
+                     f"{eval_problems}")
   if name == "math":
     task = _math_task(tokenizer, seq_len, eval_problems, train_size or MATH_TRAIN_PROBLEMS)
   else:

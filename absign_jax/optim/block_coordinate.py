@@ -25,6 +25,12 @@ Two calling modes:
   stacked leaf) and ``None`` elsewhere; ``params`` is the full tree. The updates come
   back in the same sparse form. ``b`` is a Python int, or a traced index for blocks
   that are slices of stacked leaves.
+
+In both modes ``update`` checks, when it is traced (static paths and shapes, no cost
+in the compiled program), that the gradients and the parameters have the paths and
+shapes of the parameters the state was initialised with; in the sparse form a stacked
+leaf's gradient is the active layer's slice. A mismatch is a ``ValueError`` naming the
+first differing path.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from absign_jax._checks import check_bool, check_int, check_real
 from absign_jax.blocks import partition as partition_lib
 from absign_jax.blocks import selection as selection_lib
 
@@ -96,7 +103,7 @@ class BlockOptions(NamedTuple):
       :class:`~absign_jax.blocks.selection.BlockSelection`.
     depth_bias: ``c`` of the depth-biased scheme, ``tau_i = N + c (N - i)``; 0 gives
       equal visit rates.
-    seed: seed of the random schemes.
+    seed: seed of the random schemes, an int in ``[0, 2**32 - 1]``.
     include_embedding: also train the embedding, as block 0.
     include_head: also train the final norm / LM head, as the last block.
     partition: an explicit partition (see :func:`absign_jax.block_spec`). With
@@ -112,6 +119,37 @@ class BlockOptions(NamedTuple):
 
   def partition_options(self) -> "PartitionOptions":
     return PartitionOptions(self.include_embedding, self.include_head, self.partition)
+
+
+def check_block_options(owner: str, blocks: BlockOptions) -> None:
+  """Type and range checks of the block options, named after ``owner``.
+
+  Values traced by ``optax.inject_hyperparams`` pass (they were checked when the
+  optimizer was built with concrete values).
+
+  Raises:
+    TypeError: an option of the wrong type.
+    ValueError: an option out of range, or an unknown scheme name.
+  """
+  sel = blocks.selection
+  if isinstance(sel, str):
+    if sel not in selection_lib.SCHEMES + ("descending",):
+      raise ValueError(f"{owner}: unknown selection scheme {sel!r}; choose one of "
+                       f"{selection_lib.SCHEMES}, or pass absign_jax.blocks.selection."
+                       "costs(tau) / fixed_order(order).")
+  elif not isinstance(sel, selection_lib.BlockSelection):
+    raise TypeError(f"{owner}: selection must be a scheme name (one of "
+                    f"{selection_lib.SCHEMES}) or a BlockSelection, got {sel!r} "
+                    f"({type(sel).__name__}).")
+  check_real(owner, "depth_bias", blocks.depth_bias, "a finite number >= 0")
+  check_int(owner, "seed", blocks.seed, lo=0, hi=selection_lib._SEED_MAX)  # pylint: disable=protected-access
+  check_bool(owner, "include_embedding", blocks.include_embedding)
+  check_bool(owner, "include_head", blocks.include_head)
+  part = blocks.partition
+  if isinstance(part, (str, bytes, bool, int, float, np.number)):
+    raise TypeError(f"{owner}: partition must be None, a callable (path, leaf) -> block "
+                    f"id, or a labels tree of ints with the parameters' paths, got "
+                    f"{part!r} ({type(part).__name__}).")
 
 
 def _option_docs() -> str:
@@ -155,6 +193,7 @@ def takes_block_options(**defaults: Any) -> Callable[[Callable], Callable]:
     def with_options(*args, **kwargs):
       blocks = base._replace(**{name: kwargs.pop(name) for name in BlockOptions._fields
                                 if name in kwargs})
+      check_block_options(factory.__name__, blocks)
       return factory(*args, blocks=blocks, **kwargs)
 
     with_options.__signature__ = signature.replace(parameters=own + options)
@@ -169,6 +208,80 @@ def takes_block_options(**defaults: Any) -> Callable[[Callable], Callable]:
   return decorate
 
 
+@jax.tree_util.register_static
+class SelectionConfig:
+  """What fixes the sequence of selected blocks besides the block count (static).
+
+  The scheme's name, its options (:attr:`BlockSelection.config`: depth bias, seed,
+  costs or order) and the steps per block, as ``(option, value)`` pairs; None for a
+  value that was traced when the state was initialised. It rides in the state, so a
+  checkpoint can record the configuration that wrote it and a restore can compare.
+  """
+
+  def __init__(self, items: tuple[tuple[str, Any], ...]):
+    self.items = tuple(items)
+    self._hash = hash(self.items)
+
+  def __eq__(self, other):
+    return self is other or (isinstance(other, SelectionConfig) and
+                             self.items == other.items)
+
+  def __hash__(self):
+    return self._hash
+
+  def __repr__(self):
+    return f"SelectionConfig({dict(self.items)})"
+
+  def record(self) -> dict:
+    """The items as a JSON-serialisable dict (sequences as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in self.items}
+
+
+@jax.tree_util.register_static
+class TreeSignature:
+  """Dotted paths and shapes of the parameter leaves a state was initialised for."""
+
+  def __init__(self, paths: tuple[str, ...], shapes: tuple[tuple[int, ...], ...]):
+    self.paths = tuple(paths)
+    self.shapes = tuple(tuple(int(d) for d in s) for s in shapes)
+    self._hash = hash((self.paths, self.shapes))
+
+  def __eq__(self, other):
+    return self is other or (isinstance(other, TreeSignature) and
+                             (self.paths, self.shapes) == (other.paths, other.shapes))
+
+  def __hash__(self):
+    return self._hash
+
+  def __repr__(self):
+    return f"TreeSignature({len(self.paths)} leaves)"
+
+
+class InnerStates(tuple):
+  """The inner states, one per group of equally shaped blocks (a tuple), carrying
+  the :class:`TreeSignature` of the parameters they were initialised for.
+
+  The signature is static (pytree metadata, no arrays) and the children are keyed
+  like a tuple's, so leaf paths in checkpoints are those of a plain tuple.
+  """
+
+  def __new__(cls, states, signature: TreeSignature | None = None):
+    obj = super().__new__(cls, states)
+    obj.signature = signature
+    return obj
+
+  def __getnewargs__(self):
+    return tuple(self), self.signature
+
+
+jax.tree_util.register_pytree_with_keys(
+    InnerStates,
+    lambda s: ([(jax.tree_util.SequenceKey(i), x) for i, x in enumerate(s)],
+               s.signature),
+    lambda signature, children: InnerStates(children, signature),
+    lambda s: (tuple(s), s.signature))
+
+
 class BlockCoordinateState(NamedTuple):
   """State of :func:`block_coordinate`.
 
@@ -176,8 +289,11 @@ class BlockCoordinateState(NamedTuple):
     active: the block the next update applies to (int32 scalar).
     steps_in_block: updates already applied to the active block.
     selection: the selection scheme's state (counters, clock, key).
-    inner: the inner transformation's state, one per group of equally shaped blocks.
+    inner: the inner transformation's state, one per group of equally shaped blocks
+      (an :class:`InnerStates` tuple, which also knows the parameter paths and
+      shapes the state was initialised for).
     partition: the static partition options (no arrays).
+    config: the static :class:`SelectionConfig` (no arrays).
   """
 
   active: jax.Array
@@ -185,6 +301,7 @@ class BlockCoordinateState(NamedTuple):
   selection: selection_lib.SelectionState
   inner: tuple
   partition: PartitionOptions
+  config: SelectionConfig | None = None
 
 
 def _is_none(x):
@@ -196,6 +313,52 @@ class _NoInnerState:
 
   def __repr__(self):
     return "<no inner state: initialised without parameters>"
+
+
+def _path_text(path: str) -> str:
+  return repr(path) if path else "the root (a single array)"
+
+
+def _check_tree(signature: TreeSignature | None, paths: tuple[str, ...],
+                shapes: list[tuple[int, ...] | None], what: str,
+                expected: Callable[[int], tuple[int, ...]] | None = None) -> None:
+  """The paths and shapes of a tree passed to ``update`` must be the parameters'.
+
+  Static shapes only (runs when ``update`` is traced). ``shapes[i]`` is None for a
+  leaf that is absent (a sparse tree's None); ``expected(i)`` is the shape leaf ``i``
+  must have (default: the parameter's).
+  """
+  if signature is None:
+    return
+  fix = ("Pass gradients of these parameters (the same keys and shapes)"
+         if what == "gradient" else
+         "Pass the parameters the state was initialised with, or initialise it with "
+         "tx.init(params) on these")
+  want = signature.paths
+  if paths != want:
+    i = next((i for i, (a, b) in enumerate(zip(paths, want)) if a != b),
+             min(len(paths), len(want)))
+    if i < len(paths) and i < len(want):
+      where = (f"leaf {i} is {_path_text(paths[i])} where the parameters have "
+               f"{_path_text(want[i])}")
+    elif i < len(want):
+      where = f"it lacks {_path_text(want[i])} ({len(paths)} leaves, not {len(want)})"
+    else:
+      where = (f"it has an extra leaf {_path_text(paths[i])} ({len(paths)} leaves, "
+               f"not {len(want)})")
+    raise ValueError(f"block_coordinate: the {what} tree differs from the parameters "
+                     f"the optimizer state was initialised with: {where}. {fix}.")
+  for i, shape in enumerate(shapes):
+    if shape is None:
+      continue
+    need = signature.shapes[i] if expected is None else expected(i)
+    if tuple(shape) != tuple(need):
+      layer = ("" if tuple(need) == signature.shapes[i] else
+               f" (one layer of a stacked {signature.shapes[i]} leaf)")
+      raise ValueError(
+          f"block_coordinate: the {what} at {_path_text(paths[i])} has shape "
+          f"{tuple(shape)}, but the parameters the optimizer state was initialised "
+          f"with have {tuple(need)} there{layer}. {fix}.")
 
 
 def _check_block_count(state: BlockCoordinateState, spec) -> None:
@@ -233,16 +396,21 @@ def block_coordinate(
   """
   # optax.inject_hyperparams hands numeric arguments over as (possibly traced)
   # arrays; the count only enters a comparison, so any integer array works.
-  if not isinstance(steps_per_block, jax.core.Tracer):
-    k = np.asarray(steps_per_block)
-    if k.ndim or not np.issubdtype(k.dtype, np.integer) or int(k) < 1:
-      raise ValueError(f"steps_per_block must be an int >= 1, got {steps_per_block!r}.")
+  check_int("block_coordinate", "steps_per_block", steps_per_block, lo=1)
+  check_bool("block_coordinate", "reset_on_switch", reset_on_switch)
+  if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
+    raise TypeError(f"block_coordinate: inner must be an optax GradientTransformation "
+                    f"(with init and update), got {type(inner).__name__}.")
   scheme = selection_lib.resolve(blocks.selection, depth_bias=blocks.depth_bias,
                                  seed=blocks.seed)
   inner = optax.with_extra_args_support(inner)
 
   options = blocks.partition_options()
   spec_of = options.spec
+  config = SelectionConfig((
+      ("selection", scheme.name), *scheme.config,
+      ("steps_per_block", None if isinstance(steps_per_block, jax.core.Tracer)
+       else int(steps_per_block))))
 
   def init(params):
     if not jax.tree.leaves(params):
@@ -254,19 +422,21 @@ def block_coordinate(
       return BlockCoordinateState(
           active=zero, steps_in_block=zero,
           selection=selection_lib.SelectionState(*([zero] * 6)),
-          inner=_NoInnerState(), partition=options)
+          inner=_NoInnerState(), partition=options, config=config)
     spec = spec_of(params)
-    _, leaves = partition_lib.leaf_paths(params)
+    paths, leaves = partition_lib.leaf_paths(params)
     leaves = [jnp.asarray(getattr(l, "value", l)) for l in leaves]
+    signature = TreeSignature(tuple(".".join(k) for k in paths),
+                              tuple(np.shape(l) for l in leaves))
     group_of, first_block = partition_lib.block_groups(spec, leaves)
-    inner_states = tuple(
-        inner.init(partition_lib.gather_block(spec, leaves, b)) for b in first_block
-    )
+    inner_states = InnerStates(
+        [inner.init(partition_lib.gather_block(spec, leaves, b)) for b in first_block],
+        signature)
     sel = scheme.init(spec.num_blocks)
     active, sel = scheme.select(sel)
     return BlockCoordinateState(
         active=active, steps_in_block=jnp.zeros((), jnp.int32), selection=sel,
-        inner=inner_states, partition=options)
+        inner=inner_states, partition=options, config=config)
 
   def run_inner(gid, grads, block_params, state, extra):
     inner_state = state.inner[gid]
@@ -277,7 +447,7 @@ def block_coordinate(
     upd, inner_state = inner.update(grads, inner_state, block_params, **extra)
     states = list(state.inner)
     states[gid] = inner_state
-    return upd, tuple(states)
+    return upd, InnerStates(states, getattr(state.inner, "signature", None))
 
   def update(updates, state, params=None, *, block=None, **extra):
     if params is None:
@@ -285,15 +455,28 @@ def block_coordinate(
                        "is read from them): call tx.update(grads, state, params).")
     spec = spec_of(params)
     _check_block_count(state, spec)
-    _, p_leaves = partition_lib.leaf_paths(params)
+    signature = getattr(state.inner, "signature", None)
+    p_paths, p_leaves = partition_lib.leaf_paths(params)
+    _check_tree(signature, tuple(".".join(k) for k in p_paths),
+                [np.shape(x) for x in p_leaves], "parameter")
     group_of, _ = partition_lib.block_groups(spec, p_leaves)
     stacked = spec.stacked_range()
     if block is None:
+      g_paths = tuple(".".join(k) for k in partition_lib.leaf_paths(updates)[0])
       g_leaves, treedef = jax.tree.flatten(updates)
+      _check_tree(signature, g_paths, [np.shape(x) for x in g_leaves], "gradient")
       out_leaves, inner_states = _full_update(
           spec, group_of, stacked, g_leaves, p_leaves, state, extra)
     else:
+      g_paths = tuple(".".join(k) for k in
+                      partition_lib.leaf_paths(updates, is_leaf=_is_none)[0])
       g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_none)
+      # A stacked leaf's gradient is the active layer's slice (its leading axis
+      # dropped); absent leaves (None, inactive blocks) have no shape to check.
+      _check_tree(signature, g_paths,
+                  [None if g is None else np.shape(g) for g in g_leaves], "gradient",
+                  expected=lambda i: signature.shapes[i][
+                      1 if spec.leaf_blocks[i].stacked else 0:])
       out_leaves, inner_states = _block_update(
           spec, group_of, stacked, block, g_leaves, p_leaves, state, extra)
     new_updates = jax.tree.unflatten(treedef, out_leaves)
@@ -380,9 +563,32 @@ def block_coordinate(
         steps_in_block=jnp.where(switch, 0, steps).astype(jnp.int32),
         selection=sel,
         inner=inner_states,
-        partition=state.partition)
+        partition=state.partition,
+        config=state.config)
 
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+def selection_config(opt_state: PyTree) -> dict | None:
+  """The configuration that fixes a block optimizer's sequence of selected blocks.
+
+  Args:
+    opt_state: an optimizer state (or any pytree holding one, e.g. a ``TrainState``).
+
+  Returns:
+    A JSON-serialisable dict: ``selection`` (the scheme's name), the scheme's options
+    (``depth_bias``, ``seed``, ``costs`` or ``order``), ``steps_per_block`` and
+    ``num_blocks``; None for a state without a block-coordinate state (or one built
+    without a recorded configuration).
+  """
+  try:
+    state = find_state(opt_state)
+  except ValueError:
+    return None
+  if state.config is None:
+    return None
+  shape = tuple(getattr(state.selection.visits, "shape", ()))
+  return {**state.config.record(), "num_blocks": int(shape[0]) if shape else 0}
 
 
 def find_state(opt_state: PyTree) -> BlockCoordinateState:

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from absign_jax._checks import concrete_float
+from absign_jax._checks import (
+    check_bool, check_int, check_real, concrete_float)
 from absign_jax.optim.block_coordinate import BlockOptions, block_coordinate, takes_block_options
 
 ScalarOrSchedule = float | jax.Array | optax.Schedule
@@ -50,7 +51,19 @@ def check_hyperparams(learning_rate: ScalarOrSchedule, weight_decay: float = 0.0
   step below 1000 and at log-spaced steps up to 10^7: a negative or non-finite value
   is an error that names the step. Traced values (inside ``inject_hyperparams``) are
   not checked here; :func:`checked_learning_rate` guards them inside the program.
+
+  Raises:
+    TypeError: a learning rate that is neither a number nor a schedule, a weight
+      decay that is not a number (bools are neither).
+    ValueError: a value out of range.
   """
+  if isinstance(learning_rate, (bool, np.bool_)) or (
+      isinstance(learning_rate, (np.ndarray, jax.Array))
+      and (np.ndim(learning_rate) or learning_rate.dtype == np.bool_)):
+    raise TypeError(f"{name}: learning_rate must be a number > 0 or an optax schedule "
+                    f"(a callable of the step), got {learning_rate!r} "
+                    f"({type(learning_rate).__name__}).")
+  check_real(name, "weight_decay", weight_decay, "a finite number >= 0")
   lr = concrete_float(learning_rate)
   if lr is not None:
     # An array is a value injected by optax.inject_hyperparams, often a schedule's
@@ -61,8 +74,9 @@ def check_hyperparams(learning_rate: ScalarOrSchedule, weight_decay: float = 0.0
   elif callable(learning_rate):
     _check_schedule(learning_rate, name)
   elif not isinstance(learning_rate, jax.core.Tracer):
-    raise TypeError(f"{name}: learning_rate must be a number or an optax schedule, "
-                    f"got {type(learning_rate).__name__}.")
+    raise TypeError(f"{name}: learning_rate must be a number > 0 or an optax schedule "
+                    f"(a callable of the step), got {learning_rate!r} "
+                    f"({type(learning_rate).__name__}).")
   wd = concrete_float(weight_decay)
   if wd is not None:
     if not (math.isfinite(wd) and wd >= 0):
@@ -75,15 +89,16 @@ def check_hyperparams(learning_rate: ScalarOrSchedule, weight_decay: float = 0.0
 
 def _check_range(name: str, option: str, value, lo: float, hi: float | None = None,
                  lo_open: bool = False, hi_open: bool = True) -> None:
-  """A concrete ``value`` must lie in the range; the message names option and range."""
+  """A number; a concrete ``value`` must lie in the range. Messages name the option."""
+  rng = f"{'(' if lo_open else '['}{lo:g}, {'inf)' if hi is None else f'{hi:g}'}"
+  rng += "" if hi is None else (")" if hi_open else "]")
+  check_real(name, option, value, f"a finite number in {rng}")
   if concrete_float(value) is None:
     return
   v = float(value)
   ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (
       hi is None or (v < hi if hi_open else v <= hi))
   if not ok:
-    rng = f"{'(' if lo_open else '['}{lo:g}, {'inf)' if hi is None else f'{hi:g}'}"
-    rng += "" if hi is None else (")" if hi_open else "]")
     raise ValueError(f"{name}: {option} must be finite and in {rng}, got {v:g}.")
 
 
@@ -194,8 +209,10 @@ def absignsgd(
     An ``optax.GradientTransformationExtraArgs``.
 
   Raises:
-    ValueError: ``momentum`` outside ``[0, 1)``, or a momentum with
-      ``steps_per_block`` 1 (it would change nothing).
+    TypeError: an option of the wrong type (e.g. a string for a number, a bool for
+      an int); the message names it and what it accepts.
+    ValueError: an option out of range, ``momentum`` outside ``[0, 1)``, or a
+      momentum with ``steps_per_block`` 1 (it would change nothing).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -211,6 +228,11 @@ def absignsgd(
     [1.100000023841858, 1.100000023841858, 1.100000023841858]
   """
   check_hyperparams(learning_rate, weight_decay, "absignsgd")
+  check_bool("absignsgd", "relative", relative)
+  _check_range("absignsgd", "min_scale", min_scale, 0.0, lo_open=True)
+  if momentum is not None:
+    check_real("absignsgd", "momentum", momentum, "a number in [0, 1) or None")
+  check_int("absignsgd", "steps_per_block", steps_per_block, lo=1)
   beta = None if momentum is None else concrete_float(momentum)  # None: traced
   if beta is not None and not 0.0 <= beta < 1.0:
     raise ValueError(f"absignsgd: momentum must be in [0, 1), got {beta}.")
@@ -259,11 +281,16 @@ def block_adam(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
+
+  Raises:
+    TypeError: an option of the wrong type.
+    ValueError: an option out of range.
   """
   check_hyperparams(learning_rate, weight_decay, "block_adam")
   _check_range("block_adam", "b1", b1, 0.0, 1.0)
   _check_range("block_adam", "b2", b2, 0.0, 1.0)
   _check_range("block_adam", "eps", eps, 0.0)
+  check_int("block_adam", "steps_per_block", steps_per_block, lo=1)
   inner = optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
                       optax.add_decayed_weights(weight_decay))
   return optax.chain(

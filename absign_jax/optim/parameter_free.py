@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import optax
 
+from absign_jax._checks import check_int, check_number
 from absign_jax.optim.block_coordinate import (
     BlockOptions, block_coordinate, takes_block_options)
 from absign_jax.related.sign_alias import scale_by_alias
@@ -101,6 +102,7 @@ def alias_absignsgd(
     :class:`~absign_jax.optim.block_coordinate.BlockCoordinateState`.
 
   Raises:
+    TypeError: an option of the wrong type (the message names it).
     ValueError: on invalid arguments, ``steps_per_block < 2`` included.
 
   Example:
@@ -123,6 +125,18 @@ def alias_absignsgd(
     >>> print(bool(loss(params) < 0.1 * start))
     True
   """
+  owner = "alias_absignsgd"
+  check_number(owner, "d0", d0, lo=0.0, lo_open=True)
+  check_number(owner, "l0", l0, lo=0.0, lo_open=True)
+  check_number(owner, "f_low", f_low, none_ok=True)
+  check_number(owner, "clamp", clamp, lo=0.0, lo_open=True, none_ok=True)
+  check_int(owner, "update_gap", update_gap, lo=1)
+  check_int(owner, "warmup_steps", warmup_steps, lo=0)
+  if not callable(warmup_learning_rate):
+    check_number(owner, "warmup_learning_rate", warmup_learning_rate, lo=0.0,
+                 none_ok=True)
+  check_number(owner, "momentum", momentum, lo=0.0, hi=1.0)
+  check_number(owner, "weight_decay", weight_decay, lo=0.0)
   if not isinstance(steps_per_block, int) or isinstance(steps_per_block, bool):
     raise ValueError(
         "alias_absignsgd: steps_per_block must be a Python int (with "

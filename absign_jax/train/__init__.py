@@ -4,6 +4,8 @@
   ``cut_linen``, ``cut``) and ``split_nnx``;
 * :mod:`.step` -- ``BlockTrainStep`` (partial backprop) and ``FullTrainStep``, one
   calling form ``state, metrics = step(state, batch)``;
+* :mod:`.plan` -- ``training_plan``: the blocks, frozen leaves and counts a block
+  optimizer trains;
 * :mod:`.precision` -- policies, loss scaling, stochastic rounding, the master copy and
   the step's update arithmetic;
 * :mod:`.data_parallel` -- majority votes over a mesh axis, composed into the steps;

@@ -37,7 +37,15 @@ another shape of it (``data=2,fsdp=4`` saved, ``data=4,fsdp=2`` or ``data=8``
 restored), each device reading only its slice. Before reading, the saved metadata is
 compared with the target's: another block count or layout, another parameter
 tree, shape or dtype is a ``ValueError`` that names the differences, never a silent
-partial restore.
+partial restore. The block optimizer's selection configuration (scheme, depth bias,
+seed, costs or order, steps per block, block count) is recorded too, and a target
+whose optimizer would select another sequence of blocks is a ``ValueError`` that names
+the option and both values; a checkpoint written before this record existed restores
+with a warning that the configuration cannot be checked.
+
+Steps only move forward in a directory: saving a step older than the latest
+checkpoint is an error (it would never be restored), and saving the latest step
+again writes nothing (see :meth:`Checkpointer.save`).
 
 The data position and the random keys are part of what is restored: every random
 key the library uses (block selection, stochastic rounding) lives in the state as
@@ -48,6 +56,7 @@ also saved (as their key data) and restored as typed keys.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from typing import Any, Mapping, NamedTuple
@@ -57,7 +66,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from absign_jax.optim.block_coordinate import find_state
+from absign_jax._checks import check_int
+from absign_jax.optim.block_coordinate import find_state, selection_config
 
 PyTree = Any
 
@@ -127,20 +137,23 @@ def _block_record(state: PyTree) -> dict | None:
 
 
 def describe(state: PyTree) -> dict:
-  """The metadata record of a state: leaf paths, shapes, dtypes and the blocks.
+  """The metadata record of a state: leaf paths, shapes, dtypes, blocks, optimizer.
 
   Args:
     state: a pytree of arrays or ``jax.ShapeDtypeStruct``.
 
   Returns:
-    A JSON-serialisable dict ``{"leaves": [[path, shape, dtype], ...], "blocks": ...}``.
+    A JSON-serialisable dict ``{"leaves": [[path, shape, dtype], ...], "blocks": ...,
+    "optimizer": ...}``; ``optimizer`` is the block optimizer's
+    :func:`~absign_jax.optim.block_coordinate.selection_config` (None without one).
   """
   flat, _ = jax.tree_util.tree_flatten_with_path(state)
   leaves = []
   for path, x in flat:
     rec = _leaf_record(x)
     leaves.append([jax.tree_util.keystr(path), rec["shape"], rec["dtype"]])
-  return {"leaves": leaves, "blocks": _block_record(state)}
+  return {"leaves": leaves, "blocks": _block_record(state),
+          "optimizer": selection_config(state)}
 
 
 def _blocks_text(rec: dict) -> str:
@@ -149,8 +162,69 @@ def _blocks_text(rec: dict) -> str:
   return f"{rec['num_blocks']} blocks, {rec['layout']} layout ({shown})"
 
 
+# The selection options in the order they are compared (others follow, by name).
+_CONFIG_ORDER = ("selection", "num_blocks", "steps_per_block", "depth_bias", "seed",
+                 "costs", "order")
+
+
+def _same_option(saved: Any, current: Any) -> bool:
+  numbers = (int, float)
+  if (isinstance(saved, numbers) and isinstance(current, numbers)
+      and (isinstance(saved, float) or isinstance(current, float))):
+    # To float16 precision: optax.inject_hyperparams stores a depth bias in the
+    # parameters' dtype, and it is still the depth bias the run was started with.
+    return math.isclose(float(saved), float(current), rel_tol=1e-3, abs_tol=1e-6)
+  if isinstance(saved, (list, tuple)) and isinstance(current, (list, tuple)):
+    return list(saved) == list(current)
+  return saved == current
+
+
+def check_optimizer(saved: Mapping, target: Mapping, where: str = "checkpoint") -> None:
+  """Compares the block-selection configurations of two :func:`describe` records.
+
+  Args:
+    saved: the record stored with the checkpoint.
+    target: the record of the state to restore into.
+    where: what to call the checkpoint in the message.
+
+  Raises:
+    CheckpointMismatchError: the target's optimizer would select another sequence of
+      blocks (one line naming the option, both values and the fix). Options either
+      side could not record (traced when the state was initialised) are skipped.
+
+  Warns:
+    UserWarning: the checkpoint records no configuration (written by an older
+      version); it restores unchecked.
+  """
+  current = target.get("optimizer")
+  if current is None:
+    return
+  if "optimizer" not in saved:
+    warnings.warn(f"the {where} records no block-selection configuration (it was "
+                  "written by an older version), so the selection scheme and its "
+                  "options cannot be checked against this optimizer; make sure they "
+                  "are the ones the run was started with.", stacklevel=3)
+    return
+  old = saved["optimizer"]
+  if old is None:
+    return  # the leaves already differ; check_compatible names them
+  names = [k for k in _CONFIG_ORDER if k in old or k in current]
+  names += sorted((set(old) | set(current)) - set(names))
+  for name in names:
+    a, b = old.get(name), current.get(name)
+    if a is None or b is None or _same_option(a, b):
+      continue
+    raise CheckpointMismatchError(
+        f"the {where} was written by an optimizer with {name}={a!r}, but the "
+        f"optimizer restoring it has {name}={b!r}; build the optimizer with "
+        f"{name}={a!r} to resume that run, or start the new run in another directory.")
+
+
 def check_compatible(saved: Mapping, target: Mapping, where: str = "checkpoint") -> None:
   """Raises ``ValueError`` naming every difference between two :func:`describe` records.
+
+  The tree (leaves, blocks) is compared first; when it matches, the block-selection
+  configurations (:func:`check_optimizer`).
 
   Args:
     saved: the record stored with the checkpoint.
@@ -192,6 +266,7 @@ def check_compatible(saved: Mapping, target: Mapping, where: str = "checkpoint")
         + "\n  - ".join(problems)
         + "\nRestore with the model layout, layer count, precision and optimizer the "
         "checkpoint was written with.")
+  check_optimizer(saved, target, where)
 
 
 def _abstract(x):
@@ -275,21 +350,36 @@ class Checkpointer:
       force: save even if ``step`` is not a multiple of ``save_interval_steps``.
 
     Returns:
-      Whether a save was started.
+      Whether a save was started: False for a step that is not a multiple of
+      ``save_interval_steps`` (unless forced), and for the latest step again: a
+      run's state at one step is one state, so a final save after a periodic one of
+      the same step writes nothing (the checkpoint already written is kept).
 
     Raises:
-      TypeError: ``data_state`` is not JSON-serialisable (checked before anything
-        is written).
+      TypeError: ``step`` is not an int, or ``data_state`` is not
+        JSON-serialisable (checked before anything is written).
+      ValueError: ``step`` is older than the latest checkpoint in the directory
+        (it would never be restored, and could be taken for a newer state).
     """
+    check_int("Checkpointer.save", "step", step, lo=0)
+    step = int(step)
+    latest = self._manager.latest_step()  # includes a save still being written
+    if latest is not None and step < latest:
+      raise ValueError(
+          f"Checkpointer.save: step {step} is older than the latest checkpoint in "
+          f"{self.directory} (step {latest}); save a new run into another directory, "
+          f"or delete the checkpoints after step {step} first (Checkpointer.delete).")
+    if latest is not None and step == latest:
+      return False
     _check_json(data_state, "data_state")
     flat, _ = jax.tree_util.tree_flatten_with_path(state)
     # Orbax refuses zero-size arrays; they hold no data (restored from the target).
     arrays = {_leaf_name(i): (jax.random.key_data(x) if _is_key(x) else x)
               for i, (_, x) in enumerate(flat) if np.size(x) or _is_key(x)}
-    meta = {"format": FORMAT_VERSION, "step": int(step), "tree": describe(state),
+    meta = {"format": FORMAT_VERSION, "step": step, "tree": describe(state),
             "user": self.metadata}
     return self._manager.save(
-        int(step), force=force,
+        step, force=force,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(arrays),
             data=ocp.args.JsonSave({"data_state": data_state}),
@@ -298,6 +388,19 @@ class Checkpointer:
   def wait(self) -> None:
     """Blocks until every started save is complete on disk."""
     self._manager.wait_until_finished()
+
+  def delete(self, step: int) -> None:
+    """Deletes checkpoint ``step`` (after waiting for pending saves).
+
+    Raises:
+      FileNotFoundError: there is no checkpoint ``step``.
+    """
+    self._manager.wait_until_finished()
+    step = int(step)
+    if step not in self._manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} "
+                              f"(steps: {self.all_steps()}).")
+    self._manager.delete(step)
 
   # -- restoring --------------------------------------------------------------------
 
@@ -337,7 +440,13 @@ class Checkpointer:
     Raises:
       CheckpointMismatchError: the checkpoint does not match ``target`` (another
         block count, layout, tree, shape or dtype; a ``ValueError``); the message
-        lists the differences.
+        lists the differences. Or the target's block optimizer would select another
+        sequence of blocks (another scheme, depth bias, seed, costs, order or steps
+        per block); the message names the option and both values.
+
+    Warns:
+      UserWarning: the checkpoint records no selection configuration (written by an
+        older version), so it cannot be checked.
       FileNotFoundError: there is no checkpoint ``step``.
       Exception: whatever reading a damaged checkpoint raises (JSON, tensorstore).
     """

@@ -8,12 +8,17 @@ its layers hands over more: its pieces as pure functions of the parameter tree
 * ``layer(layer_params, h) -> h``: one layer, given its parameters,
 * ``head_loss(params, h, batch) -> loss``: everything after the last layer,
 * ``stack_path``: where the layers live in ``params``: one subtree whose leaves carry
-  a leading layer axis.
+  a leading layer axis,
+* optionally ``context(params, batch) -> ctx``: what every layer needs from the
+  batch besides the hidden state (positions, an attention mask, segment ids of a
+  packed or padded batch). The step computes it once per step, outside the layer
+  loop, and calls ``layer(layer_params, h, ctx)``. It is a constant of the step: no
+  gradient flows through it.
 
 With those, :class:`~absign_jax.BlockTrainStep` runs one compiled program for every
 layer with a dynamic block index, instead of one program per layer or the backward of
 the whole stack. The batch layout is the model's business: the steps only pass the
-batch through.
+batch through (and hand the layers the model's ``context`` of it).
 
 Layers kept as a list or dict of identically structured subtrees (an ``nnx.List``,
 linen's ``layers_0 .. layers_N``) are presented *stacked* for training: the adapters
@@ -67,20 +72,38 @@ class LayeredLoss(NamedTuple):
 
   Attributes:
     embed: ``(params, batch) -> h``, everything before the first layer.
-    layer: ``(layer_params, h) -> h``, one layer given its slice of the stacked tree.
+    layer: ``(layer_params, h) -> h``, one layer given its slice of the stacked tree;
+      ``(layer_params, h, ctx) -> h`` when ``context`` is given.
     head_loss: ``(params, h, batch) -> loss``, everything after the last layer.
     stack_path: keys from the root of ``params`` to the stacked layer subtree.
+    context: ``(params, batch) -> ctx``, a pytree of arrays every layer reads
+      (positions, attention masks, segment ids), or None when the layers need
+      nothing but ``h``. Computed once per step; treated as a constant.
   """
 
   embed: Callable[[PyTree, Batch], jax.Array]
-  layer: Callable[[PyTree, jax.Array], jax.Array]
+  layer: Callable[..., jax.Array]
   head_loss: Callable[[PyTree, jax.Array, Batch], jax.Array]
   stack_path: tuple
+  context: Callable[[PyTree, Batch], Any] | None = None
+
+  def batch_context(self, params: PyTree, batch: Batch) -> Any:
+    """The layers' context of ``batch`` (None without ``context``); no gradient."""
+    if self.context is None:
+      return None
+    return jax.tree.map(jax.lax.stop_gradient, self.context(params, batch))
+
+  def apply_layer(self, layer_params: PyTree, h: jax.Array, ctx: Any = None) -> jax.Array:
+    """One layer on ``h``, handed ``ctx`` when the model has a ``context``."""
+    if self.context is None:
+      return self.layer(layer_params, h)
+    return self.layer(layer_params, h, ctx)
 
   def loss(self, params: PyTree, batch: Batch) -> jax.Array:
     """The full loss (all layers), as a plain loss function."""
     h = self.embed(params, batch)
-    h, _ = jax.lax.scan(lambda h, w: (self.layer(w, h), None), h,
+    ctx = self.batch_context(params, batch)
+    h, _ = jax.lax.scan(lambda h, w: (self.apply_layer(w, h, ctx), None), h,
                         subtree(params, self.stack_path))
     return self.head_loss(params, h, batch)
 
@@ -96,12 +119,18 @@ class LayerCut(NamedTuple):
     head_loss: ``(model, h, batch) -> loss``.
     layers: the attribute path of the layers (``"layers"``, ``"decoder.layers"``).
     layer: ``(layer_module, h) -> h``; None calls the layer: ``layer_module(h)``.
+      With ``context``: ``(layer_module, h, ctx) -> h``, default
+      ``layer_module(h, ctx)``.
+    context: ``(model, batch) -> ctx``: what the layers need from the batch
+      (positions, masks, segment ids), computed once per step outside the layer
+      loop; None when the layers read ``h`` only.
   """
 
   embed: Callable[[Any, Batch], jax.Array]
   head_loss: Callable[[Any, jax.Array, Batch], jax.Array]
   layers: Any = "layers"
-  layer: Callable[[Any, jax.Array], jax.Array] | None = None
+  layer: Callable[..., jax.Array] | None = None
+  context: Callable[[Any, Batch], Any] | None = None
 
 
 @runtime_checkable
@@ -358,10 +387,11 @@ class Cut(NamedTuple):
 
 
 def cut(params: PyTree, *, embed: Callable[[PyTree, Batch], jax.Array],
-        layer: Callable[[PyTree, jax.Array], jax.Array],
+        layer: Callable[..., jax.Array],
         head_loss: Callable[[PyTree, jax.Array, Batch], jax.Array],
         layers="layers", order: Sequence[Any] | None = None,
-        layout: str | None = None) -> Cut:
+        layout: str | None = None,
+        context: Callable[[PyTree, Batch], Any] | None = None) -> Cut:
   """Cuts a model given as a parameter tree and pure functions.
 
   Args:
@@ -373,6 +403,8 @@ def cut(params: PyTree, *, embed: Callable[[PyTree, Batch], jax.Array],
     order: for a dict of layers, the keys in the order the model applies them.
     layout: how the layers are kept, when the guess is wrong (see
       :class:`StackedLayers`).
+    context: ``(params, batch) -> ctx`` for layers that read more of the batch
+      than ``h`` (then ``layer`` is ``(layer_params, h, ctx) -> h``).
 
   Returns:
     A :class:`Cut` whose ``params`` hold the layers stacked; ``restore`` undoes it.
@@ -389,8 +421,11 @@ def cut(params: PyTree, *, embed: Callable[[PyTree, Batch], jax.Array],
   for name, fn in (("embed", embed), ("layer", layer), ("head_loss", head_loss)):
     if not callable(fn):
       raise TypeError(f"cut: {name} must be a function, got {type(fn).__name__}.")
+  if context is not None and not callable(context):
+    raise TypeError(f"cut: context must be a function (params, batch) -> ctx, got "
+                    f"{type(context).__name__}.")
   lay = StackedLayers(params, layers, order, layout)
-  layered = LayeredLoss(embed, layer, head_loss, lay.stack_path)
+  layered = LayeredLoss(embed, layer, head_loss, lay.stack_path, context)
   return Cut(lay.stack(params), layered.loss, layered, lay)
 
 
@@ -438,8 +473,9 @@ def _attr(obj, path: tuple):
 
 def cut_nnx(model, *, embed: Callable[[Any, Batch], jax.Array] | None = None,
             head_loss: Callable[[Any, jax.Array, Batch], jax.Array] | None = None,
-            layers="layers", layer: Callable[[Any, jax.Array], jax.Array] | None = None,
-            order: Sequence[Any] | None = None) -> NnxParts:
+            layers="layers", layer: Callable[..., jax.Array] | None = None,
+            order: Sequence[Any] | None = None,
+            context: Callable[[Any, Batch], Any] | None = None) -> NnxParts:
   """Cuts a Flax NNX model at its layers for the one-program training step.
 
   Args:
@@ -451,12 +487,16 @@ def cut_nnx(model, *, embed: Callable[[Any, Batch], jax.Array] | None = None,
     embed: ``(model, batch) -> h``, the part before the first layer.
     head_loss: ``(model, h, batch) -> loss``, the part after the last layer.
     layers: attribute path of the layers (``"layers"``, ``"decoder.layers"``).
-    layer: ``(layer_module, h) -> h``; default ``layer_module(h)``.
+    layer: ``(layer_module, h) -> h``; default ``layer_module(h)``. With
+      ``context``: ``(layer_module, h, ctx) -> h``, default ``layer_module(h, ctx)``.
     order: for a dict of layers, the keys in the order the model applies them
       (default: natural key order).
+    context: ``(model, batch) -> ctx``: what the layers need from the batch besides
+      ``h`` (positions, attention masks, segment ids of a padded or packed batch),
+      computed once per step outside the layer loop and handed to every layer.
 
   Without ``embed`` and ``head_loss``, the model's ``layer_cut()`` (a
-  :class:`LayerCut`) supplies all four.
+  :class:`LayerCut`) supplies all five.
 
   Returns:
     :class:`NnxParts` whose ``params`` hold the layers stacked (list/dict layers are
@@ -484,7 +524,7 @@ def cut_nnx(model, *, embed: Callable[[Any, Batch], jax.Array] | None = None,
     if not isinstance(spec, LayerCut):
       raise TypeError(f"{type(model).__name__}.layer_cut() must return a LayerCut, "
                       f"got {type(spec).__name__}.")
-    embed, head_loss, layers, layer = spec
+    embed, head_loss, layers, layer, context = spec
   elif embed is None or head_loss is None:
     raise TypeError("cut_nnx: give both embed and head_loss (or neither, with the "
                     "model's layer_cut()).")
@@ -494,7 +534,15 @@ def cut_nnx(model, *, embed: Callable[[Any, Batch], jax.Array] | None = None,
   except (AttributeError, KeyError, IndexError, TypeError) as e:
     raise ValueError(f"cut_nnx: {type(model).__name__} has no layers at "
                      f"{'.'.join(map(str, path))!r} ({e}); pass layers='<attribute>'.") from e
-  call = layer if layer is not None else (lambda module, h: module(h))
+  if context is not None and not callable(context):
+    raise TypeError(f"cut_nnx: context must be a function (model, batch) -> ctx, got "
+                    f"{type(context).__name__}.")
+  if layer is not None:
+    call = layer
+  elif context is None:
+    call = lambda module, h: module(h)
+  else:
+    call = lambda module, h, ctx: module(h, ctx)
 
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   if isinstance(container, (nnx.List, list, tuple)):
@@ -532,9 +580,11 @@ def cut_nnx(model, *, embed: Callable[[Any, Batch], jax.Array] | None = None,
 
   layered = LayeredLoss(
       embed=lambda p, batch: embed(merge(p), batch),
-      layer=lambda w, h: call(nnx.merge(layer_graphdef, w, layer_rest), h),
+      layer=lambda w, h, *ctx: call(nnx.merge(layer_graphdef, w, layer_rest), h, *ctx),
       head_loss=lambda p, h, batch: head_loss(merge(p), h, batch),
-      stack_path=lay.stack_path)
+      stack_path=lay.stack_path,
+      context=None if context is None else (
+          lambda p, batch: context(merge(p), batch)))
   # A stacked model's own loss when it has one (it may remat, chunk, ...). Over
   # list/dict layers stacked here, the scan: the model's loss would slice every
   # layer out of the stack, and full backprop through the slices holds a
@@ -576,7 +626,8 @@ def split_nnx(model) -> NnxParts:
 def cut_linen(module, variables: Mapping, *,
               embed: Callable[..., jax.Array], head_loss: Callable[..., jax.Array],
               layer, layers="layers", order: Sequence[Any] | None = None,
-              layout: str | None = None) -> Cut:
+              layout: str | None = None,
+              context: Callable[..., Any] | None = None) -> Cut:
   """Cuts a linen module at its layers for the one-program training step.
 
   Args:
@@ -593,6 +644,9 @@ def cut_linen(module, variables: Mapping, *,
     order: for a dict of layers, the keys in the order the model applies them.
     layout: how the layers are kept, when the guess is wrong (see
       :class:`StackedLayers`).
+    context: ``(module, batch) -> ctx``, run like ``embed``, for layers that read
+      more of the batch than ``h``: the layer is then applied as
+      ``layer.apply({"params": w}, h, ctx)`` (a function: ``(w, h, ctx) -> h``).
 
   Returns:
     A :class:`Cut` over ``variables["params"]`` with the layers stacked; ``restore``
@@ -614,8 +668,8 @@ def cut_linen(module, variables: Mapping, *,
     ) if path[-1] in parent else p
 
   if callable(getattr(layer, "apply", None)):
-    def apply_layer(w, h):
-      out = layer.apply({"params": w}, h)
+    def apply_layer(w, h, *ctx):
+      out = layer.apply({"params": w}, h, *ctx)
       return out[0] if isinstance(out, tuple) else out
   elif callable(layer):
     apply_layer = layer
@@ -626,9 +680,14 @@ def cut_linen(module, variables: Mapping, *,
   def run(method, p, *args):
     return module.apply({"params": without_layers(p), **consts}, *args, method=method)
 
+  if context is not None and not callable(context):
+    raise TypeError(f"cut_linen: context must be a function (module, batch) -> ctx, "
+                    f"got {type(context).__name__}.")
   layered = LayeredLoss(
       embed=lambda p, batch: run(embed, p, batch),
       layer=apply_layer,
       head_loss=lambda p, h, batch: run(head_loss, p, h, batch),
-      stack_path=path)
+      stack_path=path,
+      context=None if context is None else (
+          lambda p, batch: run(context, p, batch)))
   return Cut(lay.stack(params), layered.loss, layered, lay)

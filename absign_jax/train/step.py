@@ -186,24 +186,49 @@ class SingleDevice:
 # ---------------------------------------------------------------------------------
 
 
-def _init_state(params, opt_state, prec) -> TrainState:
+def _init_state(params, opt_state, prec, *, donate: bool,
+                callers: PyTree = ()) -> TrainState:
+  """The first :class:`TrainState`, owning its buffers when the step donates them.
+
+  ``callers`` are the arrays the caller handed in (``params``, and ``opt_state``
+  when given): a donating step would delete them after its first call, leaving the
+  caller's model unreadable, so the state gets its own copies of them (a one-time
+  copy; drop the model to free the originals).
+  """
   # The step returns strongly typed state (jnp.where); a weakly typed input leaf
   # (optax.inject_hyperparams keeps Python ints weak) would retrace the second step.
   opt_state = jax.tree.map(
       lambda x: jnp.asarray(x, x.dtype) if getattr(x, "weak_type", False) else x,
       opt_state)
-  # Donation needs distinct buffers: an optimizer state may hold one array twice
-  # (e.g. two counters initialised from the same zeros).
-  seen: set[int] = set()
+  if not donate:
+    return TrainState(params, opt_state, prec)
+  # Donation needs distinct buffers the state owns: never the caller's arrays, and
+  # never one array twice (an optimizer state may hold e.g. two counters
+  # initialised from the same zeros, or a reference to a parameter).
+  seen: set[int] = {id(x) for x in jax.tree.leaves(callers)
+                    if isinstance(x, jax.Array)}
+  owned: set[int] = set()
 
   def distinct(x):
-    if isinstance(x, jax.Array) and id(x) in seen:
-      return jnp.copy(x)
-    seen.add(id(x))
+    if isinstance(x, jax.Array) and (id(x) in seen or id(x) in owned):
+      x = jnp.copy(x)
+    owned.add(id(x))
     return x
 
   params, opt_state = jax.tree.map(distinct, (params, opt_state))
   return TrainState(params, opt_state, prec)
+
+
+def _check_live(state: TrainState) -> None:
+  """Raises ``ValueError`` if a step already consumed (donated) ``state``."""
+  for x in jax.tree.leaves(state):
+    # Only concrete arrays can have been donated (init may run under jit/eval_shape).
+    if (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+        and x.is_deleted()):
+      raise ValueError(
+          "this TrainState was consumed by an earlier step, which donated its "
+          "buffers: pass the state that step returned (state, metrics = step(state, "
+          "batch)), or build the step with donate=False to keep every state readable.")
 
 
 def _call_error() -> TypeError:
@@ -273,37 +298,41 @@ def _take(stack, i):
   return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, False), stack)
 
 
-def _saved_layer(layer, stack, i, h):
+def _saved_layer(layer, stack, i, h, ctx=None):
   """Layer ``i`` of ``stack`` on ``h`` and what its backward keeps.
 
-  Returns ``(out, saved, rebuild)``: ``saved`` is the list of arrays the layer's
-  vector-Jacobian product needs (its input and matmul outputs, under
-  ``dots_saveable``), without the weights: those are read again from ``stack`` by
-  ``rebuild(saved, stack) -> vjp``, so a kept layer never holds a copy of its
-  weights.
+  ``layer`` is ``(layer_params, h, ctx) -> h``. Returns ``(out, saved, rebuild)``:
+  ``saved`` is the list of arrays the layer's vector-Jacobian product needs (its
+  input and matmul outputs, under ``dots_saveable``), without the weights and the
+  batch context: those are read again by ``rebuild(saved, stack, ctx) -> vjp``, so a
+  kept layer never holds a copy of its weights or of the context.
   """
-  f = jax.checkpoint(lambda x: layer(_take(stack, i), x),
+  f = jax.checkpoint(lambda x: layer(_take(stack, i), x, ctx),
                      policy=jax.checkpoint_policies.dots_saveable)
   out, vjp = jax.vjp(f, h)
   leaves, treedef = jax.tree.flatten(vjp)
-  # The stack is the remat's closed-over input, so it appears among the leaves as
-  # itself; everything else is this layer's own. (Were the weights ever kept in
-  # another form, they would count among the layer's own arrays: in
-  # LayerCost.layer_residual_bytes too, so a budget would keep fewer layers.)
-  weights = jax.tree.leaves(stack)
-  position = {id(x): p for p, x in enumerate(weights)}
+  # The stack and the context are the remat's closed-over inputs, so they appear
+  # among the leaves as themselves; everything else is this layer's own. (Were the
+  # weights ever kept in another form, they would count among the layer's own
+  # arrays: in LayerCost.layer_residual_bytes too, so a budget would keep fewer
+  # layers.)
+  shared = jax.tree.leaves((stack, ctx))
+  position = {id(x): p for p, x in enumerate(shared)}
   where = [position.get(id(x)) for x in leaves]
 
-  def rebuild(saved, stack):
-    weights, own = jax.tree.leaves(stack), iter(saved)
+  def rebuild(saved, stack, ctx):
+    shared, own = jax.tree.leaves((stack, ctx)), iter(saved)
     return jax.tree.unflatten(
-        treedef, [next(own) if p is None else weights[p] for p in where])
+        treedef, [next(own) if p is None else shared[p] for p in where])
 
   return out, [x for x, p in zip(leaves, where) if p is None], rebuild
 
 
-def _layers_above(layer, stack, j, h, keep=0):
+def _layers_above(layer, stack, j, h, keep=0, ctx=None):
   """Layers ``j+1 .. n-1`` of ``stack`` applied to ``h``; differentiable in ``h`` only.
+
+  ``layer`` is ``(layer_params, h, ctx) -> h``; ``ctx`` (the batch context, or None)
+  is a constant like the stack.
 
   The stacked program's memory and speed hinge on this: autodiff of a plain scan
   over the stack would save every layer's weights as residuals (a second copy of
@@ -325,20 +354,21 @@ def _layers_above(layer, stack, j, h, keep=0):
   lo = n - keep
   built = {}  # how a kept layer's saved arrays become its vjp (set while tracing)
 
-  def apply(h, stack, j, save):
+  def apply(h, stack, j, ctx, save):
     def recomputed(h, i):  # saves the layer's input only
-      return jax.lax.cond(i > j, lambda h: layer(_take(stack, i), h), lambda h: h, h), h
+      return jax.lax.cond(i > j, lambda h: layer(_take(stack, i), h, ctx), lambda h: h,
+                          h), h
 
     h, inputs = jax.lax.scan(recomputed, h, jnp.arange(lo))
     if not save or not keep:
       h, _ = jax.lax.scan(recomputed, h, jnp.arange(lo, n))
       return h, (inputs, [])
-    shapes = jax.eval_shape(lambda h, s, i: _saved_layer(layer, s, i, h)[1], h, stack,
-                            jnp.int32(lo))
+    shapes = jax.eval_shape(lambda h, s, i, c: _saved_layer(layer, s, i, h, c)[1], h,
+                            stack, jnp.int32(lo), ctx)
 
     def kept(h, i):  # saves the layer's activations
       def run(h):
-        out, saved, built["rebuild"] = _saved_layer(layer, stack, i, h)
+        out, saved, built["rebuild"] = _saved_layer(layer, stack, i, h, ctx)
         return out, saved
 
       skip = lambda h: (h, [jnp.zeros(s.shape, s.dtype) for s in shapes])
@@ -348,20 +378,20 @@ def _layers_above(layer, stack, j, h, keep=0):
     return h, (inputs, saved)
 
   @jax.custom_vjp
-  def run(h, stack, j):
-    return apply(h, stack, j, save=False)[0]
+  def run(h, stack, j, ctx):
+    return apply(h, stack, j, ctx, save=False)[0]
 
-  def fwd(h, stack, j):
-    out, (inputs, saved) = apply(h, stack, j, save=True)
-    return out, (inputs, saved, stack, j)
+  def fwd(h, stack, j, ctx):
+    out, (inputs, saved) = apply(h, stack, j, ctx, save=True)
+    return out, (inputs, saved, stack, j, ctx)
 
   def bwd(res, ct):
-    inputs, saved, stack, j = res
+    inputs, saved, stack, j, ctx = res
 
     def kept(ct, i):
       def back(ct):  # reads layer i's buffers only when it runs
         now = [jax.lax.dynamic_index_in_dim(b, i - lo, 0, False) for b in saved]
-        return built["rebuild"](now, stack)(ct)[0]
+        return built["rebuild"](now, stack, ctx)(ct)[0]
 
       return jax.lax.cond(i > j, back, lambda ct: ct, ct), None
 
@@ -369,7 +399,7 @@ def _layers_above(layer, stack, j, h, keep=0):
       h_i, i = xs
 
       def back(ct):
-        _, vjp = jax.vjp(lambda x: layer(_take(stack, i), x), h_i)
+        _, vjp = jax.vjp(lambda x: layer(_take(stack, i), x, ctx), h_i)
         return vjp(ct)[0]
 
       return jax.lax.cond(i > j, back, lambda ct: ct, ct), None
@@ -377,10 +407,11 @@ def _layers_above(layer, stack, j, h, keep=0):
     if keep:
       ct, _ = jax.lax.scan(kept, ct, jnp.arange(lo, n), reverse=True)
     ct, _ = jax.lax.scan(recomputed, ct, (inputs, jnp.arange(lo)), reverse=True)
-    return ct, None, None  # stack and j: constants of the step, no cotangent
+    # The stack, j and the batch context are constants of the step: no cotangent.
+    return ct, None, None, None
 
   run.defvjp(fwd, bwd)
-  return run(h, stack, j)
+  return run(h, stack, j, ctx)
 
 
 # ---------------------------------------------------------------------------------
@@ -471,13 +502,15 @@ def _tree_bytes(tree) -> int:
              for x in jax.tree.leaves(tree))
 
 
-def _layer_cost(layer, stack, h) -> LayerCost:
-  """The :class:`LayerCost` of ``layer`` on ``h`` (traced abstractly, no compute)."""
+def _layer_cost(layer, stack, h, ctx=None) -> LayerCost:
+  """The :class:`LayerCost` of ``layer`` (``(w, h, ctx) -> h``) on ``h`` (traced
+  abstractly, no compute)."""
   n = jax.tree.leaves(stack)[0].shape[0]
-  stack = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), stack)
-  x = jax.ShapeDtypeStruct(h.shape, h.dtype)
-  saved = jax.eval_shape(lambda s, x, i: _saved_layer(layer, s, i, x)[1], stack, x,
-                         jnp.int32(0))
+  abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x),
+                                                                   x.dtype), t)
+  stack, x, ctx = abstract(stack), abstract(h), abstract(ctx)
+  saved = jax.eval_shape(lambda s, x, i, c: _saved_layer(layer, s, i, x, c)[1], stack,
+                         x, jnp.int32(0), ctx)
   stack_bytes = _tree_bytes(stack)
   return LayerCost(int(n), _tree_bytes(saved), stack_bytes // n, stack_bytes)
 
@@ -504,7 +537,7 @@ class _Programs:
   """
 
   def __init__(self, placement: Placement, donate: bool):
-    self._placement, self._donate = placement, donate
+    self._placement, self.donate = placement, bool(donate)
     self._jitted: dict[Any, Any] = {}
     self.traces: dict[Any, int] = {}
 
@@ -513,7 +546,7 @@ class _Programs:
       def counted(*args):
         self.traces[key] = self.traces.get(key, 0) + 1
         return program(*args)
-      self._jitted[key] = self._placement.compile(counted, self._donate)
+      self._jitted[key] = self._placement.compile(counted, self.donate)
     return self._jitted[key]
 
 
@@ -602,15 +635,28 @@ class BlockTrainStep:
 
   # -- public -----------------------------------------------------------------------
 
-  def init(self, params: PyTree, opt_state: PyTree | None = None) -> TrainState:
-    """The :class:`TrainState` to start from (``opt_state`` defaults to ``tx.init``)."""
+  def init(self, params: PyTree, opt_state: PyTree | None = None, *,
+           copy_inputs: bool = True) -> TrainState:
+    """The :class:`TrainState` to start from (``opt_state`` defaults to ``tx.init``).
+
+    Args:
+      params: the parameters to train.
+      opt_state: the optimizer state to start from.
+      copy_inputs: with donation on, the state gets its own copies of the arrays
+        handed in, so the steps never delete the caller's (the model they came from
+        stays readable). False hands them over instead: no second copy in memory,
+        and the caller must not read them after the first step.
+    """
+    callers = (params, opt_state) if copy_inputs else ()
+    _check_live(TrainState(params, opt_state, None))
     if opt_state is None:
       opt_state = self.tx.init(params)
     spec = find_state(opt_state).partition.spec(params) if self.master_copy else None
     prec = precision_lib.init_precision_state(
         spec, jax.tree.leaves(params), loss_scale=self.loss_scale,
         master_copy=self.master_copy, seed=self.seed)
-    return self.placement.place_state(_init_state(params, opt_state, prec))
+    return self.placement.place_state(_init_state(
+        params, opt_state, prec, donate=self._programs.donate, callers=callers))
 
   def check(self, state: TrainState) -> None:
     """Raises ``FloatingPointError`` if training cannot make progress any more.
@@ -628,6 +674,7 @@ class BlockTrainStep:
     if len(args) != 2 or not isinstance(args[0], TrainState):
       raise _call_error()
     state, batch = args
+    _check_live(state)
     self.check(state)
     state, batch = self.placement.place_state(state), self.placement.place_batch(batch)
     params, opt_state, prec, metrics = self.program_for(state)(*state, batch)
@@ -673,11 +720,12 @@ class BlockTrainStep:
     """
     return sum(self._programs.traces.values())
 
-  def kept_layers(self, stack: PyTree, h: jax.Array) -> int:
+  def kept_layers(self, stack: PyTree, h: jax.Array, ctx: Any = None) -> int:
     """How many layers above the active one keep their activations (the policy's
-    answer for this stack and hidden-state shape, clipped to ``0 .. n-1``)."""
+    answer for this stack, hidden-state shape and batch context, clipped to
+    ``0 .. n-1``)."""
     n = jax.tree.leaves(stack)[0].shape[0]
-    k = self.residuals(_layer_cost(self.layered.layer, stack, h))
+    k = self.residuals(_layer_cost(self.layered.apply_layer, stack, h, ctx))
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
       raise TypeError(f"the residual policy returned {k!r}; it must return an int.")
     return int(min(max(k, 0), n - 1))
@@ -749,16 +797,19 @@ class BlockTrainStep:
     j = find_state(opt_state).active - lo
     stack = subtree(params, lay.stack_path)
 
+    layer = lay.apply_layer
+
     def grad_fn(batch):
       h = lay.embed(params, batch)
-      k = self.kept_layers(stack, h)
-      h = jax.lax.fori_loop(0, j, lambda i, h: lay.layer(_take(stack, i), h), h)
+      ctx = lay.batch_context(params, batch)  # once per step, outside the layers
+      k = self.kept_layers(stack, h, ctx)
+      h = jax.lax.fori_loop(0, j, lambda i, h: layer(_take(stack, i), h, ctx), h)
 
       def loss_from_active(w):
-        out = lay.layer(w, h)
+        out = layer(w, h, ctx)
         # Layers j+1 .. n-k-1 are recomputed in the backward, the top k kept (the
         # number recomputed, max(0, n-1-j-k), is the same whichever k are kept).
-        out = _layers_above(lay.layer, stack, j, out, keep=k)
+        out = _layers_above(layer, stack, j, out, keep=k, ctx=ctx)
         return lay.head_loss(params, out, batch)
 
       scaled = precision_lib.scaled_loss(loss_from_active, prec, self.loss_scale)
@@ -829,12 +880,25 @@ class FullTrainStep:
     self.placement = SingleDevice() if placement is None else placement
     self._programs = _Programs(self.placement, donate)
 
-  def init(self, params: PyTree, opt_state: PyTree | None = None) -> TrainState:
-    """The :class:`TrainState` to start from (``opt_state`` defaults to ``tx.init``)."""
+  def init(self, params: PyTree, opt_state: PyTree | None = None, *,
+           copy_inputs: bool = True) -> TrainState:
+    """The :class:`TrainState` to start from (``opt_state`` defaults to ``tx.init``).
+
+    Args:
+      params: the parameters to train.
+      opt_state: the optimizer state to start from.
+      copy_inputs: with donation on, the state gets its own copies of the arrays
+        handed in, so the steps never delete the caller's (the model they came from
+        stays readable). False hands them over instead: no second copy in memory,
+        and the caller must not read them after the first step.
+    """
+    callers = (params, opt_state) if copy_inputs else ()
+    _check_live(TrainState(params, opt_state, None))
     if opt_state is None:
       opt_state = self.tx.init(params)
     prec = precision_lib.init_precision_state(None, [], seed=self.seed)
-    return self.placement.place_state(_init_state(params, opt_state, prec))
+    return self.placement.place_state(_init_state(
+        params, opt_state, prec, donate=self._programs.donate, callers=callers))
 
   def check(self, state: TrainState) -> None:
     """Raises ``FloatingPointError`` after ``max_consecutive_skips`` skipped steps."""
@@ -847,6 +911,7 @@ class FullTrainStep:
     if len(args) != 2 or not isinstance(args[0], TrainState):
       raise _call_error()
     state, batch = args
+    _check_live(state)
     self.check(state)
     state, batch = self.placement.place_state(state), self.placement.place_batch(batch)
     params, opt_state, prec, metrics = self._program()(*state, batch)

@@ -8,6 +8,7 @@ subprocess (``tests/train/_train_script.py``).
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -338,3 +339,130 @@ def test_sigkill_mid_save_resumes_exactly(tmp_path):
   assert sorted(a.files) == sorted(b.files) and len(a.files) > 20
   for name in a.files:
     assert np.array_equal(a[name], b[name]), name
+
+
+# ---------------------------------------------------------------------------------
+# The block-selection configuration is recorded and checked
+# ---------------------------------------------------------------------------------
+
+
+def state_with(**options):
+  """A small state of absignsgd(1e-2, **options)."""
+  return BlockTrainStep(toy_loss, absign_jax.absignsgd(1e-2, **options)).init(toy_params())
+
+
+@pytest.mark.parametrize("saved, target, match", [
+    ({}, {"selection": "uniform"},
+     r"was written by an optimizer with selection='depth_biased', but the optimizer "
+     r"restoring it has selection='uniform'; build the optimizer with "
+     r"selection='depth_biased' to resume that run, or start the new run in another "
+     r"directory\.$"),
+    ({}, {"depth_bias": 5.0}, r"depth_bias=10\.0, .* has depth_bias=5\.0;"),
+    ({"selection": "uniform", "seed": 1}, {"selection": "uniform", "seed": 2},
+     r"with seed=1, but the optimizer restoring it has seed=2"),
+    ({"selection": "random_reshuffle"}, {"selection": "cyclic"},
+     r"selection='random_reshuffle', .* has selection='cyclic'"),
+    ({"selection": absign_jax.costs([1, 2, 3])}, {"selection": absign_jax.costs([1, 2, 4])},
+     r"costs=\[1\.0, 2\.0, 3\.0\], .* has costs=\[1\.0, 2\.0, 4\.0\]"),
+    ({"selection": absign_jax.fixed_order([0, 2])},
+     {"selection": absign_jax.fixed_order([2, 0])}, r"order=\[0, 2\], .* order=\[2, 0\]"),
+    ({"steps_per_block": 2}, {"steps_per_block": 3},
+     r"steps_per_block=2, .* steps_per_block=3"),
+])
+def test_restore_with_another_selection_is_an_error(tmp_path, saved, target, match):
+  with Checkpointer(tmp_path, async_save=False) as ckpt:
+    ckpt.save(1, state_with(**saved))
+    with pytest.raises(CheckpointMismatchError, match=r"^the checkpoint 1 in .*" + match):
+      ckpt.restore_latest(state_with(**target))
+    # The same configuration restores; options the scheme does not use may differ.
+    same = dict(saved, depth_bias=3.0) if saved.get("selection") else saved
+    assert ckpt.restore(1, state_with(**same)).step == 1
+
+
+def test_selection_config_is_in_the_metadata(tmp_path):
+  with Checkpointer(tmp_path, async_save=False) as ckpt:
+    ckpt.save(1, state_with(selection="uniform", seed=4))
+    assert ckpt.metadata_at(1)["tree"]["optimizer"] == {
+        "selection": "uniform", "seed": 4, "steps_per_block": 1, "num_blocks": 3}
+  assert describe(toy_state())["optimizer"]["depth_bias"] == 10.0
+  assert describe({"a": jnp.ones(2)})["optimizer"] is None
+
+
+def test_injected_depth_bias_in_float16_is_the_same_depth_bias():
+  """optax.inject_hyperparams keeps a depth bias in the parameters' dtype."""
+  from absign_jax.train.checkpoint import check_optimizer
+  saved = {"optimizer": {"selection": "depth_biased", "depth_bias": float(np.float16(0.1)),
+                         "steps_per_block": 1, "num_blocks": 12}}
+  check_optimizer(saved, {"optimizer": dict(saved["optimizer"], depth_bias=0.1)})
+  with pytest.raises(CheckpointMismatchError, match="depth_bias=0.09997"):
+    check_optimizer(saved, {"optimizer": dict(saved["optimizer"], depth_bias=0.2)})
+
+
+def test_checkpoint_without_selection_record_restores_with_a_warning(tmp_path):
+  """Checkpoints written before the record existed restore as before, unchecked."""
+  state = state_with()
+  with Checkpointer(tmp_path, async_save=False) as ckpt:
+    ckpt.save(1, state, {"step": 1})
+  meta_file = tmp_path / "1" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  del meta["tree"]["optimizer"]
+  meta_file.write_text(json.dumps(meta))
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.warns(UserWarning, match=r"checkpoint 1 in .* records no block-selection "
+                      r"configuration \(it was written by an older version\)"):
+      restored = ckpt.restore_latest(state_with(selection="uniform"))
+  assert restored.step == 1  # unchecked: the uniform target reads the saved arrays
+  for x, y in zip(jax.tree.leaves(restored.state), jax.tree.leaves(state)):
+    assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+
+
+def test_resume_into_eval_shape_target_checks_the_selection(tmp_path, toy):
+  """An abstract target (jax.eval_shape of init) carries the configuration too."""
+  _, make_state, _ = toy
+  with Checkpointer(tmp_path, async_save=False) as ckpt:
+    ckpt.save(1, make_state())
+    assert ckpt.restore(1, jax.eval_shape(make_state)).step == 1
+    tx = optax.inject_hyperparams(absign_jax.absignsgd, static_args=("depth_bias",))(
+        learning_rate=1e-2, weight_decay=0.1, selection="random_reshuffle", seed=3)
+    target = BlockTrainStep(toy_loss, tx, seed=5, dispatch="switch", **TOY_OPTIONS)
+    with pytest.raises(CheckpointMismatchError, match="selection='uniform'"):
+      ckpt.restore(1, jax.eval_shape(lambda: target.init(toy_params())))
+
+
+# ---------------------------------------------------------------------------------
+# Steps only move forward
+# ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_saving_an_older_step_is_an_error(tmp_path, async_save):
+  state = toy_state()
+  with Checkpointer(tmp_path, async_save=async_save) as ckpt:
+    assert ckpt.save(5, state, {"step": 5})  # possibly still being written
+    with pytest.raises(ValueError, match=r"^Checkpointer\.save: step 3 is older than the "
+                       r"latest checkpoint in .* \(step 5\); save a new run into another "
+                       r"directory, or delete the checkpoints after step 3 first "
+                       r"\(Checkpointer\.delete\)\.$"):
+      ckpt.save(3, state, {"step": 3})
+    # The latest step again: nothing written, the first checkpoint kept.
+    assert ckpt.save(5, state, {"step": "again"}) is False
+    assert ckpt.save(5, state, {"step": "again"}, force=True) is False
+    ckpt.wait()
+    assert ckpt.all_steps() == [5]
+    assert ckpt.restore(5, state).data_state == {"step": 5}
+    ckpt.delete(5)
+    assert ckpt.save(3, state, {"step": 3})
+    ckpt.wait()
+    assert ckpt.all_steps() == [3]
+    with pytest.raises(FileNotFoundError, match="no checkpoint for step 5"):
+      ckpt.delete(5)
+  with Checkpointer(tmp_path) as ckpt:  # a new process sees the same order
+    with pytest.raises(ValueError, match=r"step 2 is older than .* \(step 3\)"):
+      ckpt.save(2, state)
+
+
+def test_bad_step_type(tmp_path):
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(TypeError, match=r"Checkpointer\.save: step must be an int >= 0, "
+                       r"got '3' \(str\)"):
+      ckpt.save("3", toy_state())
