@@ -14,13 +14,16 @@ The folders follow the flow of one training step:
   parallelism and checkpoints;
 * :mod:`absign_jax.profiling` -- bytes of trees and compiled programs, collective bytes;
 * :mod:`absign_jax.allocator` -- glibc malloc settings that keep XLA:CPU's freed
-  temporaries mapped (applied on import);
+  temporaries mapped (opt-in, applied on import);
 * :mod:`absign_jax.llm` -- the fine-tuning program (a Llama-family model, GGUF, data).
 """
 
-# First, before JAX starts threads: keep XLA:CPU's freed temporaries mapped.
+# First, before JAX starts threads: keep XLA:CPU's freed temporaries mapped, when
+# the environment asks for it (see absign_jax.allocator).
 from absign_jax import allocator
-allocator.keep_freed_memory()
+
+if allocator.requested():
+  allocator.keep_freed_memory()
 
 from absign_jax import blocks, optim, profiling, related, train  # noqa: E402
 from absign_jax.blocks.partition import BlockSpec, LeafBlock, block_spec
@@ -54,7 +57,8 @@ from absign_jax.related.sign_alias import (
     sos_step_size,
 )
 from absign_jax.train.checkpoint import Checkpointer, Restored
-from absign_jax.train.data_parallel import DataParallelBlockStep, DataParallelFullStep
+from absign_jax.train.data_parallel import (
+    data_parallel_block_step, data_parallel_full_step)
 from absign_jax.train.model import (
     Cut,
     LayerCut,
@@ -78,10 +82,10 @@ from absign_jax.train.precision import (
 from absign_jax.train.step import (
     BlockTrainStep,
     FullTrainStep,
+    KeepLayers,
     LayerCost,
+    ResidualBudget,
     TrainState,
-    keep_layers,
-    residual_budget,
 )
 
 __version__ = "0.1.0"
@@ -98,12 +102,12 @@ __all__ = [
     "ScaleByAliasState", "ScaleBySaiState", "SignSGDEstimates", "alias_sign_sgd",
     "scale_by_alias", "scale_by_sai", "sgd_sai", "sign_sgd_estimates", "sos_step_size",
     # train: steps, model protocol, precision, data parallelism, checkpoints
-    "BlockTrainStep", "Checkpointer", "DataParallelBlockStep", "DataParallelFullStep",
-    "Cut", "DynamicLossScale", "FullTrainStep", "LayerCost", "LayerCut", "LayeredLoss",
-    "LossScaleState", "NnxParts", "Policy", "PrecisionState", "Restored",
-    "StackedLayers", "TrainState", "TrainingPlan", "cut", "cut_linen", "cut_nnx",
-    "keep_layers", "policy", "residual_budget", "split_nnx", "stochastic_round",
-    "training_plan",
+    "BlockTrainStep", "Checkpointer", "Cut", "DynamicLossScale", "FullTrainStep",
+    "KeepLayers", "LayerCost", "LayerCut", "LayeredLoss", "LossScaleState", "NnxParts",
+    "Policy", "PrecisionState", "ResidualBudget", "Restored", "StackedLayers",
+    "TrainState", "TrainingPlan", "cut", "cut_linen", "cut_nnx",
+    "data_parallel_block_step", "data_parallel_full_step", "policy", "split_nnx",
+    "stochastic_round", "training_plan",
     # subpackages
     "allocator", "blocks", "optim", "profiling", "related", "train",
 ]

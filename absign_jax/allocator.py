@@ -3,8 +3,8 @@
 XLA:CPU allocates a step's temporaries with ``malloc`` and frees them at its end. With
 glibc's defaults, blocks above 32 MiB are fresh ``mmap`` regions and freed memory is
 returned to the system, so every step maps its temporaries anew and touches them
-page by page: measured on SmolLM2-135M (AdamW, batch 4 x 128, float32, a 2-core AMD
-EPYC), 482,498 minor page faults and 1.6 s of kernel time per step. glibc's tunables
+page by page: a page fault for every page of the temporaries, and the kernel time to
+serve them, in every step (BENCHMARKS.md has the measured counts). glibc's tunables
 fix that when set before the process's threads first allocate:
 
 * one arena (``M_ARENA_MAX = 1``): per-thread arenas are ``mmap``-ed heaps that glibc
@@ -13,16 +13,20 @@ fix that when set before the process's threads first allocate:
 * no trimming (``M_TRIM_THRESHOLD`` = the largest size): freed heap memory stays
   mapped for the next step.
 
-With them, the same step took 0 faults and 0.02 s of kernel time, at the same peak
-resident memory (4.4 GB). The cost: the process keeps its peak heap mapped until it
-exits, and all threads share one arena.
+With them, a step reuses the pages of the steps before: once the heap has grown to
+its high-water mark (in the first steps), no page faults and almost no kernel time.
+The cost: the process keeps its peak heap mapped until it exits, all threads share
+one arena, and one heap without ``mmap`` fragments, so that high-water mark can be
+well above glibc's own peak (BENCHMARKS.md has both measured). That is why they are
+opt-in.
 
+Set ``ABSIGN_JAX_KEEP_FREED_MEMORY=1`` (:data:`OPT_IN`) in the environment and
 ``import absign_jax`` applies them (on Linux with glibc), before it imports JAX. They
 are fully effective when ``absign_jax`` is imported before ``jax`` (as ``python -m
-absign_jax.llm`` does); a process that imported JAX first may already have threads
-with arenas of their own, which then still unmap. There, set the equivalent
-environment variables (:data:`ENVIRONMENT`) before starting Python. Set
-``ABSIGN_JAX_SYSTEM_MALLOC=1`` to leave the allocator alone.
+absign_jax.llm`` and the benchmarks do); a process that imported JAX first may
+already have threads with arenas of their own, which then still unmap. There, set
+the equivalent glibc environment variables (:data:`ENVIRONMENT`) before starting
+Python instead.
 """
 
 from __future__ import annotations
@@ -32,13 +36,14 @@ import os
 import sys
 from typing import NamedTuple
 
-__all__ = ["AllocatorStatus", "ENVIRONMENT", "OPT_OUT", "keep_freed_memory", "status"]
+__all__ = ["AllocatorStatus", "ENVIRONMENT", "OPT_IN", "keep_freed_memory", "requested",
+           "status"]
 
 # mallopt parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
-OPT_OUT = "ABSIGN_JAX_SYSTEM_MALLOC"
-"""Set this environment variable to 1 to leave glibc's malloc settings alone."""
+OPT_IN = "ABSIGN_JAX_KEEP_FREED_MEMORY"
+"""Set this environment variable to 1 for ``import absign_jax`` to apply the settings."""
 
 ENVIRONMENT = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
                "MALLOC_TRIM_THRESHOLD_": str(2**62)}
@@ -59,7 +64,12 @@ class AllocatorStatus(NamedTuple):
   reason: str
 
 
-_status = AllocatorStatus(False, False, "not attempted")
+_status = AllocatorStatus(False, False, f"not requested ({OPT_IN} is not set)")
+
+
+def requested() -> bool:
+  """Whether the environment asks ``import absign_jax`` to apply the settings."""
+  return os.environ.get(OPT_IN, "") not in ("", "0")
 
 
 def _from_environment() -> bool:
@@ -76,7 +86,7 @@ def _from_environment() -> bool:
 def keep_freed_memory() -> AllocatorStatus:
   """Sets glibc's malloc to keep freed memory mapped (see the module docstring).
 
-  Idempotent; a no-op on other C libraries and when :data:`OPT_OUT` is set.
+  Idempotent; a no-op on other C libraries.
 
   Returns:
     The :class:`AllocatorStatus` (also available from :func:`status`).
@@ -85,9 +95,7 @@ def keep_freed_memory() -> AllocatorStatus:
   if _status.applied:
     return _status
   before_jax = "jax" not in sys.modules
-  if os.environ.get(OPT_OUT, "") not in ("", "0"):
-    _status = AllocatorStatus(False, before_jax, f"{OPT_OUT} is set")
-  elif _from_environment():
+  if _from_environment():
     _status = AllocatorStatus(True, True, "glibc environment variables")
   elif not sys.platform.startswith("linux"):
     _status = AllocatorStatus(False, before_jax, f"not glibc ({sys.platform})")

@@ -5,12 +5,16 @@ and the tests read sizes through these functions:
 
 * :func:`tree_bytes`: bytes held by the arrays of a pytree (parameters, an optimizer
   state).
+* :func:`per_device_bytes`: bytes of a pytree's arrays held by each device, read from
+  their shardings.
 * :func:`master_bytes`: bytes of the float32 master copy in a
   :class:`~absign_jax.train.precision.PrecisionState`.
 * :func:`program_memory`: argument, output, temporary and aliased bytes of a compiled
   program, from XLA's ``memory_analysis()``.
 * :func:`collective_bytes`: bytes moved by the collectives of a compiled program, read
-  from its optimized HLO text.
+  from its optimized HLO text; :func:`collective_bytes_by_axis`, the same per mesh
+  axis (each collective attributed to the axis its replica groups run along,
+  :func:`replica_groups` and :func:`collective_axis`).
 * :func:`cpu_usage`: this process's CPU time (user and kernel) and page faults so far;
   the difference of two readings is what the code between them cost the CPU.
 * :func:`machine_info`: the machine and the versions a figure was measured with.
@@ -31,14 +35,32 @@ import numpy as np
 
 PyTree = Any
 
-__all__ = ["CpuUsage", "collective_bytes", "cpu_usage", "machine_info", "master_bytes",
-           "program_memory", "tree_bytes"]
+__all__ = ["COLLECTIVE_OPS", "CpuUsage", "collective_axis", "collective_bytes",
+           "collective_bytes_by_axis", "cpu_usage", "machine_info", "master_bytes",
+           "per_device_bytes", "program_memory", "replica_groups", "tree_bytes"]
 
 
 def tree_bytes(tree: PyTree) -> int:
   """Bytes held by the arrays of ``tree`` (arrays or ``jax.ShapeDtypeStruct``s)."""
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)
                  if hasattr(x, "dtype")))
+
+
+def per_device_bytes(tree: PyTree) -> dict[int, int]:
+  """Bytes of ``tree``'s arrays held by each device (``{device id: bytes}``), read from
+  their shardings (leaves without one are skipped)."""
+  out: dict[int, int] = {}
+  for x in jax.tree.leaves(tree):
+    sharding = getattr(x, "sharding", None)
+    if sharding is None:
+      continue
+    item = np.dtype(x.dtype).itemsize
+    for device, index in sharding.devices_indices_map(tuple(x.shape)).items():
+      n = 1
+      for dim, sl in zip(x.shape, index):
+        n *= len(range(*sl.indices(dim)))
+      out[device.id] = out.get(device.id, 0) + n * item
+  return out
 
 
 def master_bytes(precision_state: Any) -> int:
@@ -95,7 +117,7 @@ class CpuUsage(NamedTuple):
 def cpu_usage() -> CpuUsage:
   """This process's :class:`CpuUsage` so far (``resource.getrusage(RUSAGE_SELF)``).
 
-  Example:
+  Examples:
     >>> before = cpu_usage()
     >>> _ = sum(range(10**5))
     >>> (cpu_usage() - before).user_s >= 0
@@ -126,6 +148,13 @@ _CALLED = re.compile(
 _COMMENT = re.compile(r"/\*.*?\*/")
 _GROUPS_LIST = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
+# The whole replica_groups attribute, in each of its forms (see replica_groups).
+_GROUPS_ATTR = re.compile(
+    r"replica_groups=(\{\{[0-9,{} ]*\}\}|\{\}|\[[0-9,]+\]<=\[[0-9,]+\](?:T\([0-9,]+\))?"
+    r"|mesh\[[^\]]*\](?:<=\[[0-9,]+\](?:T\([0-9,]+\))?)?\s*\{[^}]*\})")
+_SOURCE_TARGET = re.compile(r"source_target_pairs=\{([0-9,{} ]*)\}")
+# A collective's opcode in a line of HLO (group 2: its async "-start" suffix).
+_COLLECTIVE_CALL = re.compile(r"\b(" + "|".join(COLLECTIVE_OPS) + r")((?:-start)?)\(")
 
 
 def machine_info() -> dict[str, Any]:
@@ -318,3 +347,145 @@ def collective_bytes(compiled: Any, num_devices: int | None = None) -> dict[str,
       result["wire"] += size * factor
   result["wire"] = int(round(result["wire"]))
   return result
+
+
+# -- collectives per mesh axis ------------------------------------------------------
+
+
+def _iota(dims: list[int], src: str | None, perm: str | None) -> np.ndarray:
+  """Device ids laid out as ``dims``: ``iota(src).transpose(perm)`` (HLO's ``<=``)."""
+  if src is None:
+    return np.arange(int(np.prod(dims))).reshape(dims)
+  ids = np.arange(int(np.prod(dims))).reshape([int(v) for v in src.split(",")])
+  if perm:
+    ids = ids.transpose([int(v) for v in perm.split(",")])
+  return ids.reshape(dims)
+
+
+def replica_groups(attr: str, num_devices: int) -> list[frozenset[int]]:
+  """The replica groups of a collective, from the HLO text of its attribute.
+
+  Args:
+    attr: the value of ``replica_groups=``: ``{{0,4},{1,5}}``, ``{}`` (every device),
+      ``[4,2]<=[2,4]T(1,0)`` (an iota of device ids, reshaped and transposed, whose
+      rows are the groups) or ``mesh['a'=2,'b'=4] {'a'}`` (groups vary along ``a``).
+    num_devices: the device count (the one group of ``{}``).
+
+  Returns:
+    The groups, each a set of device ids.
+  """
+  if attr == "{}":
+    return [frozenset(range(num_devices))]
+  if attr.startswith("{"):
+    return [frozenset(int(v) for v in g.split(",") if v.strip())
+            for g in re.findall(r"\{([0-9, ]*)\}", attr[1:-1])]
+  if attr.startswith("mesh"):
+    m = re.fullmatch(r"mesh\[([^\]]*)\](?:<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?)?\s*"
+                     r"\{([^}]*)\}", attr)
+    axes = re.findall(r"'([^']+)'\s*=\s*(\d+)", m.group(1))
+    names, dims = [a for a, _ in axes], [int(v) for _, v in axes]
+    ids = _iota(dims, m.group(2), m.group(3))
+    chosen = [names.index(a) for a in re.findall(r"'([^']+)'", m.group(4))]
+    rest = [k for k in range(len(dims)) if k not in chosen]
+    size = int(np.prod([dims[k] for k in chosen])) if chosen else 1
+    rows = ids.transpose(rest + chosen).reshape(-1, size)
+    return [frozenset(int(v) for v in row) for row in rows]
+  m = re.fullmatch(r"\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", attr)
+  out_shape = [int(v) for v in m.group(1).split(",")]
+  ids = _iota(out_shape, m.group(2), m.group(3)).reshape(out_shape[0], -1)
+  return [frozenset(int(v) for v in row) for row in ids]
+
+
+def _axis_groups(mesh: Any):
+  """``(name, groups)`` per mesh axis: the sets of device ids (positions in the
+  mesh) that vary along that axis only."""
+  ids = np.arange(mesh.size).reshape(tuple(mesh.shape.values()))
+  for k, name in enumerate(mesh.shape):
+    rows = np.moveaxis(ids, k, -1).reshape(-1, ids.shape[k])
+    yield name, [frozenset(int(v) for v in row) for row in rows]
+
+
+def collective_axis(groups: list[frozenset[int]], mesh: Any) -> str:
+  """The mesh axis a collective's replica groups run along.
+
+  Args:
+    groups: the replica groups (:func:`replica_groups`); device ids are positions in
+      the mesh.
+    mesh: a ``jax.sharding.Mesh`` (only its ``shape`` and ``size`` are read).
+
+  Returns:
+    An axis name (the first axis whose groups these are: with ``fsdp=1`` the ``data``
+    groups span the whole mesh), ``"local"`` (every group one device: nothing moves),
+    ``"all"`` (one group of every device, spanning several axes) or ``"other"``.
+  """
+  if all(len(g) <= 1 for g in groups):
+    return "local"
+  for name, along in _axis_groups(mesh):
+    if set(along) == set(groups):
+      return name
+  if len(groups) == 1 and len(groups[0]) == mesh.size:
+    return "all"
+  return "other"
+
+
+def _pairs_axis(pairs: list[frozenset[int]], mesh: Any) -> str:
+  """The axis of a collective-permute: the first whose groups hold every pair."""
+  if all(len(p) <= 1 for p in pairs):
+    return "local"
+  for name, along in _axis_groups(mesh):
+    if all(any(p <= g for g in along) for p in pairs):
+      return name
+  return "all"
+
+
+def collective_bytes_by_axis(compiled: Any, mesh: Any) -> dict[str, dict]:
+  """:func:`collective_bytes` of a compiled program, per mesh axis.
+
+  Each collective of the optimized HLO is attributed to the axis its replica groups
+  run along (:func:`collective_axis`; a collective-permute to the first axis whose
+  groups hold each of its source-target pairs). Under
+  :class:`~absign_jax.train.sharding.Sharded`, the ``fsdp`` entry holds the parameter
+  gathers (``all-gather``) and the reduction of a worker's gradient over its devices;
+  the ``data`` entry holds the vote.
+
+  Args:
+    compiled: a ``jax.stages.Compiled`` or its ``as_text()``.
+    mesh: the ``jax.sharding.Mesh`` it was compiled for (only its ``shape``, ``size``
+      and ``axis_names`` are read); device ids are positions in it.
+
+  Returns:
+    ``{axis: collective_bytes dict}`` for each mesh axis, plus ``"all"``,
+    ``"other"`` and ``"local"`` (see :func:`collective_axis`) when some collective
+    is of that kind.
+  """
+  text = compiled if isinstance(compiled, str) else compiled.as_text()
+  lines = text.splitlines()
+  axis_of = []
+  everyone = [frozenset(range(mesh.size))]
+  for line in lines:
+    if _COLLECTIVE_CALL.search(line) is None:
+      axis_of.append(None)
+      continue
+    m = _GROUPS_ATTR.search(line)
+    pairs = _SOURCE_TARGET.search(line)
+    if m:
+      groups = replica_groups(m.group(1), mesh.size)
+    elif pairs:  # a permute: each pair is a group; its axis is the one holding both
+      groups = [frozenset(int(v) for v in p.split(","))
+                for p in re.findall(r"\{([0-9, ]+)\}", pairs.group(1))]
+      axis_of.append(_pairs_axis(groups, mesh))
+      continue
+    else:  # replica_groups={} (or none): every device
+      groups = everyone
+    axis_of.append(collective_axis(groups, mesh))
+  out = {}
+  for axis in [*mesh.axis_names, "all", "other", "local"]:
+    kept = []
+    for line, a in zip(lines, axis_of):
+      if a is not None and a != axis:  # another axis's collective: not counted here
+        line = _COLLECTIVE_CALL.sub("custom-call(", line, count=1)
+      kept.append(line)
+    counted = collective_bytes("\n".join(kept), num_devices=mesh.size)
+    if axis in mesh.axis_names or counted["ops"]:
+      out[axis] = counted
+  return out

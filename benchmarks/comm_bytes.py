@@ -92,14 +92,14 @@ def main(argv=None) -> None:
     measured = {}
     t0 = time.time()
     adamw = optax.adamw(1e-4)
-    full = dist.DataParallelFullStep(parts.loss_fn, adamw, mesh)
+    full = dist.data_parallel_full_step(parts.loss_fn, adamw, mesh)
     # Shapes only: the steps' placement gives the state its (replicated) sharding.
     measured["adamw (all gradients)"] = collective_bytes(
         full.lower(jax.eval_shape(full.init, params), batch).compile(), n)
     for aggregation in dist.AGGREGATIONS:
       tx = absign_jax.absignsgd(1e-4)
-      step = dist.DataParallelBlockStep(parts.loss_fn, tx, mesh, aggregation=aggregation,
-                                        dispatch="per_block")
+      step = dist.data_parallel_block_step(parts.loss_fn, tx, mesh,
+                                           aggregation=aggregation, dispatch="per_block")
       measured[aggregation] = collective_bytes(
           step.lower(jax.eval_shape(step.init, params), batch, block=0).compile(), n)
     print(f"# {preset}: compiled {len(measured)} programs in {time.time() - t0:.0f}s",
@@ -141,7 +141,7 @@ def fsdp_table(args) -> None:
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
   import absign_jax
   from absign_jax.llm.model import Llama, LlamaConfig
-  from absign_jax.profiling import program_memory
+  from absign_jax.profiling import collective_bytes_by_axis, program_memory
   from absign_jax.train import sharding
 
   sizes = [int(v) for v in args.fsdp.split(",")]
@@ -161,14 +161,14 @@ def fsdp_table(args) -> None:
     rows = []
     for fsdp in sizes:
       mesh = sharding.make_mesh(f"data={n // fsdp},fsdp={fsdp}")
-      step = sharding.ShardedBlockStep(
+      step = sharding.sharded_block_step(
           parts.loss_fn, absign_jax.absignsgd(1e-5), mesh, aggregation=args.aggregation,
           layered=parts.layered)
       state = jax.eval_shape(step.init, params)
       t0 = time.time()
       compiled = step.lower(state, batch, block=0).compile()  # the deepest backprop
       mem = program_memory(compiled)
-      axes = sharding.collective_bytes_by_axis(compiled, mesh)
+      axes = collective_bytes_by_axis(compiled, mesh)
       placed = step.placement.place_state(state)
       per_device = {}
       for x in jax.tree.leaves(placed.params):

@@ -49,6 +49,8 @@ import time
 
 from absign_jax import profiling
 from absign_jax.llm import finetune
+from absign_jax.llm import runs as runs_lib
+from absign_jax.llm import summary as summary_lib
 
 # (label, optimizer, overrides of the fine-tuning program's options)
 SETTINGS = [
@@ -117,7 +119,7 @@ def prose_main(argv=None):
   loaded = finetune.load(base)
   rows, curves = [], {}
   for label, optimizer, overrides in settings:
-    args = argparse.Namespace(**{**vars(base), **overrides})
+    args = dataclasses.replace(base, **overrides)
     result = finetune.train(args, optimizer, loaded, run_dir(a.out, label))
     rows.append({"setting": label, **result.summary})
     curves[label] = result.eval_curve
@@ -135,8 +137,8 @@ def write_report(rows, curves, out, budget) -> None:
   with open(os.path.join(out, "quality.json"), "w") as f:
     json.dump(rows, f, indent=2)
   if curves:
-    finetune.plot_curves(curves, os.path.join(out, "quality.png"),
-                         ylabel="held-out perplexity")
+    summary_lib.plot_curves(curves, os.path.join(out, "quality.png"),
+                            ylabel="held-out perplexity")
   r0 = rows[0]
   lines = [f"Budget {budget:g} s of training per setting, batch {r0['batch']} x seq "
            f"{r0['seq']}, device {r0['device']}.", "",
@@ -314,16 +316,14 @@ def load_rows(out: str) -> list[dict]:
 def loss_curve(directory: str, row: dict) -> list[tuple[float, float]]:
   """A setting's held-out loss against wall-clock, rebuilt from its records.
 
-  On the evaluation subset throughout (``finetune.heldout_curve``); a setting
-  recorded before the subset's endpoints were kept has only its middle points.
+  On the evaluation subset throughout (``runs.heldout_curve``); a setting recorded
+  before the subset's endpoints were kept has only its middle points.
   """
-  from absign_jax.llm import finetune
-
   path = os.path.join(directory, "metrics.jsonl")
   if not os.path.exists(path):
     return [tuple(x) for x in row.get("heldout_loss_curve", [])]
-  records, _ = finetune.read_records(path)
-  return [(t, math.log(p)) for t, p in finetune.heldout_curve(row, records)]
+  records, _ = runs_lib.read_records(path)
+  return [(t, math.log(p)) for t, p in runs_lib.heldout_curve(row, records)]
 
 
 def run_setting(s: Setting, a, loaded_by_task: dict) -> None:
@@ -336,7 +336,7 @@ def run_setting(s: Setting, a, loaded_by_task: dict) -> None:
       "--eval-every", str(a.eval_every), "--eval-problems", str(a.eval_problems),
       "--seed", str(s.seed), "--forgetting", "--no-progress", "--ckpt-every", "0"]
       + ([] if s.lr is None else ["--lr", repr(s.lr)]))
-  args = argparse.Namespace(**{**vars(base), **METHOD_OPTIONS.get(s.method, {}), **variant})
+  args = dataclasses.replace(base, **METHOD_OPTIONS.get(s.method, {}), **variant)
   if s.task not in loaded_by_task:
     loaded_by_task.clear()  # one task's data at a time
     loaded_by_task[s.task] = finetune.load(args)
@@ -428,7 +428,6 @@ def write_tasks_report(rows: list[dict], out: str) -> None:
   """tasks.md (printed), tasks.json and one plot per task."""
   if not rows:
     raise SystemExit(f"no finished setting under {out}")
-  from absign_jax.llm import finetune
 
   # The pretrained model's loss on the subset is the first point of every setting of
   # a task (the same weights and sequences): given to those recorded without it.
@@ -481,7 +480,7 @@ def write_tasks_report(rows: list[dict], out: str) -> None:
           edge = (" (at the edge of the bracket: extend it)"
                   if r["lr"] in (BRACKETS[m][0], BRACKETS[m][-1]) else " (inside)")
         lines.append(f"- {r['setting']}{edge}")
-    finetune.plot_curves(
+    summary_lib.plot_curves(
         {f"{m} lr={r['lr_setting'] if r['lr_setting'] is not None else 'free'} "
          f"seed={r['seed']}": [tuple(x) for x in r["heldout_loss_curve"]]
          for m, r in plotted_per_method(rows, task).items()},

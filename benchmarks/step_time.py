@@ -83,10 +83,12 @@ import sys
 import time
 from typing import Any, NamedTuple
 
+# absign_jax first: it sets the allocator to keep XLA:CPU's freed temporaries mapped
+# (absign_jax.allocator), which must happen before JAX starts its threads.
+import absign_jax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -96,34 +98,42 @@ import any_flax_model  # noqa: E402  (examples/any_flax_model.py)
 import lora as lora_lib  # noqa: E402  (benchmarks/lora.py)
 import torch_ref  # noqa: E402  (benchmarks/torch_ref.py)
 
-import absign_jax  # noqa: E402
 from absign_jax import profiling  # noqa: E402
+from absign_jax.llm import registry  # noqa: E402
+from absign_jax.llm.config import RunConfig  # noqa: E402
 from absign_jax.llm.model import Llama, LlamaConfig  # noqa: E402
 
 TORCH_METHODS = ("torch_forward", "torch_adamw", "torch_block_sign")
-METHODS = ("forward", "adamw", "absignsgd", "absignsgd_uniform", "block_adam",
-           "sign_sgd", "lora") + TORCH_METHODS
+# The optimizers are the registry's (absign_jax/llm/registry.py); adamw first, the
+# reference of every other row.
+_OPTIMIZERS = tuple(n for n, o in registry.OPTIMIZERS.items() if o.benchmarked)
+METHODS = (("forward", "adamw") + tuple(m for m in _OPTIMIZERS if m != "adamw")
+           + TORCH_METHODS)
 # The rows a run times unless --methods says otherwise (--methods all: every row):
 # those the targets read, and BAdam beside them; absignsgd_uniform and sign_sgd are
 # context, opt-in, so that the default run fits in 10 minutes on a 2-core CPU.
 DEFAULT_METHODS = ("forward", "adamw", "absignsgd", "block_adam", "lora") + TORCH_METHODS
-BLOCK_METHODS = ("absignsgd", "absignsgd_uniform", "block_adam")
+BLOCK_METHODS = tuple(m for m in _OPTIMIZERS if registry.get(m).block)
 # Timed block by block (forced active), weighted by visit frequencies.
 PER_BLOCK_TIMED = BLOCK_METHODS + ("torch_block_sign",)
 # The schedule a method follows (its visit frequencies).
 SCHEDULE = {"torch_block_sign": "absignsgd"}
 # Run order: ascending expected memory, so that a device's (never reset) peak-memory
 # counter read after each method is that method's own peak; PyTorch last.
-RUN_ORDER = ("forward", "absignsgd", "absignsgd_uniform", "block_adam", "lora",
-             "sign_sgd", "adamw") + TORCH_METHODS
+# (Other optimizers: before adamw, whose state is the largest.)
+_BY_MEMORY = ("forward", "absignsgd", "absignsgd_uniform", "block_adam", "lora",
+              "sign_sgd")
+RUN_ORDER = (_BY_MEMORY
+             + tuple(m for m in _OPTIMIZERS if m not in _BY_MEMORY + ("adamw",))
+             + ("adamw",) + TORCH_METHODS)
 DEPTH_BIAS = 10.0
 LORA_RANK = 8
 LR, WEIGHT_DECAY = 1e-5, 0.01
 DISPATCH_CONFIGS = ("list:per_block", "list:switch", "stacked:auto")
 COMPILE_PLUS = 100  # the target's "compilation plus 100 steps"
 LOSS_RTOL = 1e-4  # PyTorch's loss against the JAX model's, before timing
-FLAX_GPT_METHODS = ("forward", "adamw", "absignsgd", "absignsgd_uniform", "block_adam",
-                    "sign_sgd")
+# Every row but those that build a Llama (LoRA's adapters, PyTorch's model).
+FLAX_GPT_METHODS = tuple(m for m in METHODS if m != "lora" and m not in TORCH_METHODS)
 COMPARE_TOLERANCE = 0.10  # another model's ratios: within 10% of the Llama's
 
 
@@ -228,20 +238,20 @@ def make_batch(cfg: LlamaConfig, batch: int, seq: int, seed: int = 0) -> dict:
           "mask": jnp.ones((batch, seq), jnp.float32)}
 
 
+# The benchmark's options of the registry's optimizers (they set a step's cost, not its
+# quality): LR, weight decay for adamw only, BAdam one step per block in ascending
+# order, LoRA at 1e-4.
+TX_OPTIONS = {"adamw": dict(weight_decay=WEIGHT_DECAY),
+              "block_adam": dict(switch_every=1, block_order="ascending"),
+              "lora": dict(lr=1e-4)}
+
+
 def make_tx(method: str):
-  if method == "adamw":
-    return optax.adamw(LR, weight_decay=WEIGHT_DECAY)
-  if method == "absignsgd":
-    return absign_jax.absignsgd(LR, depth_bias=DEPTH_BIAS)
-  if method == "absignsgd_uniform":
-    return absign_jax.absignsgd(LR, selection="uniform")
-  if method == "block_adam":
-    return absign_jax.block_adam(LR, steps_per_block=1, selection="cyclic")
-  if method == "sign_sgd":
-    return absign_jax.sign_sgd(LR)
-  if method == "lora":
-    return optax.adamw(1e-4, weight_decay=0.0)
-  raise ValueError(f"no optax transformation for method {method!r}")
+  """The optax transformation of optimizer ``method`` (the registry's factory)."""
+  entry = registry.get(method)  # (ValueError: no optimizer, e.g. "forward")
+  config = RunConfig(**{"lr": None if entry.parameter_free else LR,
+                        "depth_bias": DEPTH_BIAS, **TX_OPTIONS.get(method, {})})
+  return entry.make(config.lr, config)
 
 
 def visit_frequencies(method: str, n: int) -> np.ndarray:
@@ -356,9 +366,11 @@ def _mean(xs):
 
 def make_runner(method: str, model: Model, batch: dict, layout_model: Model,
                 dispatch: str, donate: bool = True,
-                residuals: int | None = None) -> tuple[Any, Any]:
+                residuals: int | None = None,
+                save_inputs_every: int = 1) -> tuple[Any, Any]:
   """A fresh step, parameters and optimizer state for ``method`` (JAX methods);
-  ``residuals``: the block step's residual policy (None: the library's default)."""
+  ``residuals``: the block step's residual policy (None: the library's default);
+  ``save_inputs_every``: see :class:`absign_jax.BlockTrainStep`."""
   if method == "forward":
     return ForwardRunner(layout_model.parts.loss_fn, layout_model.params(), batch), None
   tx = make_tx(method)
@@ -371,7 +383,8 @@ def make_runner(method: str, model: Model, batch: dict, layout_model: Model,
   if method in BLOCK_METHODS:
     step = absign_jax.BlockTrainStep(m.parts.loss_fn, tx, layered=m.parts.layered,
                                      dispatch=dispatch, donate=donate,
-                                     residuals=residuals)
+                                     residuals=residuals,
+                                     save_inputs_every=save_inputs_every)
   else:
     step = absign_jax.FullTrainStep(m.parts.loss_fn, tx, donate=donate)
   return Runner(step, step.init(params), batch), tx
@@ -630,63 +643,6 @@ def torch_runners(methods, model: Model, batch: dict, rows: dict, jax_loss: floa
 
 
 # ---------------------------------------------------------------------------------
-# runtime: the allocator
-# ---------------------------------------------------------------------------------
-
-_LIBDIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64",
-            "/usr/lib")
-# The library and the settings that keep freed memory in the process (no decay to
-# the kernel), so that a step reuses the previous step's pages.
-ALLOCATORS = {
-    "jemalloc": ("libjemalloc.so.2",
-                 {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}),
-    "tcmalloc": ("libtcmalloc_minimal.so.4", {"TCMALLOC_RELEASE_RATE": "0"}),
-}
-
-
-def find_allocator(name: str) -> str | None:
-  """The path of allocator ``name``'s shared library, or None."""
-  lib = ALLOCATORS[name][0]
-  for d in _LIBDIRS:
-    if os.path.exists(os.path.join(d, lib)):
-      return os.path.join(d, lib)
-  return None
-
-
-def use_allocator(choice: str, argv: list[str]) -> str:
-  """Re-executes this script with ``choice``'s allocator preloaded, if it is not.
-
-  XLA:CPU allocates every execution's temporaries (and PyTorch its tensors) with
-  ``malloc``; glibc's returns large blocks to the kernel on ``free``, so every step
-  page-faults its temporaries in anew (one fault and one zeroed page per 4 KiB:
-  about 480,000 per adamw step on smollm2-135m). jemalloc or tcmalloc, told to keep
-  freed memory, reuse the pages. ``"auto"``: jemalloc where installed (Debian:
-  ``libjemalloc2``), else the system's. Returns the allocator in use.
-  """
-  if choice == "system":
-    return "system"
-  names = ["jemalloc", "tcmalloc"] if choice == "auto" else [choice]
-  preload = os.environ.get("LD_PRELOAD", "")
-  for name in names:
-    if ALLOCATORS[name][0] in preload:
-      return name
-  for name in names:
-    path = find_allocator(name)
-    if path is None:
-      continue
-    env = dict(os.environ, LD_PRELOAD=":".join(x for x in (path, preload) if x),
-               **ALLOCATORS[name][1])
-    sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
-  if choice != "auto":
-    raise SystemExit(f"--allocator {choice}: {ALLOCATORS[choice][0]} not found in "
-                     f"{', '.join(_LIBDIRS)} (Debian: apt-get install "
-                     f"{'libjemalloc2' if choice == 'jemalloc' else 'libtcmalloc-minimal4'}"
-                     "), or use --allocator system.")
-  return "system"
-
-
-# ---------------------------------------------------------------------------------
 # targets
 # ---------------------------------------------------------------------------------
 
@@ -805,6 +761,10 @@ def parse_args(argv=None):
   p.add_argument("--layout", default="stacked", choices=["list", "stacked"],
                  help="the layers' layout (stacked: what the fine-tuning program runs)")
   p.add_argument("--dispatch", default="auto", choices=["auto", "per_block", "switch"])
+  p.add_argument("--save-inputs-every", type=int, default=1, metavar="K",
+                 help="block methods: save every K-th recomputed layer's input only and "
+                      "replay the segments between in the backward (less memory, one "
+                      "more forward per recomputed layer)")
   p.add_argument("--interleave", default="auto", choices=["auto", "on", "off"],
                  help="time all methods interleaved step by step, so that they see "
                       "the same machine load (all stay in memory at once); auto: on "
@@ -833,11 +793,6 @@ def parse_args(argv=None):
                       "compiling backend's)")
   p.add_argument("--allow-big-cpu", action="store_true",
                  help="let qwen3-8b run without an accelerator (needs > 100 GB)")
-  p.add_argument("--allocator", default="auto",
-                 choices=["auto", "jemalloc", "tcmalloc", "system"],
-                 help="malloc of the process (re-executes with LD_PRELOAD): auto = "
-                      "jemalloc where installed, keeping freed memory (see "
-                      "use_allocator); system: whatever the process has")
   p.add_argument("--compilation-cache", default=None, metavar="DIR",
                  help="use JAX's persistent compilation cache in DIR (off by default, "
                       "so that compile times are compilations; with it, a program "
@@ -889,7 +844,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
-  allocator = use_allocator(args.allocator, sys.argv[1:] if argv is None else list(argv))
+  allocator = absign_jax.allocator.status()
+  allocator = "kept (glibc)" if allocator.applied else f"system ({allocator.reason})"
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   for m in methods:
     if m not in METHODS:
@@ -954,7 +910,8 @@ def main(argv=None):
   jax_loss = None
   for method in order:
     log(f"[{method}]")
-    runner, _ = make_runner(method, model, batch, model, args.dispatch)
+    runner, _ = make_runner(method, model, batch, model, args.dispatch,
+                            save_inputs_every=args.save_inputs_every)
     row: dict[str, Any] = {"name": method}
     compiled_first: dict = {}
     if args.compile_steps > 0 and method in ("absignsgd", "adamw"):
@@ -1059,8 +1016,7 @@ def main(argv=None):
       "compilation_cache": args.compilation_cache,
       "machine": dict(profiling.machine_info(), load_avg_start=load_start,
                       xla_flags=os.environ.get("XLA_FLAGS"),
-                      malloc_conf=os.environ.get("MALLOC_CONF"), allocator=allocator,
-                      ld_preload=os.environ.get("LD_PRELOAD")),
+                      allocator=allocator, ld_preload=os.environ.get("LD_PRELOAD")),
       "command": "python benchmarks/step_time.py " + " ".join(
           sys.argv[1:] if argv is None else argv),
       "rows": [rows[m] for m in METHODS if m in rows],
@@ -1138,7 +1094,8 @@ def memory_only(args, methods: list[str]) -> dict:
     elif method in BLOCK_METHODS:
       step = absign_jax.BlockTrainStep(model.parts.loss_fn, make_tx(method),
                                        layered=model.parts.layered,
-                                       dispatch=args.dispatch)
+                                       dispatch=args.dispatch,
+                                       save_inputs_every=args.save_inputs_every)
       runner = Runner(step, jax.eval_shape(step.init, params), batch)
     else:
       step = absign_jax.FullTrainStep(model.parts.loss_fn, make_tx(method))
@@ -1310,8 +1267,7 @@ def _f(x, spec):
 
 def markdown(r: dict) -> str:
   mi = r["machine"]
-  env = [f"{k.upper()}={mi[k]}" for k in ("xla_flags", "ld_preload", "malloc_conf")
-         if mi.get(k)]
+  env = [f"{k.upper()}={mi[k]}" for k in ("xla_flags", "ld_preload") if mi.get(k)]
   env.insert(0, f"allocator {mi.get('allocator', 'system')}")
   lines = [
       f"### Step time and memory: {r['preset']} (N = {r['n_layers']}, "

@@ -2,7 +2,7 @@
 
 ``transformers``' ``LlamaForCausalLM`` is built from the benchmark's
 :class:`~absign_jax.llm.model.LlamaConfig` (``absign_jax.llm.hf.hf_config``) and loaded
-with the JAX model's weights (``absign_jax.llm.model.named_tensors`` mapped to
+with the JAX model's weights (``absign_jax.llm.weights.named_tensors`` mapped to
 Hugging Face names by ``absign_jax.llm.hf.hf_tensor_name``), so both compute the same
 function. Two steps:
 
@@ -27,6 +27,7 @@ import numpy as np
 
 from absign_jax.llm import hf as hf_lib
 from absign_jax.llm import model as model_lib
+from absign_jax.llm import weights
 
 
 def available() -> str | None:
@@ -69,7 +70,7 @@ def build(jax_model: model_lib.Llama, threads: int | None = None):
   with torch.device("cpu"):
     model = transformers.LlamaForCausalLM(config).float()
   state = {}
-  for path, layer, x in model_lib.named_tensors(jax_model):
+  for path, layer, x in weights.named_tensors(jax_model):
     if path[-1] == "sliding":
       continue
     x = np.asarray(x, np.float32)

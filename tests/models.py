@@ -2,8 +2,10 @@
 
 ``TinyLM`` is a pre-norm residual language model in Flax NNX: an embedding, ``n_layers``
 MLP layers (in an ``nnx.List``, or stacked by ``nnx.vmap``), a final norm and a head.
-It follows the layered protocol of :func:`absign_jax.split_nnx`: ``loss(batch)`` and,
-stacked, ``layered_loss()``. Batches are ``{"inputs", "targets", "mask"}``.
+It has ``loss(batch)`` and no ``layer_cut()``, so :func:`absign_jax.split_nnx` gives
+it the plain loss (the steps' program per block); :func:`cut` cuts it at its layers
+with :func:`absign_jax.cut_nnx` (the one-program step). Batches are ``{"inputs",
+"targets", "mask"}``.
 """
 
 from __future__ import annotations
@@ -87,18 +89,12 @@ class TinyLM(nnx.Module):
         h = layer(h)
     return self.head_loss(h, batch["targets"], batch.get("mask"))
 
-  def layered_loss(self):
-    if not self.cfg.stacked:
-      return None
-    graphdef, _, rest = nnx.split(self, nnx.Param, ...)
-    layer_graphdef = nnx.graphdef(self.layers)
-    merge = lambda p: nnx.merge(graphdef, p, rest)
-    return absign_jax.LayeredLoss(
-        embed=lambda p, batch: merge(p).embed(batch["inputs"]),
-        layer=lambda w, h: nnx.merge(layer_graphdef, w)(h),
-        head_loss=lambda p, h, batch: merge(p).head_loss(
-            h, batch["targets"], batch.get("mask")),
-        stack_path=("layers",))
+
+def cut(model: TinyLM) -> absign_jax.NnxParts:
+  """``model`` cut at its layers (stacked for training when they are a list)."""
+  return absign_jax.cut_nnx(
+      model, embed=lambda m, batch: m.embed(batch["inputs"]),
+      head_loss=lambda m, h, batch: m.head_loss(h, batch["targets"], batch.get("mask")))
 
 
 def make_batch(i: int, vocab: int = 256, batch: int = 2, seq: int = 16) -> dict:

@@ -18,6 +18,8 @@ import sys
 
 import pytest
 
+import absign_jax
+
 from tests.conftest import SUBPROCESS_XLA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,11 +58,6 @@ def step_time_module():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
-
-
-def step_time_allocator_lib(name):
-  """The shared library the benchmark preloads for allocator ``name``."""
-  return step_time_module().ALLOCATORS[name][0]
 
 
 @pytest.fixture(scope="module")
@@ -128,17 +125,10 @@ def test_every_row_has_its_fields(tiny):
   # Optimizer state: adamw holds two moments of every parameter, absignsgd none.
   assert rows["adamw"]["opt_state_bytes"] >= 2 * rows["adamw"]["param_bytes"]
   assert rows["absignsgd"]["opt_state_bytes"] < 0.01 * rows["adamw"]["opt_state_bytes"]
-  # The default allocator: jemalloc, else tcmalloc, where installed (preloaded by
-  # re-execution), else the system's.
-  def installed(lib):
-    return any(os.path.exists(os.path.join(d, lib))
-               for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu",
-                         "/usr/lib64", "/usr/lib"))
-  found = [name for name in ("jemalloc", "tcmalloc")
-           if installed(step_time_allocator_lib(name))]
-  assert result["machine"]["allocator"] == (found[0] if found else "system")
-  if found:
-    assert step_time_allocator_lib(found[0]) in result["machine"]["ld_preload"]
+  # The library's allocator settings, applied when the script imports absign_jax.
+  assert result["machine"]["allocator"] == (
+      "kept (glibc)" if absign_jax.allocator.status().applied else
+      f"system ({absign_jax.allocator.status().reason})")
   names = {t["target"] for t in result["targets"]}
   assert any("forward" in t for t in names) and any("memory" in t for t in names)
 
@@ -174,15 +164,12 @@ def test_torch_rows_match_the_jax_model(tiny):
 
 def test_torch_rows_skip_with_a_note_and_studies_are_off_by_default(tmp_path, cache):
   stdout = _run([*SMALL, "--methods", "forward,torch_adamw,torch_block_sign",
-                 "--steps", "1", "--compilation-cache", cache, "--out", str(tmp_path),
-                 # Hidden in this process only: no re-execution with an allocator.
-                 "--allocator", "system"],
+                 "--steps", "1", "--compilation-cache", cache, "--out", str(tmp_path)],
                 prelude="sys.modules['torch'] = None")
   result = json.loads((tmp_path / "step_time_tiny.json").read_text())
   assert [r["name"] for r in result["rows"]] == ["forward"]
   assert result["compile_study"] is None and result["dispatch_study"] is None
   assert result["layout"] == "stacked"
-  assert result["machine"]["allocator"] == "system"
   assert "torch is not installed" in result["torch_note"]
   assert "PyTorch rows: skipped: torch is not installed" in stdout
 

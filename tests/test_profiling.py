@@ -7,10 +7,12 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import absign_jax
-from absign_jax.profiling import (collective_bytes, machine_info, program_memory,
-                                  tree_bytes)
+from absign_jax.profiling import (collective_axis, collective_bytes,
+                                  collective_bytes_by_axis, machine_info,
+                                  program_memory, replica_groups, tree_bytes)
 
 
 def test_tree_bytes_counts_arrays_and_shapes():
@@ -65,6 +67,45 @@ def test_collective_bytes_parses_hlo_text():
   assert r["all-gather"] == 0 and r["conditional"] == 4  # only inside the branch
   # ring estimate: group of 4 for the tuple all-reduce, 8 for the async one
   assert r["wire"] == round((256 + 20) * 2 * 3 / 4 + 100 * 2 * 7 / 8)
+
+
+class _Mesh24:
+  axis_names = ("data", "fsdp")
+  shape = {"data": 2, "fsdp": 4}
+  size = 8
+
+
+@pytest.mark.parametrize("groups, axis", [
+    ("{{0,4},{1,5},{2,6},{3,7}}", "data"),
+    ("{{0,1,2,3},{4,5,6,7}}", "fsdp"),
+    ("[4,2]<=[2,4]T(1,0)", "data"),
+    ("[2,4]<=[8]", "fsdp"),
+    ("mesh['a'=2,'b'=4] {'a'}", "data"),
+    ("mesh['a'=2,'b'=4] {'b'}", "fsdp"),
+    ("{}", "all"),
+    ("{{0},{1},{2},{3},{4},{5},{6},{7}}", "local"),
+    ("{{0,1},{2,3},{4,5},{6,7}}", "other"),
+])
+def test_replica_groups_are_attributed_to_their_mesh_axis(groups, axis):
+  """Device ids are positions in the (data=2, fsdp=4) mesh: 0-3 are data index 0."""
+  assert collective_axis(replica_groups(groups, 8), _Mesh24()) == axis
+
+
+def test_collective_bytes_by_axis_counts_each_collective_once():
+  hlo = """HloModule m
+
+ENTRY %main (p: f32[16], q: s8[4]) -> f32[16] {
+  %p = f32[16]{0} parameter(0)
+  %q = s8[4]{0} parameter(1)
+  %g = f32[64]{0} all-gather(%p), replica_groups=[2,4]<=[8], dimensions={0}
+  %v = s8[4]{0} all-reduce(%q), replica_groups=[4,2]<=[2,4]T(1,0), to_apply=%add
+  ROOT %r = f32[16]{0} copy(%p)
+}
+"""
+  out = collective_bytes_by_axis(hlo, _Mesh24())
+  assert out["fsdp"]["all-gather"] == 64 and out["fsdp"]["all-reduce"] == 0
+  assert out["data"]["all-reduce"] == 4 and out["data"]["all-gather"] == 0
+  assert set(out) == {"data", "fsdp"}
 
 
 def test_cpu_usage_counts_cpu_time_and_page_faults():

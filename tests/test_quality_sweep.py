@@ -110,7 +110,7 @@ def test_plot_takes_each_methods_seed_0_run_else_its_lowest_seed(quality):
 
 
 def test_options_phase_runs_every_variant_beside_the_plain_step(quality):
-  from absign_jax.llm import finetune
+  from absign_jax.llm import finetune, registry
 
   settings = quality.options_settings()
   methods = {s.method for s in settings}
@@ -124,7 +124,7 @@ def test_options_phase_runs_every_variant_beside_the_plain_step(quality):
   # Every variant's options are options of the program.
   known = set(vars(finetune.parse_args([])))
   for optimizer, overrides, lr in quality.VARIANTS.values():
-    assert optimizer in finetune.OPTIMIZERS and lr > 0
+    assert optimizer in registry.OPTIMIZERS and lr > 0
     assert set(overrides) <= known, set(overrides) - known
 
 

@@ -348,7 +348,7 @@ def block_spec(
   Raises:
     ValueError: empty tree, or no layer list found (the message lists the paths seen).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> params = {"embed": jnp.zeros((8, 4)),
     ...           "layers": [{"w": jnp.zeros((4, 4))} for _ in range(3)]}

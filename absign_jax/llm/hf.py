@@ -1,7 +1,8 @@
 """Hugging Face checkpoint directories: ``config.json``, safetensors, tokenizer.
 
 Reads (:func:`load_hf`) and writes (:func:`save_hf`) the layout
-``transformers`` uses for the supported families:
+``transformers`` uses for the supported families (each described by its module
+in :mod:`absign_jax.llm.families`):
 
 ==================================  ===========================================
 ``architectures``                   what the model turns on
@@ -15,6 +16,9 @@ Gemma3ForCausalLM,                  sliding/full alternation with two RoPE
 Gemma3ForConditionalGeneration      bases, q/k-norm, sandwich norms, GeGLU,
 (its text part)                     ``sqrt(d)``-scaled embeddings, (1 + w) norms
 ==================================  ===========================================
+
+The keys every family shares are read here; a family's own keys by its
+``from_hf`` (and written by its ``to_hf``).
 
 RoPE is read from either form transformers writes: 4.x's ``rope_theta`` and
 ``rope_scaling`` (Gemma 3: plus ``rope_local_base_freq`` for the sliding
@@ -43,7 +47,9 @@ from typing import Any, Iterable, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-from absign_jax.llm import model as model_lib
+from absign_jax.llm import families
+from absign_jax.llm import weights
+from absign_jax.llm.families import Family
 from absign_jax.llm.model import Llama, LlamaConfig
 
 __all__ = [
@@ -61,19 +67,7 @@ __all__ = [
 ]
 
 # architectures entry -> family (LlamaConfig.arch)
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "Gemma3ForCausalLM": "gemma3",
-    "Gemma3ForConditionalGeneration": "gemma3",
-}
-_EXPORT_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                "gemma3": "Gemma3ForCausalLM"}
-_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2",
-               "qwen3": "qwen3", "gemma3": "gemma3_text"}
+SUPPORTED_ARCHITECTURES = {a: f.name for a, f in families.HF_ARCHITECTURES.items()}
 
 _ST_DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
@@ -84,19 +78,8 @@ _ST_DTYPES = {
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
-# Gemma3TextConfig defaults, for text_config entries a checkpoint leaves out.
-_GEMMA3_DEFAULTS = dict(
-    vocab_size=262208, hidden_size=2304, intermediate_size=9216,
-    num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
-    head_dim=256, max_position_embeddings=131072, rms_norm_eps=1e-6,
-    query_pre_attn_scalar=256,
-    sliding_window=4096, sliding_window_pattern=6, tie_word_embeddings=True,
-    hidden_activation="gelu_pytorch_tanh",
-)
-# Gemma 3's RoPE bases when a config names none: full-attention, sliding layers.
-_GEMMA3_THETAS = {"full_attention": 1e6, "sliding_attention": 1e4}
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-_LAYER_TYPES = tuple(_GEMMA3_THETAS)
+_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 # -- safetensors -------------------------------------------------------------------
@@ -225,32 +208,36 @@ def _agreed(values: list[tuple[str, Any]], default: Any, source: str) -> Any:
   return values[0][1] if values else default
 
 
-def _rope_from_hf(c: Mapping[str, Any], arch: str, max_pos: int,
+def _rope_from_hf(c: Mapping[str, Any], family: Family, max_pos: int,
                   source: str) -> dict[str, Any]:
   """RoPE fields of :class:`LlamaConfig` from a (text) ``config.json`` dict.
 
   Reads both the transformers 4.x keys (``rope_theta``, ``rope_scaling``,
-  Gemma 3's ``rope_local_base_freq``) and 5.x's ``rope_parameters`` (keyed by
-  layer type for Gemma 3); where both are present they must agree.
+  ``rope_local_base_freq``) and 5.x's ``rope_parameters`` (keyed by layer type
+  for a family with ``rope_by_layer_type``); where both are present they must
+  agree.
   """
   params = c.get("rope_parameters") or {}
   nested = any(k in _LAYER_TYPES for k in params)
-  if arch == "gemma3":
+  if family.rope_by_layer_type:
     if params and not (nested and set(params) <= set(_LAYER_TYPES)):
       raise ValueError(
-          f"{source}: gemma3 rope_parameters must be keyed by layer type"
+          f"{source}: {family.name} rope_parameters must be keyed by layer type"
           f" ({', '.join(_LAYER_TYPES)}), got keys {sorted(params)}")
     kinds = _LAYER_TYPES
   elif nested:
     raise ValueError(f"{source}: rope_parameters keyed by layer type is not supported"
-                     f" for {arch}; give one rope_parameters dict for every layer")
+                     f" for {family.name}; give one rope_parameters dict for every"
+                     " layer")
   else:
     params, kinds = {"full_attention": params}, ("full_attention",)
   legacy = {"full_attention": ("rope_theta", c.get("rope_theta")),
             "sliding_attention": ("rope_local_base_freq", c.get("rope_local_base_freq"))}
+  defaults = {"full_attention": family.rope_theta,
+              "sliding_attention": family.rope_local_theta}
   out = {}
   for kind in kinds:
-    where = f"rope_parameters.{kind}" if arch == "gemma3" else "rope_parameters"
+    where = f"rope_parameters.{kind}" if family.rope_by_layer_type else "rope_parameters"
     thetas, scalings = [], []
     key, value = legacy[kind]
     if value is not None:
@@ -265,8 +252,7 @@ def _rope_from_hf(c: Mapping[str, Any], arch: str, max_pos: int,
       if theta is not None:
         thetas.append((f"{where}.rope_theta", theta))
       scalings.append((where, scaling))
-    theta = _agreed(thetas, _GEMMA3_THETAS[kind] if arch == "gemma3" else 10000.0,
-                    source)
+    theta = _agreed(thetas, defaults[kind], source)
     scaling = _agreed(scalings, None, source)
     if scaling and kind == "sliding_attention":
       raise ValueError(f"{source}: {where} rope_type {scaling['rope_type']!r} is not"
@@ -293,10 +279,9 @@ def config_from_hf(config: Mapping[str, Any], *, source: str = "config.json",
     raise ValueError(
         f"{source}: architectures {archs} is not supported; supported:"
         f" {', '.join(SUPPORTED_ARCHITECTURES)}")
-  arch = SUPPORTED_ARCHITECTURES[known[0]]
-  c = dict(config)
-  if arch == "gemma3":
-    c = {**_GEMMA3_DEFAULTS, **dict(config.get("text_config") or config)}
+  family = families.for_hf_architecture(known[0])
+  text = (config.get("text_config") or config) if family.hf_text_config else config
+  c = {**family.hf_defaults, **dict(text)}
 
   def need(key):
     if key not in c:
@@ -308,52 +293,28 @@ def config_from_hf(config: Mapping[str, Any], *, source: str = "config.json",
 
   dim, n_heads = int(need("hidden_size")), int(need("num_attention_heads"))
   head_dim = c.get("head_dim") or dim // n_heads
-  act = c.get("hidden_activation") or c.get("hidden_act", "silu")
   cfg = dict(
-      arch=arch, vocab_size=int(need("vocab_size")), dim=dim,
+      arch=family.name, vocab_size=int(need("vocab_size")), dim=dim,
       n_layers=int(need("num_hidden_layers")), n_heads=n_heads,
       n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
       hidden_dim=int(need("intermediate_size")),
       norm_eps=float(c.get("rms_norm_eps", 1e-6)),
       max_seq_len=int(c.get("max_position_embeddings", 2048)),
-      tie_embeddings=bool(c.get("tie_word_embeddings", arch == "gemma3")),
+      tie_embeddings=bool(c.get("tie_word_embeddings", False)),
       head_dim=int(head_dim) if head_dim * n_heads != dim else None,
   )
   if c.get("mlp_bias"):
     raise unsupported("mlp_bias")
-  if arch == "qwen2":
-    cfg["attn_bias"] = True
-    if c.get("use_sliding_window"):
-      raise unsupported("use_sliding_window")
-  elif c.get("attention_bias"):
+  if c.get("attention_bias") and not family.flags.get("attn_bias"):
     raise unsupported("attention_bias (o_proj bias)")
-  if arch == "qwen3":
-    cfg["qk_norm"] = True
-    if c.get("use_sliding_window"):
-      raise unsupported("use_sliding_window")
-  if arch == "mistral" and c.get("sliding_window"):
-    cfg["sliding_window"] = int(c["sliding_window"])
-  cfg.update(_rope_from_hf(c, arch, cfg["max_seq_len"], source))
-  if arch == "gemma3":
-    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-      raise unsupported(f"hidden_activation {act!r}")
-    for cap in ("final_logit_softcapping", "attn_logit_softcapping"):
-      if c.get(cap):
-        raise unsupported(cap)
-    n = cfg["n_layers"]
-    types = c.get("layer_types")
-    if not types:
-      pattern = int(c.get("sliding_window_pattern") or 6)
-      types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-               for i in range(n)]
-    cfg.update(
-        mlp_act="gelu_tanh", qk_norm=True, sandwich_norm=True,
-        norm_unit_offset=True, embed_scale=True,
-        query_scale=float(c["query_pre_attn_scalar"]) ** -0.5,
-        sliding_window=int(c["sliding_window"]), layer_types=tuple(types),
-    )
-  elif act != "silu":
-    raise unsupported(f"hidden_act {act!r}")
+  cfg.update(_rope_from_hf(c, family, cfg["max_seq_len"], source))
+  act_key = "hidden_activation" if c.get("hidden_activation") else "hidden_act"
+  act = c.get("hidden_activation") or c.get("hidden_act", "silu")
+  if act not in family.hf_activations:
+    raise unsupported(f"{act_key} {act!r}")
+  cfg.update(family.flags)
+  if family.from_hf is not None:
+    cfg.update(family.from_hf(c, unsupported))
   cfg.update(overrides)
   return LlamaConfig(**cfg)
 
@@ -361,9 +322,10 @@ def config_from_hf(config: Mapping[str, Any], *, source: str = "config.json",
 def hf_config(cfg: LlamaConfig, *, torch_dtype: str = "float32",
               bos_id: int | None = None, eos_id: int | None = None) -> dict[str, Any]:
   """The ``config.json`` dict of ``cfg`` (inverse of :func:`config_from_hf`)."""
+  family = families.family(cfg.arch)
   c: dict[str, Any] = {
-      "architectures": [_EXPORT_ARCH[cfg.arch]],
-      "model_type": _MODEL_TYPE[cfg.arch],
+      "architectures": [family.hf_architectures[0]],
+      "model_type": family.hf_model_type,
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
       "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
       "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
@@ -377,32 +339,17 @@ def hf_config(cfg: LlamaConfig, *, torch_dtype: str = "float32",
   scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
   full = {"rope_type": "default", "rope_theta": cfg.rope_theta, **(scaling or {})}
   c.update(rope_theta=cfg.rope_theta, rope_scaling=scaling, rope_parameters=full)
+  if family.rope_by_layer_type:
+    local = cfg.rope_local_theta or cfg.rope_theta
+    c.update(rope_local_base_freq=local, rope_parameters={
+        "full_attention": full,
+        "sliding_attention": {"rope_type": "default", "rope_theta": local}})
   if bos_id is not None:
     c["bos_token_id"] = bos_id
   if eos_id is not None:
     c["eos_token_id"] = eos_id
-  if cfg.arch == "gemma3":
-    # transformers declares query_pre_attn_scalar an int (it is one in every Gemma 3).
-    scalar = (cfg.query_scale or cfg.head_size ** -0.5) ** -2
-    local = cfg.rope_local_theta or cfg.rope_theta
-    c.update(
-        hidden_activation="gelu_pytorch_tanh",
-        query_pre_attn_scalar=round(scalar) if abs(scalar - round(scalar)) < 1e-6 * scalar
-        else scalar,
-        sliding_window=cfg.sliding_window,
-        layer_types=list(cfg.layer_types or ["full_attention"] * cfg.n_layers),
-        rope_local_base_freq=local,
-        rope_parameters={"full_attention": full, "sliding_attention": {
-            "rope_type": "default", "rope_theta": local}},
-        final_logit_softcapping=None, attn_logit_softcapping=None,
-        attention_bias=False,
-    )
-    return c
-  c.update(hidden_act="silu", attention_bias=False, mlp_bias=False)
-  if cfg.arch in ("qwen2", "qwen3"):
-    c["use_sliding_window"] = False
-  if cfg.arch == "mistral" or cfg.sliding_window:
-    c["sliding_window"] = cfg.sliding_window
+  if family.to_hf is not None:
+    family.to_hf(cfg, c)
   return c
 
 
@@ -476,17 +423,13 @@ class _Tensors:
     return f.get(name)
 
 
-def _prefix(names: Iterable[str]) -> str:
+def _prefix(names: Iterable[str], family: Family) -> str:
+  """The prefix of the text model's tensor names (the family's first by default)."""
   names = set(names)
-  for p in ("model.", "model.language_model.", "language_model.model."):
+  for p in family.hf_tensor_prefixes:
     if p + "embed_tokens.weight" in names:
       return p
-  return "model."
-
-
-# Tensors of a Gemma 3 multimodal checkpoint that the text model does not use.
-_IGNORED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                     "model.multi_modal_projector.")
+  return family.hf_tensor_prefixes[0]
 
 
 def load_hf(
@@ -510,7 +453,7 @@ def load_hf(
     loss_chunk: Chunk size of the cross-entropy (0 = unchunked).
     max_seq_len: Override of ``max_position_embeddings``.
     sharding: Where each parameter goes (see
-      :func:`absign_jax.llm.model.model_from_arrays`).
+      :func:`absign_jax.llm.weights.model_from_arrays`).
 
   Returns:
     ``(config, model, info)``; ``info["config"]`` is the ``config.json`` dict.
@@ -534,8 +477,9 @@ def load_hf(
   if max_seq_len is not None:
     overrides["max_seq_len"] = max_seq_len
   cfg = config_from_hf(config, source=config_path, **overrides)
+  family = families.family(cfg.arch)
   tensors = _Tensors(path)
-  prefix = _prefix(tensors.where)
+  prefix = _prefix(tensors.where, family)
   if cfg.tie_embeddings and "lm_head.weight" in tensors.where:
     # Some exporters store the tied head anyway; it must equal the embedding.
     tensors.used.add("lm_head.weight")
@@ -546,9 +490,9 @@ def load_hf(
       return tensors.get(name, tuple(reversed(shape))).T
     return tensors.get(name, shape)
 
-  model = model_lib.model_from_arrays(cfg, get, sharding=sharding)
+  model = weights.model_from_arrays(cfg, get, sharding=sharding)
   extra = sorted(n for n in tensors.where if n not in tensors.used
-                 and not n.startswith(_IGNORED_PREFIXES))
+                 and not n.startswith(family.hf_ignored_prefixes))
   if extra:
     raise ValueError(
         f"{path}: tensors {extra[:8]}{' ...' if len(extra) > 8 else ''} are not"
@@ -701,7 +645,7 @@ def _write_hf_dir(model: Llama, out_dir: str, *, dtype: Any, tokenizer: Any,
       x = x.T
     tensors[hf_tensor_name(p, layer)] = np.ascontiguousarray(x.astype(np_dtype))
 
-  for key, layer, x in model_lib.named_tensors(model):
+  for key, layer, x in weights.named_tensors(model):
     add(key, layer, x)
   total = sum(x.nbytes for x in tensors.values())
   meta = {"format": "pt"}

@@ -26,30 +26,21 @@ types alternate), ``post_attention_layernorm`` (with ``sandwich_norm`` also
 ``{pre,post}_feedforward_layernorm``) and ``mlp.{gate,up,down}_proj``. Linear
 kernels are stored ``[in, out]``; names match Hugging Face's.
 
-Layered model protocol
-----------------------
-The partial-backprop training step runs the model piece by piece:
-
-* ``h = model.embed(inputs)`` -- int32 ``[B, T]`` to ``[B, T, D]``.
-* List layout (``model.stacked`` is False): ``h = model.layers[i](h)``.
-* Stacked layout (``model.stacked`` is True): ``layer_state =
-  model.layer_state(i)`` (or slice ``nnx.state(model.layers)`` yourself with a
-  traced index) and ``h = apply_layer(model.layers_graphdef, layer_state, h)``,
-  a pure function; ``model.apply_stacked_layer(layer_state, h)`` is the same
-  call bound to the model.
-* ``model.run_layers(h, start, stop)`` runs layers ``[start, stop)`` in either
-  layout (a Python loop or a ``lax.scan``).
-* ``loss = model.head_loss(h, targets, mask)`` -- final norm, head and a
-  (chunked) float32 cross-entropy averaged over the tokens with ``mask > 0``.
+Training
+--------
+The training step sees the model through :meth:`Llama.layer_cut` (an
+:class:`absign_jax.LayerCut`: ``embed``, the layers at ``"layers"``, ``head_loss``
+and the batch ``context`` of padded or packed rows), which
+:func:`absign_jax.split_nnx` turns into pure functions of the parameters.
 
 ``model(inputs)`` returns float32 logits and ``model.loss(batch)`` equals
 ``head_loss(run_layers(embed(inputs)), targets, mask)``, i.e.
 ``sum(nll * mask) / sum(mask)``.
 
-Also here: :func:`generate` (greedy or sampled, with a key/value cache, in one
-jitted ``while_loop``), :func:`generate_batch` (greedy, prompts of different
-lengths left-padded into batches), :func:`eval_loss` (token-weighted loss over batches)
-and :func:`convert_layout` (list <-> stacked copy of the same weights).
+Also here: :func:`eval_loss` (token-weighted loss over batches). Generation is in
+:mod:`absign_jax.llm.generate`, the weights tensor by tensor (and the list <->
+stacked conversion) in :mod:`absign_jax.llm.weights`, and what each supported
+family sets in :mod:`absign_jax.llm.families`.
 
 Precision: matmuls run in the parameter dtype (float32 or bfloat16) with float32
 accumulation for attention scores and logits; RMSNorm statistics, softmax and the
@@ -61,12 +52,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+if TYPE_CHECKING:  # the training package imports at call time (no import cycle)
+  from absign_jax.train.model import LayerCut
 
 __all__ = [
     "LlamaConfig",
@@ -76,15 +70,10 @@ __all__ = [
     "MLP",
     "LlamaBlock",
     "Llama",
-    "apply_layer",
-    "convert_layout",
-    "model_from_arrays",
     "rope_tables",
     "rope_inv_freq",
     "layer_flags",
     "apply_rope",
-    "generate",
-    "generate_batch",
     "eval_loss",
 ]
 
@@ -161,7 +150,8 @@ class LlamaConfig:
       ``mscale``, ``mscale_all_dim``, ``truncate``), as Hugging Face
       transformers defines them. Sliding layers always use unscaled RoPE.
     arch: The family the weights came from (``"llama"``, ``"mistral"``,
-      ``"qwen2"``, ``"qwen3"``, ``"gemma3"``); names the export's architecture.
+      ``"qwen2"``, ``"qwen3"``, ``"gemma3"``: the names of
+      :data:`absign_jax.llm.families.FAMILIES`); names the export's architecture.
   """
 
   vocab_size: int
@@ -730,16 +720,6 @@ def layer_flags(cfg: LlamaConfig) -> jax.Array:
   )
 
 
-def apply_layer(graphdef: nnx.GraphDef, layer_state: Any, h: jax.Array,
-                ctx: Mapping[str, jax.Array] | None = None) -> jax.Array:
-  """Runs one block given its graphdef and (unstacked) state; pure.
-
-  For the stacked layout pass ``model.layers_graphdef`` and one slice of
-  ``nnx.state(model.layers)`` along the leading axis.
-  """
-  return nnx.merge(graphdef, layer_state)(h, ctx)
-
-
 class Llama(nnx.Module):
   """Llama-family causal language model (see the module docstring)."""
 
@@ -774,8 +754,6 @@ class Llama(nnx.Module):
     else:
       self.lm_head = _linear(cfg.dim, cfg.vocab_size, cfg, rngs)
 
-  # -- layered model protocol ------------------------------------------------
-
   @property
   def n_layers(self) -> int:
     return self.config.n_layers
@@ -785,47 +763,9 @@ class Llama(nnx.Module):
     """Whether ``layers`` is one block with stacked (leading-axis) leaves."""
     return self.config.scan_layers
 
-  @property
-  def layers_graphdef(self) -> nnx.GraphDef:
-    """Graphdef of ``model.layers``; merge it with one layer's state slice."""
-    return nnx.graphdef(self.layers)
+  # -- pieces, for the training step ---------------------------------------------
 
-  def layer_state(self, i: int | jax.Array) -> nnx.State:
-    """State of layer ``i`` (a slice of the stacked state, or the list entry)."""
-    if self.stacked:
-      return jax.tree.map(lambda x: x[i], nnx.state(self.layers))
-    return nnx.state(self.layers[i])
-
-  def apply_stacked_layer(self, layer_state: Any, h: jax.Array) -> jax.Array:
-    """Runs one layer of the stacked layout given its state slice."""
-    return apply_layer(self.layers_graphdef, layer_state, h)
-
-  def layered_loss(self) -> Any:
-    """The model cut at its stacked layers for the training step, or None.
-
-    Returns an :class:`absign_jax.LayeredLoss` over the ``nnx.Param`` state of
-    ``nnx.split(model, nnx.Param, ...)`` for the stacked layout (None for the list
-    layout), reading ``batch = {"inputs", "targets", "mask"}``. A layer runs its
-    ``forward`` (no remat): the stacked program recomputes the layers above the
-    active one itself, so per-layer remat would only add a third forward.
-    """
-    if not self.stacked:
-      return None
-    from absign_jax.train.model import LayeredLoss
-
-    graphdef, _, rest = nnx.split(self, nnx.Param, ...)
-    layer_graphdef = self.layers_graphdef
-    merge = lambda p: nnx.merge(graphdef, p, rest)
-    return LayeredLoss(
-        embed=lambda p, batch: merge(p).embed(batch["inputs"]),
-        layer=lambda w, h, ctx: nnx.merge(layer_graphdef, w).forward(h, ctx),
-        head_loss=lambda p, h, batch: merge(p).head_loss(
-            h, batch["targets"], batch.get("mask")),
-        stack_path=("layers",),
-        context=lambda p, batch: merge(p).batch_context(batch),
-    )
-
-  def layer_cut(self) -> Any:
+  def layer_cut(self) -> LayerCut:
     """Where the training step cuts the model: an :class:`absign_jax.LayerCut`.
 
     Either layout: :func:`absign_jax.split_nnx` stacks list layers for training,
@@ -835,7 +775,7 @@ class Llama(nnx.Module):
     (no remat): the step keeps or recomputes the layers above the active one
     itself.
     """
-    from absign_jax.train.model import LayerCut
+    from absign_jax.train.model import LayerCut  # pylint: disable=g-import-not-at-top,redefined-outer-name
 
     return LayerCut(
         embed=lambda m, batch: m.embed(batch["inputs"]),
@@ -908,7 +848,7 @@ class Llama(nnx.Module):
       state = jax.tree.map(lambda x: x[start:stop], state)
 
     def body(carry, layer_state):
-      return apply_layer(graphdef, layer_state, carry, ctx), None
+      return nnx.merge(graphdef, layer_state)(carry, ctx), None
 
     h, _ = jax.lax.scan(body, h, state)
     return h
@@ -1044,358 +984,6 @@ class Llama(nnx.Module):
       return (z, z)
     z = jnp.zeros(shape, cfg.param_dtype)
     return [(z, z) for _ in range(cfg.n_layers)]
-
-
-def named_tensors(model: Llama) -> Iterable[tuple[tuple, int | None, Any]]:
-  """Every parameter of ``model`` as ``(path, layer, array)``, whatever the layout.
-
-  ``path`` is the key path inside a layer (``("self_attn", "q_proj", "kernel")``) for
-  layer tensors, with ``layer`` its index, and the key path from the root with
-  ``layer=None`` for the others: what checkpoint writers name tensors by. Stacked
-  layers are sliced, so both layouts give the same sequence.
-  """
-  pure = nnx.to_pure_dict(nnx.state(model))
-  n_layers = model.config.n_layers
-  for kpath, x in jax.tree_util.tree_leaves_with_path(pure):
-    p = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in kpath)
-    if p[0] != "layers":
-      yield p, None, x
-    elif model.config.scan_layers:
-      for i in range(n_layers):
-        yield p[1:], i, np.asarray(x[i])
-    else:
-      yield p[2:], int(p[1]), x
-
-
-def model_from_arrays(
-    cfg: LlamaConfig,
-    get: Callable[[tuple[str, ...], int | None, tuple[int, ...]], np.ndarray],
-    *,
-    sharding: Any = None,
-) -> Llama:
-  """Builds a :class:`Llama` from a checkpoint, one tensor at a time.
-
-  Args:
-    cfg: The model's config (its ``dtype`` and ``scan_layers`` apply).
-    get: ``get(path, layer, shape)`` returns the parameter at ``path`` (inside
-      a block when ``layer`` is an int, e.g. ``("self_attn", "q_proj",
-      "kernel")``; else a top-level path such as ``("norm", "scale")``) as a
-      NumPy array (a memory-mapped view is fine) of the expected ``shape``; it
-      raises when the checkpoint disagrees. ``self_attn.sliding`` flags are not
-      asked for: they follow from ``cfg.layer_types``.
-    sharding: A ``jax.sharding.Sharding`` for every parameter, or a callable
-      ``path -> Sharding`` (paths as in ``nnx.to_pure_dict``); ``None`` puts
-      them on the default device.
-
-  Returns:
-    The model. Each parameter is converted to ``cfg.dtype`` and moved to its
-    device before the next is read, so host memory holds one tensor (one
-    stacked leaf in the stacked layout) beyond the model itself.
-  """
-  abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  flags = np.asarray(layer_flags(cfg)) if cfg.mixed_attention else None
-
-  def put(path, x):
-    target = sharding(path) if callable(sharding) else sharding
-    return jax.device_put(x, target) if target is not None else jnp.asarray(x)
-
-  def leaf(kpath, spec):
-    path = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in kpath)
-    dtype = np.dtype(spec.dtype)
-    if path[0] != "layers":
-      x = np.asarray(get(path, None, tuple(spec.shape)), dtype)
-    elif cfg.scan_layers:
-      inner = path[1:]
-      if inner == ("self_attn", "sliding"):
-        x = flags.astype(dtype)
-      else:
-        x = np.empty(spec.shape, dtype)
-        for i in range(cfg.n_layers):
-          x[i] = get(inner, i, tuple(spec.shape[1:]))
-    else:
-      i, inner = int(path[1]), path[2:]
-      if inner == ("self_attn", "sliding"):
-        x = flags[i].astype(dtype)
-      else:
-        x = np.asarray(get(inner, i, tuple(spec.shape)), dtype)
-    return put(path, x)
-
-  pure = nnx.to_pure_dict(state)
-  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(leaf, pure))
-  return nnx.merge(graphdef, state)
-
-
-def convert_layout(model: Llama, scan_layers: bool) -> Llama:
-  """Returns ``model`` with its layers in the list or the stacked layout.
-
-  The weights are copied (stacked or sliced); other parameters are shared.
-  Returns ``model`` itself when it already has the requested layout.
-  """
-  if model.stacked == scan_layers:
-    return model
-  cfg = model.config.replace(scan_layers=scan_layers)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
-  pure = nnx.to_pure_dict(nnx.state(model))
-  layers = pure["layers"]
-  if scan_layers:
-    pure["layers"] = jax.tree.map(
-        lambda *xs: jnp.stack(xs), *[layers[i] for i in range(cfg.n_layers)]
-    )
-  else:
-    pure["layers"] = {
-        i: jax.tree.map(lambda x, i=i: x[i], layers) for i in range(cfg.n_layers)
-    }
-  nnx.replace_by_pure_dict(state, pure)
-  return nnx.merge(graphdef, state)
-
-
-_PROMPT_BUCKET = 64
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy"))
-def _generate(graphdef, state, prompt, prompt_len, key, temperature, top_k,
-              eos_id, *, max_new_tokens, greedy):
-  model = nnx.merge(graphdef, state)
-  b, padded_len = prompt.shape
-  caches = model.init_cache(b, padded_len + max_new_tokens)
-
-  def pick(h, key):
-    logits = model.logits(h)
-    if greedy:
-      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    # top_k is traced (0 = off), so every sampling setting shares one compile.
-    kth = jnp.take(jnp.sort(logits, axis=-1), -jnp.maximum(top_k, 1), axis=-1)
-    logits = jnp.where((top_k > 0) & (logits < kth[:, None]), -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-  # The prompt is right-padded to a bucket length so one compilation serves
-  # many prompt lengths. Cache slots past the prompt hold padding garbage, but
-  # decoding overwrites slot p before any query at position >= p reads it.
-  h, caches = model.decode_hidden(prompt, jnp.int32(0), caches)
-  key, sub = jax.random.split(key)
-  tok = pick(jax.lax.dynamic_index_in_dim(h, prompt_len - 1, 1, False), sub)
-  out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(tok)
-  done = tok == eos_id
-
-  def cond(c):
-    i, _, _, _, done, _ = c
-    return (i < max_new_tokens) & ~jnp.all(done)
-
-  def body(c):
-    i, tok, caches, out, done, key = c
-    h, caches = model.decode_hidden(tok[:, None], prompt_len + i - 1, caches)
-    key, sub = jax.random.split(key)
-    nxt = pick(h[:, -1], sub)
-    nxt = jnp.where(done, eos_id, nxt)  # finished rows keep emitting eos
-    out = out.at[:, i].set(nxt)
-    return i + 1, nxt, caches, out, done | (nxt == eos_id), key
-
-  _, _, _, out, _, _ = jax.lax.while_loop(
-      cond, body, (jnp.int32(1), tok, caches, out, done, key)
-  )
-  return out
-
-
-def generate(
-    model: Llama,
-    tokens: Iterable[int] | np.ndarray | jax.Array,
-    max_new_tokens: int,
-    *,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    eos_id: int | None = None,
-    seed: int = 0,
-) -> np.ndarray:
-  """Autoregressive generation with a key/value cache (jitted loop).
-
-  Prompts are padded to a multiple of 64 tokens internally, so prompts of
-  similar length share one compilation (per ``max_new_tokens``).
-
-  Args:
-    model: The language model.
-    tokens: Prompt ids, ``[T]`` or ``[B, T]`` (rows of equal length).
-    max_new_tokens: Number of tokens to generate.
-    temperature: 0 for greedy decoding, otherwise the sampling temperature.
-    top_k: With sampling, keep only the ``top_k`` most likely tokens (0 = all).
-    eos_id: Stop once every row produced this id; the output is cut after the
-      first ``eos_id`` of a 1-D prompt.
-    seed: PRNG seed for sampling.
-
-  Returns:
-    The generated ids (without the prompt): ``[N]`` for a 1-D prompt,
-    ``[B, max_new_tokens]`` (eos-padded) for a batch.
-  """
-  prompt = np.asarray(tokens, dtype=np.int32)
-  squeeze = prompt.ndim == 1
-  if squeeze:
-    prompt = prompt[None]
-  b, t0 = prompt.shape
-  if t0 == 0:
-    raise ValueError("generate needs a non-empty prompt")
-  if max_new_tokens <= 0:
-    return np.zeros((0,) if squeeze else (b, 0), np.int32)
-  if t0 + max_new_tokens > model.config.max_seq_len:
-    raise ValueError(
-        f"prompt ({t0}) + max_new_tokens ({max_new_tokens}) ="
-        f" {t0 + max_new_tokens} exceeds the model context"
-        f" {model.config.max_seq_len}"
-    )
-  padded = -(-t0 // _PROMPT_BUCKET) * _PROMPT_BUCKET
-  prompt = np.pad(prompt, ((0, 0), (0, padded - t0)))
-  graphdef, state = nnx.split(model)
-  out = _generate(
-      graphdef, state, jnp.asarray(prompt), jnp.int32(t0), jax.random.key(seed),
-      jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k),
-      jnp.int32(-1 if eos_id is None else eos_id),
-      max_new_tokens=max_new_tokens, greedy=temperature <= 0,
-  )
-  out = np.asarray(out)
-  if squeeze:
-    out = out[0]
-    if eos_id is not None and (hits := np.flatnonzero(out == eos_id)).size:
-      out = out[: hits[0] + 1]
-  return out
-
-
-def _masked_layer_decode(layer, h, positions, start, k_cache, v_cache, mask):
-  """One block's incremental forward with an explicit attention mask.
-
-  Like :meth:`LlamaBlock.decode`, but ``mask`` (bool, broadcastable to
-  ``[B, n_kv_heads, groups, T, S]``) also hides each row's left padding. Returns
-  the new hidden states and this step's keys and values ``[B, T, kv, hd]``.
-  """
-  attn = layer.self_attn
-  b, t, _ = h.shape
-  q, k, v = attn._qkv(layer.input_layernorm(h), positions)  # pylint: disable=protected-access
-  k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, start, axis=1)
-  v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, start, axis=1)
-  out = attn._attend(q, k_cache, v_cache, mask)  # pylint: disable=protected-access
-  h = h + attn.o_proj(out).reshape(b, t, -1)
-  return h + layer.mlp(layer.post_attention_layernorm(h)), k, v
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
-def _generate_left_padded(graphdef, state, prompt, pad, eos_id, *, max_new_tokens):
-  model = nnx.merge(graphdef, state)
-  cfg = model.config
-  b, t = prompt.shape
-  total = t + max_new_tokens
-  # One [L, B, S, kv, hd] buffer per keys/values, carried and updated in place.
-  shape = (cfg.n_layers, b, total, cfg.n_kv_heads, cfg.head_size)
-  caches = (jnp.zeros(shape, cfg.param_dtype), jnp.zeros(shape, cfg.param_dtype))
-  slots = jnp.arange(total)
-  real = slots[None, :] >= pad[:, None]  # [B, S]: key slots that hold real tokens
-
-  def hidden(tokens, start, caches):
-    positions = start + jnp.arange(tokens.shape[1])
-    causal = slots[None, :] <= positions[:, None]  # [T, S]
-    mask = (real[:, None, :] & causal[None])[:, None, None]  # [B, 1, 1, T, S]
-
-    def run(layer, carry, i):
-      h, kc, vc = carry
-      h, k, v = _masked_layer_decode(layer, h, positions, start, kc[i], vc[i], mask)
-      at = (i, 0, start, 0, 0)
-      return (h, jax.lax.dynamic_update_slice(kc, k[None], at),
-              jax.lax.dynamic_update_slice(vc, v[None], at))
-
-    carry = (model.embed(tokens), *caches)
-    if model.stacked:
-      graphdef_l, state_l = nnx.split(model.layers)
-
-      def body(carry, xs):
-        layer_state, i = xs
-        return run(nnx.merge(graphdef_l, layer_state), carry, i), None
-
-      carry, _ = jax.lax.scan(body, carry, (state_l, jnp.arange(cfg.n_layers)))
-    else:
-      for i, layer in enumerate(model.layers):
-        carry = run(layer, carry, i)
-    return carry[0][:, -1], carry[1:]
-
-  def pick(h):
-    return jnp.argmax(model.logits(h), axis=-1).astype(jnp.int32)
-
-  h, caches = hidden(prompt, jnp.int32(0), caches)
-  tok = pick(h)
-  out = jnp.full((b, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(tok)
-  done = tok == eos_id
-
-  def cond(c):
-    i, _, _, _, done = c
-    return (i < max_new_tokens) & ~jnp.all(done)
-
-  def body(c):
-    i, tok, caches, out, done = c
-    h, caches = hidden(tok[:, None], t + i - 1, caches)
-    nxt = jnp.where(done, eos_id, pick(h))
-    return i + 1, nxt, caches, out.at[:, i].set(nxt), done | (nxt == eos_id)
-
-  _, _, _, out, _ = jax.lax.while_loop(
-      cond, body, (jnp.int32(1), tok, caches, out, done))
-  return out
-
-
-def generate_batch(
-    model: Llama,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    *,
-    eos_id: int,
-    batch_size: int | None = None,
-    bucket: int = 16,
-) -> list[list[int]]:
-  """Greedy answers to prompts of different lengths, batched (left padding).
-
-  Each batch is left-padded to a multiple of ``bucket`` tokens and the padding is
-  masked out of attention. Rotary embeddings depend only on the distance between
-  query and key, so a padded row computes what the unpadded prompt would (up to
-  float rounding). The batch is filled up to ``batch_size`` rows, so every batch
-  of a call shares one compilation per padded length.
-
-  Args:
-    model: The language model.
-    prompts: Token ids per prompt (non-empty).
-    max_new_tokens: Tokens to generate per prompt.
-    eos_id: Generation stops at this id (included in the output when produced).
-    batch_size: Prompts per batch (default: all at once).
-    bucket: Padded prompt lengths are multiples of this.
-
-  Returns:
-    The generated ids per prompt, cut after the first ``eos_id``.
-  """
-  if not prompts:
-    return []
-  if any(len(p) == 0 for p in prompts):
-    raise ValueError("generate_batch needs non-empty prompts")
-  if max_new_tokens <= 0:
-    return [[] for _ in prompts]
-  longest = max(len(p) for p in prompts)
-  if longest + max_new_tokens > model.config.max_seq_len:
-    raise ValueError(
-        f"the longest prompt ({longest}) + max_new_tokens ({max_new_tokens})"
-        f" exceeds the model context {model.config.max_seq_len}")
-  batch_size = len(prompts) if batch_size is None else int(batch_size)
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  graphdef, state = nnx.split(model)
-  results: list[list[int]] = []
-  for lo in range(0, len(prompts), batch_size):
-    chunk = [list(p) for p in prompts[lo:lo + batch_size]]
-    rows = chunk + [chunk[0]] * (batch_size - len(chunk))  # one shape per call
-    width = -(-max(len(p) for p in rows) // bucket) * bucket
-    pad = np.asarray([width - len(p) for p in rows], np.int32)
-    ids = np.zeros((batch_size, width), np.int32)
-    for r, p in enumerate(rows):
-      ids[r, pad[r]:] = p
-    out = np.asarray(_generate_left_padded(
-        graphdef, state, jnp.asarray(ids), jnp.asarray(pad), jnp.int32(eos_id),
-        max_new_tokens=max_new_tokens))
-    for row in out[:len(chunk)]:
-      hits = np.flatnonzero(row == eos_id)
-      results.append(row[: hits[0] + 1].tolist() if hits.size else row.tolist())
-  return results
 
 
 def eval_loss(

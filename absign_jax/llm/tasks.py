@@ -297,7 +297,7 @@ def math_accuracy(model, tokenizer, problems: Sequence[Problem], *, batch_size: 
 
   The prompts are split into equal batches of at most ``batch_size``, all
   left-padded to one length, so the whole evaluation is one compiled program
-  (see :func:`absign_jax.llm.model.generate_batch`).
+  (see :func:`absign_jax.llm.generate.generate_batch`).
 
   Args:
     model: The language model.
@@ -312,7 +312,7 @@ def math_accuracy(model, tokenizer, problems: Sequence[Problem], *, batch_size: 
   Returns:
     ``(accuracy, answers)`` with the decoded answers in the order of ``problems``.
   """
-  from absign_jax.llm import model as model_lib  # pylint: disable=g-import-not-at-top
+  from absign_jax.llm import generate as generate_lib  # pylint: disable=g-import-not-at-top
 
   if not problems:
     raise ValueError("math_accuracy needs at least one problem")
@@ -329,8 +329,9 @@ def math_accuracy(model, tokenizer, problems: Sequence[Problem], *, batch_size: 
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=len(prompts), desc="accuracy", dynamic_ncols=True, file=sys.stdout)
   for lo in range(0, len(prompts), size):
-    outs = model_lib.generate_batch(model, prompts[lo:lo + size], max_new_tokens,
-                                    eos_id=tokenizer.eos_id, batch_size=size, bucket=width)
+    outs = generate_lib.generate_batch(model, prompts[lo:lo + size], max_new_tokens,
+                                       eos_id=tokenizer.eos_id, batch_size=size,
+                                       bucket=width)
     answers += [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outs]
     if bar is not None:
       bar.update(len(outs))

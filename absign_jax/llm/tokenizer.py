@@ -7,7 +7,8 @@ eos_token_id}``:
 * ``tokenizer.ggml.model == "gpt2"``: byte-level BPE. The pre-tokenizer
   follows ``tokenizer.ggml.pre`` the way llama.cpp does: ``smollm``/
   ``starcoder``-style vocabularies split every digit, then apply the GPT-2
-  regex; ``llama-bpe`` and ``qwen2`` use their own regexes.
+  regex; ``llama-bpe`` and ``qwen2`` use their own regexes (a family's entries
+  are its ``pre_tokenizers`` in :mod:`absign_jax.llm.families`).
 * ``tokenizer.ggml.model == "llama"``: SentencePiece-style BPE (Gemma, Llama 2):
   spaces become ``▁``, unknown bytes fall back to ``<0xNN>`` tokens, and the
   merges are derived from the token scores (a pair merges with the score of the
@@ -24,9 +25,12 @@ Chat rendering: a ChatML template (SmolLM2, Qwen) is written out directly::
 SmolLM2's template prepends a default system message when the conversation
 does not start with one; that message is read from the template text (the
 first ``<|im_start|>system\\n...<|im_end|>`` literal in it), so it matches
-the checkpoint. Any other template is run with Jinja (a Gemma GGUF without
-one gets Gemma's turn format); the assistant mask of :meth:`encode_chat` then
-covers what each assistant message adds to the rendering.
+the checkpoint. Any other template is run with Jinja (a GGUF file without one
+gets the template of the family whose marker token its vocabulary has: Gemma's
+turn format); the assistant mask of :meth:`encode_chat` then covers what each
+assistant message adds to the rendering. Chat generation stops at the families'
+end-of-turn token the template uses (``<|im_end|>``, ``<|eot_id|>``,
+``<end_of_turn>``), else at ``eos``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ import os
 import re
 from typing import Any, Mapping, Sequence
 
+from absign_jax.llm import families
+
 __all__ = ["Tokenizer", "load_tokenizer", "IM_START", "IM_END"]
 
 IM_START = "<|im_start|>"
@@ -44,27 +50,15 @@ IM_END = "<|im_end|>"
 _GPT2_REGEX = (
     r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 )
-_LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
-_DIGIT_SPLIT_PRES = ("smollm", "starcoder", "refact", "codeshell", "exaone",
-                     "minerva", "command-r")
+# tokenizer.ggml.pre -> split regex or families.DIGITS: the families' vocabularies,
+# and llama.cpp's other digit-splitting ones (their models load as a family's).
+_PRE_TOKENIZERS = {
+    **dict.fromkeys(("starcoder", "refact", "codeshell", "exaone", "minerva",
+                     "command-r"), families.DIGITS),
+    **families.pre_tokenizers(),
+}
 # GGUF token types (gguf.TokenType): 3 = control, 4 = user defined.
 _CONTROL, _USER_DEFINED, _BYTE = 3, 4, 6
-# Gemma's turn format, for Gemma GGUF files that carry no chat template.
-GEMMA_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
-    "{% set first_user_prefix = messages[0]['content'] + '\n\n' %}"
-    "{% set loop_messages = messages[1:] %}{% else %}"
-    "{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
-    "{% for message in loop_messages %}"
-    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '')"
-    " + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
 
 
 def _spm_backend(tokens: Sequence[str], scores: Sequence[float],
@@ -100,14 +94,14 @@ def _pre_tokenizer(pre: str):
   from tokenizers import Regex, pre_tokenizers  # pylint: disable=g-import-not-at-top
 
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-  if pre in _DIGIT_SPLIT_PRES:
+  split = _PRE_TOKENIZERS.get(pre)
+  if split == families.DIGITS:
     return pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), byte_level]
     )
-  if pre in ("llama-bpe", "llama3", "qwen2"):
-    regex = _QWEN2_REGEX if pre == "qwen2" else _LLAMA3_REGEX
+  if split is not None:
     return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
   return byte_level  # "gpt2", "default" and unknown: the GPT-2 regex
@@ -173,7 +167,7 @@ class Tokenizer:
     self.chatml = bool(chat_template) and IM_START in chat_template
     self.default_system = _default_system(chat_template) if self.chatml else None
     # The token that ends an assistant turn: where chat generation stops.
-    end = next((t for t in ("<end_of_turn>", IM_END, "<|eot_id|>")
+    end = next((t for t in families.chat_end_tokens()
                 if t in self._vocab and chat_template and t in chat_template), None)
     self.chat_eos_id = self._vocab[end] if end else self.eos_id
 
@@ -185,8 +179,8 @@ class Tokenizer:
       tokens = meta["tokenizer.ggml.tokens"]
       types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
       template = meta.get("tokenizer.chat_template")
-      if template is None and "<start_of_turn>" in tokens:
-        template = GEMMA_CHAT_TEMPLATE
+      if template is None:
+        template = families.fallback_chat_template(tokens)
       backend = _spm_backend(tokens, meta["tokenizer.ggml.scores"], types,
                              bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
       tok = cls(tokens, [], token_types=types, backend=backend,

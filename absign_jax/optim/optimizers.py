@@ -187,8 +187,8 @@ def absignsgd(
 
   Args:
     learning_rate: a float or an optax schedule (counted in optimizer steps). The
-      default, 1e-3, is the best of the README's equal-wall-clock sweep on
-      SmolLM2-135M (with warm-up and a cosine decay to 1e-4; 3e-4 and 3e-3 were
+      default, 1e-3, is the best of the equal-wall-clock sweep on SmolLM2-135M in
+      docs/tasks.md (with warm-up and a cosine decay to 1e-4; 3e-4 and 3e-3 were
       worse). A constant 1e-3 over a long run is too high for chat behaviour there:
       decay it.
     weight_decay: decoupled decay, applied to the active block only.
@@ -214,7 +214,7 @@ def absignsgd(
     ValueError: an option out of range, ``momentum`` outside ``[0, 1)``, or a
       momentum with ``steps_per_block`` 1 (it would change nothing).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> import absign_jax
     >>> params = {"layers": [{"w": jnp.ones(3)}, {"w": jnp.ones(3)}]}

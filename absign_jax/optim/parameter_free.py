@@ -105,7 +105,7 @@ def alias_absignsgd(
     TypeError: an option of the wrong type (the message names it).
     ValueError: on invalid arguments, ``steps_per_block < 2`` included.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> from absign_jax import alias_absignsgd
     >>> a = jnp.array([[2.0, 0.5, 1.0], [0.3, 1.0, -1.0], [1.0, -1.0, 0.2]])

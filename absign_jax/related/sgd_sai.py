@@ -131,7 +131,7 @@ def scale_by_sai(
   Raises:
     ValueError: if ``momentum`` is outside ``[0, 1)`` or ``eps`` is negative.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from absign_jax.related.sgd_sai import scale_by_sai
     >>> tx = scale_by_sai(momentum=0.0)
@@ -227,7 +227,7 @@ def sgd_sai(
     ValueError: on a negative or NaN learning rate, eps or weight decay, or a
       momentum outside ``[0, 1)``.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> from absign_jax.related.sgd_sai import sgd_sai
     >>> x = jnp.array([[1.0, 2.0], [3.0, -1.0], [0.5, 0.2]])

@@ -222,7 +222,7 @@ def scale_by_alias(
     ValueError: on invalid arguments, or (in ``update``) when the lower-bound
       form is called without ``value=``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from absign_jax.related.sign_alias import scale_by_alias
     >>> tx = scale_by_alias(d0=1e-4, l0=1.0)
@@ -395,7 +395,7 @@ def alias_sign_sgd(
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> from absign_jax.related.sign_alias import alias_sign_sgd
     >>> a = jnp.array([[2.0, 0.5], [0.3, 1.0], [1.0, -1.0]])
@@ -599,7 +599,7 @@ def sos_step_size(
   Raises:
     ValueError: on an invalid bracket or arguments.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax
     >>> from absign_jax.related.sign_alias import sos_step_size
     >>> a = jnp.array([[2.0, 0.5], [0.3, 1.0], [1.0, -1.0]])

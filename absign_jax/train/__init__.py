@@ -9,6 +9,8 @@
 * :mod:`.precision` -- policies, loss scaling, stochastic rounding, the master copy and
   the step's update arithmetic;
 * :mod:`.data_parallel` -- majority votes over a mesh axis, composed into the steps;
+* :mod:`.collectives` -- the vote, the mean and global arrays, shared by
+  ``data_parallel`` and ``sharding``;
 * :mod:`.sharding` -- parameters sharded over a ``(data, fsdp)`` mesh (FSDP), the
   vote over ``data``;
 * :mod:`.checkpoint` -- orbax checkpoints that resume exactly.

@@ -36,6 +36,9 @@ computes the same update from the same vote, so they stay identical.
 A step where any worker's block gradient or loss is not finite changes nothing on any
 device (the block keeps its turn), as in the single-device step.
 
+The vote itself is :func:`absign_jax.train.collectives.aggregate_block`, shared with
+the sharded step of :mod:`absign_jax.train.sharding`.
+
 Communication per step is read from the compiled program by
 :func:`absign_jax.profiling.collective_bytes`; ``benchmarks/comm_bytes.py`` prints it
 for each aggregation and for a plain data-parallel AdamW step.
@@ -43,37 +46,36 @@ for each aggregation and for a plain data-parallel AdamW step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from absign_jax.train.model import LossFn
-from absign_jax.train.step import (
-    Aggregated,
-    BlockTrainStep,
-    FullTrainStep,
-    all_finite,
-    check_batch_rows,
+from absign_jax.train.collectives import (
+    AGGREGATIONS,
+    Aggregate,
+    aggregate_block,
+    check_aggregation,
+    global_array,
+    mean_aggregator,
+    vote_aggregator,
 )
+from absign_jax.train.model import LossFn
+from absign_jax.train.step import BlockTrainStep, FullTrainStep, check_batch_rows
 
 PyTree = Any
-
-AGGREGATIONS = ("majority", "majority_1bit", "mean")
 
 __all__ = [
     "AGGREGATIONS",
     "DataParallel",
-    "DataParallelBlockStep",
-    "DataParallelFullStep",
-    "aggregate_block",
     "aggregator",
     "data_mesh",
+    "data_parallel_block_step",
+    "data_parallel_full_step",
     "replicate",
     "shard_batch",
 ]
@@ -96,23 +98,6 @@ def data_mesh(axis: str = "data", devices: Sequence[jax.Device] | None = None) -
   return Mesh(np.asarray(devices), (axis,))
 
 
-def _global(x, sharding: NamedSharding):
-  """``x`` (identical in every process) as a global array with ``sharding``.
-
-  Shapes (``jax.ShapeDtypeStruct``) get the sharding; traced values pass through.
-  """
-  if isinstance(x, jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-  if isinstance(x, jax.core.Tracer):
-    return x
-  if isinstance(x, jax.Array) and x.sharding == sharding:
-    return x
-  if jax.process_count() == 1:
-    return jax.device_put(x, sharding)
-  host = np.asarray(x)
-  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-
-
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
   """Every array leaf of ``tree`` replicated on all devices of ``mesh``.
 
@@ -120,7 +105,7 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
   initialised from the same seed, ``tx.init`` of them) and gets one global array.
   """
   sharding = NamedSharding(mesh, P())
-  return jax.tree.map(lambda x: _global(x, sharding), tree)
+  return jax.tree.map(lambda x: global_array(x, sharding), tree)
 
 
 def shard_batch(local_batch: PyTree, mesh: Mesh, axis: str = "data") -> PyTree:
@@ -138,108 +123,20 @@ def shard_batch(local_batch: PyTree, mesh: Mesh, axis: str = "data") -> PyTree:
       local_batch)
 
 
-# -- aggregation (inside shard_map) ---------------------------------------------------
-
-
-def _count_dtype(n: int):
-  """Smallest signed integer dtype that holds a sum of ``n`` values in {-1, 0, 1}."""
-  if n <= np.iinfo(np.int8).max:
-    return jnp.int8
-  if n <= np.iinfo(np.int16).max:
-    return jnp.int16
-  return jnp.int32
-
-
-def _split_like(flat: jax.Array, grads: Sequence[jax.Array]) -> list[jax.Array]:
-  """Cuts a flat vector back into arrays shaped (and typed) like ``grads``."""
-  out, start = [], 0
-  for g in grads:
-    out.append(flat[start:start + g.size].reshape(g.shape).astype(g.dtype))
-    start += g.size
-  return out
-
-
-def _vote_majority(grads, axis_name, n):
-  signs = jnp.concatenate([jnp.sign(g).astype(_count_dtype(n)).ravel() for g in grads])
-  return jnp.sign(jax.lax.psum(signs, axis_name))
-
-
-def _count_bits(packed: jax.Array, m: int) -> jax.Array:
-  """Per coordinate, how many rows of ``packed`` (uint8[n, k], little-endian bits,
-  as from ``jnp.packbits``) have its bit set: int32[m].
-
-  The sum over rows comes before the reshape, so XLA fuses the unpacking into the
-  reduction and never materialises the n x 8k unpacked bits.
-  """
-  shifts = jnp.arange(8, dtype=jnp.uint8)
-  bits = (packed[:, :, None] >> shifts) & jnp.uint8(1)  # [n, k, 8]
-  return jnp.sum(bits, axis=0, dtype=jnp.int32).reshape(-1)[:m]
-
-
-def _vote_majority_1bit(grads, axis_name, n):
-  positive = jnp.concatenate([(g > 0).ravel() for g in grads])
-  nonzero = jnp.concatenate([(g != 0).ravel() for g in grads])
-  m = positive.size
-  has_zero = jnp.logical_not(jnp.all(nonzero)).astype(jnp.uint8)
-  message = jnp.concatenate(
-      [jnp.packbits(positive, bitorder="little"), has_zero[None]])
-  # uint8[n, ceil(m / 8) + 1], the same on every device ("invarying": replicated).
-  gathered = jax.lax.all_gather(message, axis_name, to="invarying")
-
-  # Each branch returns the int8 vote, so that only m bytes cross the cond boundary
-  # (the counts stay inside one fusion). votes = positives - negatives
-  # = n_positive - (n_voters - n_positive).
-  def everyone_votes(gathered, nonzero_bits):
-    return jnp.sign(2 * _count_bits(gathered[:, :-1], m) - n).astype(jnp.int8)
-
-  def some_did_not_vote(gathered, nonzero_bits):
-    voted = jax.lax.all_gather(nonzero_bits, axis_name, to="invarying")
-    return jnp.sign(2 * _count_bits(gathered[:, :-1], m) - _count_bits(voted, m)
-                    ).astype(jnp.int8)
-
-  return jax.lax.cond(jnp.any(gathered[:, -1] != 0), some_did_not_vote,
-                      everyone_votes, gathered, jnp.packbits(nonzero, bitorder="little"))
-
-
-def aggregate_block(grads: Sequence[jax.Array], axis_name: str, method: str,
-                    axis_size: int) -> list[jax.Array]:
-  """The workers' aggregated block gradient; call it inside ``shard_map``.
-
-  Args:
-    grads: this worker's gradient of the active block (a list of arrays); finite.
-    axis_name: the mesh axis over which workers vote.
-    method: ``"majority"``, ``"majority_1bit"`` or ``"mean"`` (see the module doc).
-    axis_size: the number of workers along ``axis_name``.
-
-  Returns:
-    Arrays shaped like ``grads`` (and of their dtypes), identical on every worker:
-    the vote in {-1, 0, 1} for the majority schemes, the mean gradient for ``"mean"``.
-  """
-  grads = list(grads)
-  if method == "mean":
-    return [(s / axis_size).astype(g.dtype)
-            for s, g in zip(jax.lax.psum(grads, axis_name), grads)]
-  if method == "majority":
-    vote = _vote_majority(grads, axis_name, axis_size)
-  elif method == "majority_1bit":
-    vote = _vote_majority_1bit(grads, axis_name, axis_size)
-  else:
-    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {method!r}.")
-  return _split_like(vote, grads)
-
-
 # -- the data-parallel steps, composed from the single-device ones ---------------------
 
 
-def aggregator(method: str, axis: str, num_workers: int
-               ) -> Callable[[jax.Array, list], Aggregated]:
+def aggregator(method: str, axis: str, num_workers: int) -> Aggregate:
   """The ``aggregate`` of a data-parallel step: vote or average over ``axis``.
 
-  Runs inside ``shard_map``. The step applies on every device only if every worker's
-  loss and gradient are finite; a non-finite gradient on one worker does not poison
-  the others' vote (its entries vote 0), and the step is skipped everywhere anyway.
-  The reported loss is the mean over workers, the reported norm the root mean
-  square over workers of the local gradient norms.
+  Runs inside ``shard_map``. It is
+  :func:`~absign_jax.train.collectives.vote_aggregator` around
+  :func:`~absign_jax.train.collectives.aggregate_block` over ``axis``: the step
+  applies on every device only if every worker's loss and gradient are finite; a
+  non-finite gradient on one worker does not poison the others' vote (its entries
+  vote 0), and the step is skipped everywhere anyway. The reported loss is the mean
+  over workers, the reported norm the root mean square over workers of the local
+  gradient norms.
 
   Args:
     method: ``"majority"``, ``"majority_1bit"`` or ``"mean"`` (see the module doc).
@@ -251,34 +148,9 @@ def aggregator(method: str, axis: str, num_workers: int
     :class:`~absign_jax.BlockTrainStep` (any method) or
     :class:`~absign_jax.FullTrainStep` (``"mean"``).
   """
-  if method not in AGGREGATIONS:
-    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {method!r}.")
-
-  def aggregate(loss, grads):
-    grads = list(grads)
-    finite = all_finite(loss, grads)
-    sq_norm = sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in grads)
-    stats = jax.lax.psum(
-        jnp.stack([loss.astype(jnp.float32), 1.0 - finite.astype(jnp.float32),
-                   sq_norm]), axis)
-    clean = [jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g)) for g in grads]
-    agg = aggregate_block(clean, axis, method, num_workers)
-    mean_loss = stats[0] / num_workers
-    # A mean that overflows is not finite either.
-    ok = (stats[1] == 0) & all_finite(mean_loss, agg)
-    return Aggregated(mean_loss, agg, ok, jnp.sqrt(stats[2] / num_workers))
-
-  return aggregate
-
-
-def _mean_aggregator(axis: str) -> Callable[[jax.Array, list], Aggregated]:
-  """Plain data-parallel averaging of the loss and every gradient (``pmean``)."""
-
-  def aggregate(loss, grads):
-    loss, grads = jax.lax.pmean((loss, list(grads)), axis)
-    return Aggregated(loss, grads, all_finite(loss, grads))
-
-  return aggregate
+  check_aggregation(method)
+  vote = lambda grads: aggregate_block(grads, axis, method, num_workers)
+  return vote_aggregator(vote, axis, num_workers)
 
 
 class DataParallel:
@@ -336,12 +208,12 @@ class DataParallel:
     if jax.process_count() > 1:
       return batch
     sharding = NamedSharding(self.mesh, P(self.axis))
-    return jax.tree.map(lambda x: _global(x, sharding), batch)
+    return jax.tree.map(lambda x: global_array(x, sharding), batch)
 
 
-def DataParallelBlockStep(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh,
-                          *, axis: str = "data", aggregation: str = "majority",
-                          **kwargs) -> BlockTrainStep:
+def data_parallel_block_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+                             mesh: Mesh, *, axis: str = "data",
+                             aggregation: str = "majority", **kwargs) -> BlockTrainStep:
   """:class:`~absign_jax.BlockTrainStep` with the batch split over a mesh axis.
 
   Each device backpropagates to the active block on its shard of the batch; the
@@ -369,13 +241,14 @@ def DataParallelBlockStep(loss_fn: LossFn, tx: optax.GradientTransformation, mes
     ``loss`` (mean over workers), ``block``, ``grad_norm`` (root mean square over
     workers of the local block-gradient norm), ``skipped`` and the skip counters.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, absign_jax
     >>> from absign_jax.train import data_parallel
     >>> mesh = data_parallel.data_mesh()
     >>> params = {"layers": [{"w": jnp.ones(2)} for _ in range(3)]}
     >>> loss = lambda p, x: sum(jnp.sum(l["w"] * x.mean(0)) for l in p["layers"])
-    >>> step = data_parallel.DataParallelBlockStep(loss, absign_jax.absignsgd(0.5), mesh)
+    >>> step = data_parallel.data_parallel_block_step(loss, absign_jax.absignsgd(0.5),
+    ...                                               mesh)
     >>> state, metrics = step(step.init(params), jnp.ones((mesh.size, 2)))
     >>> state.params["layers"][2]["w"].tolist()
     [0.5, 0.5]
@@ -386,13 +259,15 @@ def DataParallelBlockStep(loss_fn: LossFn, tx: optax.GradientTransformation, mes
       placement=placement, **kwargs)
 
 
-def DataParallelFullStep(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh,
-                         *, axis: str = "data", **kwargs) -> FullTrainStep:
+def data_parallel_full_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+                            mesh: Mesh, *, axis: str = "data",
+                            **kwargs) -> FullTrainStep:
   """The plain data-parallel baseline: full backprop, mean gradient, any optax ``tx``.
 
   The gradient of every parameter is averaged with an all-reduce (``pmean``) before
   ``tx.update``; this is the communication ABSignSGD-MV is compared with. It is
-  ``FullTrainStep(..., aggregate=pmean over axis, placement=DataParallel(mesh, axis))``.
+  ``FullTrainStep(..., aggregate=mean_aggregator(axis, n),
+  placement=DataParallel(mesh, axis))`` (:mod:`absign_jax.train.collectives`).
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``.
@@ -405,5 +280,7 @@ def DataParallelFullStep(loss_fn: LossFn, tx: optax.GradientTransformation, mesh
   Returns:
     A :class:`~absign_jax.FullTrainStep`.
   """
-  return FullTrainStep(loss_fn, tx, aggregate=_mean_aggregator(axis),
-                       placement=DataParallel(mesh, axis), **kwargs)
+  placement = DataParallel(mesh, axis)
+  return FullTrainStep(loss_fn, tx,
+                       aggregate=mean_aggregator(axis, placement.num_workers),
+                       placement=placement, **kwargs)

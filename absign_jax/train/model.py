@@ -35,8 +35,8 @@ Adapters, so that nobody writes the pure functions by hand:
 * :func:`cut_linen` -- a linen module and its variables (an ``nn.scan`` stack or
   ``layers_0 .. layers_N``).
 * :func:`cut` -- a parameter tree and pure functions (any JAX model).
-* :func:`split_nnx` -- the plain fallback: ``model.loss(batch)`` as the loss function
-  (plus the model's own cut when it has ``layer_cut()`` or ``layered_loss()``).
+* :func:`split_nnx` -- any NNX model: cut at its layers when it has ``layer_cut()``,
+  else ``model.loss(batch)`` as the plain loss function (no :class:`LayeredLoss`).
 """
 
 from __future__ import annotations
@@ -409,7 +409,7 @@ def cut(params: PyTree, *, embed: Callable[[PyTree, Batch], jax.Array],
   Returns:
     A :class:`Cut` whose ``params`` hold the layers stacked; ``restore`` undoes it.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, absign_jax
     >>> params = {"layers": [{"w": jnp.full((2, 2), 0.5)} for _ in range(3)]}
     >>> c = absign_jax.cut(params, embed=lambda p, x: x,
@@ -505,12 +505,13 @@ def cut_nnx(model, *, embed: Callable[[Any, Batch], jax.Array] | None = None,
     else embed, a scan of the layers and head); ``parts.merge(params)`` returns the
     model in its own layout.
 
-  Example:
+  Examples:
     >>> parts = absign_jax.cut_nnx(                                  # doctest: +SKIP
     ...     model, layers="blocks",
     ...     embed=lambda m, batch: m.embed(batch["inputs"]),
     ...     head_loss=lambda m, h, batch: m.loss_from_hidden(h, batch["targets"]))
-    >>> step = absign_jax.BlockTrainStep(parts.loss_fn, tx, layered=parts.layered)
+    >>> step = absign_jax.BlockTrainStep(parts.loss_fn, tx,        # doctest: +SKIP
+    ...                                  layered=parts.layered)
   """
   from flax import nnx
 
@@ -599,11 +600,12 @@ def cut_nnx(model, *, embed: Callable[[Any, Batch], jax.Array] | None = None,
 def split_nnx(model) -> NnxParts:
   """Splits an NNX model into the pure functions the training steps take.
 
-  A model with ``layer_cut()`` (see :class:`LayerCut`) is cut there (see
-  :func:`cut_nnx`: list layers are stacked for training). Otherwise the model
-  provides ``loss(batch)``, the plain loss function; when it also has
-  ``layered_loss()`` returning a :class:`LayeredLoss` over its (already stacked)
-  parameters, the parts carry it.
+  A model with ``layer_cut()`` (a :class:`LayerCut`, see :class:`LayeredModel`) is
+  cut there (see :func:`cut_nnx`: list layers are stacked for training, and the
+  parts carry the :class:`LayeredLoss` of the one-program step). Any other model
+  provides ``loss(batch)``: the parts hold its plain loss function and
+  ``layered=None`` (the steps then run a program per block); to cut such a model,
+  call :func:`cut_nnx` with its pieces.
   """
   from flax import nnx
 
@@ -611,11 +613,7 @@ def split_nnx(model) -> NnxParts:
     return cut_nnx(model)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   loss_fn = lambda p, batch: nnx.merge(graphdef, p, rest).loss(batch)
-  layered = model.layered_loss() if hasattr(model, "layered_loss") else None
-  if layered is not None and not isinstance(layered, LayeredLoss):
-    raise TypeError(f"{type(model).__name__}.layered_loss() must return a LayeredLoss "
-                    f"or None, got {type(layered).__name__}.")
-  return NnxParts(graphdef, params, rest, loss_fn, layered)
+  return NnxParts(graphdef, params, rest, loss_fn, None)
 
 
 # ---------------------------------------------------------------------------------

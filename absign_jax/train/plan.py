@@ -92,7 +92,7 @@ def training_plan(opt_state: PyTree, params: PyTree) -> TrainingPlan:
   Returns:
     A :class:`TrainingPlan`; ``str(plan)`` is a short report for logs.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, absign_jax
     >>> params = {"embed": jnp.zeros((8, 4)),
     ...           "layers": [{"w": jnp.zeros((4, 4))} for _ in range(3)]}

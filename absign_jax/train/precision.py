@@ -69,12 +69,12 @@ Active-block master copy
 ------------------------
 With ``master_copy=True`` the step keeps a float32 copy of the active block. Its memory
 is one float32 buffer per *group* of equally shaped blocks (all transformer layers form
-one group): ``4 * M / N`` bytes for M parameters in N layers (Qwen3-8B: 0.9 GB next to
-16.4 GB of bf16 weights), plus the size of the embedding/head block when those are
-trained. At a block switch the copy for the new block is initialised from its bf16
-weights, so sub-ulp progress survives only while a block stays active: this helps
-block Adam (``steps_per_block`` > 1) and is equivalent to nearest rounding for
-ABSignSGD's one-step turns; use stochastic rounding there. The optimizer reads the bf16
+one group): ``4 * M / N`` bytes for M parameters in N layers (twice one layer's bf16
+weights), plus the size of the embedding/head block when those are trained. At a block
+switch the copy for the new block is initialised from its bf16 weights, so sub-ulp
+progress survives only while a block stays active: this helps block Adam
+(``steps_per_block`` > 1) and is equivalent to nearest rounding for ABSignSGD's
+one-step turns; use stochastic rounding there. The optimizer reads the bf16
 weights (weight decay ``wd * p`` differs from ``wd * master`` by at most half a bf16
 ulp of ``p``, relative to a term that is itself ``lr * wd`` small).
 """
@@ -506,7 +506,7 @@ def policy(name: str, *, loss_scale: DynamicLossScale | None = None) -> Policy:
     name: ``"fp32"``, ``"bf16"``, ``"bf16-sr"``, ``"bf16-master"`` or ``"fp16"``.
     loss_scale: overrides the fp16 loss-scale configuration.
 
-  Example:
+  Examples:
     >>> from absign_jax.train import precision
     >>> p = precision.policy("bf16-sr")
     >>> p.param_dtype, p.step_options()["rounding"]

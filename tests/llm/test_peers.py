@@ -8,8 +8,9 @@ import pytest
 from flax import nnx
 
 import absign_jax
-from absign_jax.llm import finetune, peers
+from absign_jax.llm import finetune, peers, registry
 from absign_jax.llm import model as model_lib
+from absign_jax.llm import weights
 
 
 def _tiny(scan=True, seed=0):
@@ -68,7 +69,7 @@ def test_lora_steps_reduce_the_loss_and_leave_the_base_alone():
   parts = peers.lora_parts(model, rank=4, seed=1)
   frozen_before = jax.tree.map(np.asarray, parts.frozen)
   args = finetune.parse_args(["--optimizer", "lora", "--lr", "3e-2"])
-  tx = finetune.make_optimizer(args, "lora")
+  tx = registry.make_optimizer(args, "lora")
   ids = np.tile(np.arange(17) % 5, (4, 1))  # a pattern the adapters can pick up
   batch = {"inputs": jnp.asarray(ids[:, :-1]), "targets": jnp.asarray(ids[:, 1:]),
            "mask": jnp.ones((4, 16), jnp.float32)}
@@ -83,7 +84,7 @@ def test_galore_steps_reduce_the_loss_on_the_layers_only():
   parts = peers.layer_parts(model)
   assert set(parts.params.keys()) == {"layers"}  # embedding and final norm frozen
   args = finetune.parse_args(["--optimizer", "galore", "--galore-rank", "8", "--lr", "1e-2"])
-  tx = finetune.make_optimizer(args, "galore")
+  tx = registry.make_optimizer(args, "galore")
   params, losses = _train(parts, tx)
   assert losses[-1] < 0.92 * losses[0]
   # The optimizer state holds rank-8 moments, not full ones: per layer, the 64 x 128
@@ -125,7 +126,7 @@ def test_per_layer_equals_the_transform_on_each_layer():
 def test_block_adam_switch_interval_and_order(order, expected):
   args = finetune.parse_args(["--optimizer", "block_adam", "--switch-every", "3",
                               "--block-order", order])
-  tx = finetune.make_optimizer(args, "block_adam")
+  tx = registry.make_optimizer(args, "block_adam")
   params = {"layers": [{"w": jnp.ones(2)} for _ in range(4)]}
   state = tx.init(params)
   active = []
@@ -138,7 +139,7 @@ def test_block_adam_switch_interval_and_order(order, expected):
 def test_block_adam_random_order_is_a_permutation_per_pass():
   args = finetune.parse_args(["--optimizer", "block_adam", "--switch-every", "2",
                               "--block-order", "random"])
-  tx = finetune.make_optimizer(args, "block_adam")
+  tx = registry.make_optimizer(args, "block_adam")
   params = {"layers": [{"w": jnp.ones(2)} for _ in range(4)]}
   state = tx.init(params)
   active = []
@@ -174,5 +175,5 @@ def test_fold_lora_gives_the_base_architecture_with_the_same_function(scan):
                              rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(np.asarray(folded(inputs)), want, rtol=2e-4, atol=2e-5)
   # Same parameter paths as the base model: a checkpoint writer sees the base layout.
-  base_paths = {p for p, _, _ in model_lib.named_tensors(_tiny(scan))}
-  assert {p for p, _, _ in model_lib.named_tensors(folded)} == base_paths
+  base_paths = {p for p, _, _ in weights.named_tensors(_tiny(scan))}
+  assert {p for p, _, _ in weights.named_tensors(folded)} == base_paths

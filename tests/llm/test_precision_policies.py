@@ -8,17 +8,17 @@ import numpy as np
 from flax import nnx
 
 import absign_jax
-from absign_jax.llm import finetune
+from absign_jax.llm import loading
 from absign_jax.llm.model import Llama, LlamaConfig
 
 
 def test_policy_maps_to_the_model_dtype():
   policy = absign_jax.policy
-  assert finetune.model_dtype(policy("fp32")) == "float32"
-  assert finetune.model_dtype(policy("bf16-sr")) == "bfloat16"
-  assert finetune.model_dtype(policy("bf16-master")) == "bfloat16"
+  assert loading.model_dtype(policy("fp32")) == "float32"
+  assert loading.model_dtype(policy("bf16-sr")) == "bfloat16"
+  assert loading.model_dtype(policy("bf16-master")) == "bfloat16"
   # fp16: float16 weights in a model that computes in float32.
-  assert finetune.model_dtype(policy("fp16")) == "float32"
+  assert loading.model_dtype(policy("fp16")) == "float32"
 
 
 def test_bf16_stochastic_rounding_follows_fp32_on_tiny_llama():
@@ -33,7 +33,7 @@ def test_bf16_stochastic_rounding_follows_fp32_on_tiny_llama():
   drops = {}
   for name in ("fp32", "bf16", "bf16-sr"):
     pol = absign_jax.policy(name)
-    model = Llama(cfg.replace(dtype=finetune.model_dtype(pol)), rngs=nnx.Rngs(0))
+    model = Llama(cfg.replace(dtype=loading.model_dtype(pol)), rngs=nnx.Rngs(0))
     parts = absign_jax.split_nnx(model)
     step = absign_jax.BlockTrainStep(parts.loss_fn, absign_jax.absignsgd(1e-5),
                                      dispatch="switch", **pol.step_options())

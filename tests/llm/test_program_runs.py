@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from absign_jax.llm import data, finetune
+from absign_jax.llm import data, finetune, runs
 
 from tests.llm._tiny_program import write_tiny_gguf
 
@@ -218,7 +218,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(files, reference, tmp_p
   assert without_timing(summary) == without_timing(ref_summary)
   assert summary["steps"] == summary["logged_steps"] == 12
   # The held-out curve stays on the evaluation subset from before to after.
-  curve = finetune.heldout_curve(summary, got)
+  curve = runs.heldout_curve(summary, got)
   assert curve[0] == (0.0, summary["heldout_ppl_subset_before"])
   assert curve[-1] == (summary["wall_s"], summary["heldout_ppl_subset_after"])
   assert [p for _, p in curve[1:-1]] == [r["heldout_ppl_subset"] for r in got

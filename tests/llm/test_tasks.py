@@ -12,6 +12,7 @@ from flax import nnx
 
 pytest.importorskip("mathematics_dataset")
 
+from absign_jax.llm import generate as generate_lib  # noqa: E402
 from absign_jax.llm import model as model_lib  # noqa: E402
 from absign_jax.llm import tasks  # noqa: E402
 
@@ -121,7 +122,7 @@ def test_math_accuracy_against_single_prompt_generation():
   by_hand = []
   for q in questions:
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]))
-    ids = model_lib.generate(model, prompt, 5, eos_id=tok.eos_id)
+    ids = generate_lib.generate(model, prompt, 5, eos_id=tok.eos_id)
     by_hand.append(tok.decode(ids, skip_special_tokens=True).strip())
   # Make two references the model's own answers: those two must count as correct.
   for i in (0, 2):
@@ -140,11 +141,11 @@ def test_generate_batch_equals_generate_per_prompt():
     model = model_lib.Llama(cfg, rngs=nnx.Rngs(3))
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 256, n).tolist() for n in (5, 17, 9, 1)]
-    out = model_lib.generate_batch(model, prompts, 6, eos_id=2, batch_size=3)
-    ref = [model_lib.generate(model, p, 6, eos_id=2).tolist() for p in prompts]
+    out = generate_lib.generate_batch(model, prompts, 6, eos_id=2, batch_size=3)
+    ref = [generate_lib.generate(model, p, 6, eos_id=2).tolist() for p in prompts]
     assert out == ref
   with pytest.raises(ValueError, match="exceeds the model context"):
-    model_lib.generate_batch(model, [[1] * 60], 10, eos_id=2)
+    generate_lib.generate_batch(model, [[1] * 60], 10, eos_id=2)
 
 
 def test_sharegpt_conversations_are_user_then_assistant():

@@ -36,7 +36,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import absign_jax  # noqa: E402
 from absign_jax.train import data_parallel as dist  # noqa: E402
 from absign_jax.blocks import partition as partition_lib  # noqa: E402
-from absign_jax.profiling import collective_bytes  # noqa: E402
+from absign_jax.profiling import (  # noqa: E402
+    collective_bytes, collective_bytes_by_axis, per_device_bytes)
 
 LR = 2.0 ** -4  # a power of two: p - LR * vote rounds once, as in NumPy float32
 
@@ -109,7 +110,7 @@ def get_step(loss_fn, aggregation, mesh=None, **kw):
   key = (loss_fn, aggregation, mesh)
   if key not in _STEPS:
     tx = absign_jax.absignsgd(LR)
-    _STEPS[key] = (tx, dist.DataParallelBlockStep(
+    _STEPS[key] = (tx, dist.data_parallel_block_step(
         loss_fn, tx, mesh, aggregation=aggregation, donate=False, **kw))
   return _STEPS[key]
 
@@ -254,7 +255,7 @@ def check_nonfinite_skip():
 def check_indivisible_batch():
   """A global batch of 5 rows on 8 devices: a clear error before anything compiles."""
   tx, step = get_step(toy_loss, "majority")
-  fresh = dist.DataParallelBlockStep(toy_loss, tx, dist.data_mesh(), donate=False)
+  fresh = dist.data_parallel_block_step(toy_loss, tx, dist.data_mesh(), donate=False)
   try:
     fresh(fresh.init(toy_params()), toy_batch(3, zeros=False)[:5])
   except ValueError as e:
@@ -300,7 +301,7 @@ def check_lm():
          "params": sum(int(np.size(x)) for x in jax.tree.leaves(params))}
   out["majority_1bit"] = collective_bytes(step.lower(step.init(params), batch).compile())
   adamw = optax.adamw(1e-3)
-  full = dist.DataParallelFullStep(parts.loss_fn, adamw, mesh, donate=False)
+  full = dist.data_parallel_full_step(parts.loss_fn, adamw, mesh, donate=False)
   out["adamw"] = collective_bytes(full.lower(full.init(params), batch).compile())
   emit("comm_bytes", True, **out)
 
@@ -331,9 +332,9 @@ def check_fsdp_meshes():
     mesh = sharding.make_mesh(shape)
     workers, fsdp = mesh.shape["data"], mesh.shape["fsdp"]
     rows = NUM_DEVICES // workers
-    step = sharding.ShardedBlockStep(parts.loss_fn, absign_jax.absignsgd(LR), mesh,
-                                     aggregation="majority_1bit", donate=False,
-                                     dispatch="per_block")
+    step = sharding.sharded_block_step(parts.loss_fn, absign_jax.absignsgd(LR), mesh,
+                                       aggregation="majority_1bit", donate=False,
+                                       dispatch="per_block")
     _FSDP_STEPS[shape] = step, parts, cfg  # the bytes check reads its compiled program
     state = step.init(params)
     p, details, ok = host(params), [], True
@@ -346,7 +347,7 @@ def check_fsdp_meshes():
       want = expected_params(p, b, vote)
       state, m = step(state, batch)
       p = host(state.params)
-      per_device = sharding.per_device_bytes(state.params)
+      per_device = per_device_bytes(state.params)
       same = bit_equal(p, want)
       ok &= same and int(m["skipped"]) == 0
       details.append({"block": b, "bit_equal": same})
@@ -368,10 +369,10 @@ def check_fsdp_comm_bytes():
   keep = ("all-reduce", "all-gather", "reduce-scatter", "total", "conditional", "wire")
   for agg in ("majority_1bit", "majority"):
     if agg == "majority":
-      step = sharding.ShardedBlockStep(parts.loss_fn, absign_jax.absignsgd(LR), mesh,
-                                       aggregation=agg, donate=False,
-                                       dispatch="per_block")
-    axes = sharding.collective_bytes_by_axis(
+      step = sharding.sharded_block_step(parts.loss_fn, absign_jax.absignsgd(LR), mesh,
+                                         aggregation=agg, donate=False,
+                                         dispatch="per_block")
+    axes = collective_bytes_by_axis(
         step.lower(step.init(params), batch).compile(), mesh)
     out[agg] = {a: {k: v[k] for k in keep} for a, v in axes.items()}
   # The int8 majority on fsdp slices: the simulated vote of the 2 workers, bit for bit.
@@ -381,9 +382,10 @@ def check_fsdp_comm_bytes():
       wrt="block")
   out["majority_bit_equal"] = bit_equal(step(step.init(params), batch)[0].params,
                                         expected_params(host(params), b, vote))
-  full = sharding.ShardedFullStep(parts.loss_fn, optax.adamw(1e-3), mesh, donate=False)
+  full = sharding.sharded_full_step(parts.loss_fn, optax.adamw(1e-3), mesh,
+                                    donate=False)
   state = full.init(params)
-  axes = sharding.collective_bytes_by_axis(full.lower(state, batch).compile(), mesh)
+  axes = collective_bytes_by_axis(full.lower(state, batch).compile(), mesh)
   out["adamw"] = {a: {k: v[k] for k in keep} for a, v in axes.items()}
   # AdamW on the shardings vs. one device (the mean gradient's sums run in another
   # order, so to float32 rounding: a sign flip of a ~0 gradient moves a weight 2 lr).
@@ -394,7 +396,7 @@ def check_fsdp_comm_bytes():
   moments = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x)]
   out["adamw_state_bytes"] = sum(x.nbytes for x in moments)
   out["adamw_state_bytes_per_device"] = sorted(
-      set(sharding.per_device_bytes(moments).values()))
+      set(per_device_bytes(moments).values()))
   emit("fsdp_comm_bytes", out["majority_bit_equal"] and out["adamw_max_abs_diff"] < 1e-5,
        **out)
 
@@ -407,7 +409,7 @@ def check_fsdp_checkpoint():
   parts, cfg = fsdp_lm()
   params = parts.params
   tx = optax.chain(absign_jax.block_adam(1e-3))
-  saved_on = sharding.ShardedBlockStep(parts.loss_fn, tx, sharding.make_mesh(
+  saved_on = sharding.sharded_block_step(parts.loss_fn, tx, sharding.make_mesh(
       "data=2,fsdp=4"), aggregation="mean", donate=False)
   state, _ = saved_on(saved_on.init(params), lm_batch(cfg, 3))
   ok, details = True, {}
@@ -416,8 +418,8 @@ def check_fsdp_checkpoint():
       ckpt.save(1, state)
       for shape in ("data=4,fsdp=2", "data=8"):
         mesh = sharding.make_mesh(shape)
-        target_step = sharding.ShardedBlockStep(parts.loss_fn, tx, mesh,
-                                                aggregation="mean", donate=False)
+        target_step = sharding.sharded_block_step(parts.loss_fn, tx, mesh,
+                                                  aggregation="mean", donate=False)
         target = target_step.init(params)
         restored = ckpt.restore(1, target).state
         same = bit_equal(restored, state)
@@ -437,8 +439,8 @@ def check_fsdp_indivisible_batch():
   """A batch of 4 rows on data=2,fsdp=4: a clear error before anything compiles."""
   from absign_jax.train import sharding
   parts, cfg = fsdp_lm()
-  step = sharding.ShardedBlockStep(parts.loss_fn, absign_jax.absignsgd(LR),
-                                   sharding.make_mesh("data=2,fsdp=4"), donate=False)
+  step = sharding.sharded_block_step(parts.loss_fn, absign_jax.absignsgd(LR),
+                                     sharding.make_mesh("data=2,fsdp=4"), donate=False)
   try:
     step(step.init(parts.params), lm_batch(cfg, 0, rows=4))
   except ValueError as e:

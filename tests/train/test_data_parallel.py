@@ -114,11 +114,11 @@ def test_aggregation_name_is_checked():
   import absign_jax
   mesh = dist.data_mesh(devices=jax.devices()[:1])
   with pytest.raises(ValueError, match="aggregation"):
-    dist.DataParallelBlockStep(lambda p, x: 0.0, absign_jax.absignsgd(0.1), mesh,
-                               aggregation="median")
+    dist.data_parallel_block_step(lambda p, x: 0.0, absign_jax.absignsgd(0.1), mesh,
+                                  aggregation="median")
   with pytest.raises(ValueError, match="axis"):
-    dist.DataParallelBlockStep(lambda p, x: 0.0, absign_jax.absignsgd(0.1), mesh,
-                               axis="batch")
+    dist.data_parallel_block_step(lambda p, x: 0.0, absign_jax.absignsgd(0.1), mesh,
+                                  axis="batch")
 
 
 @pytest.mark.parametrize("aggregation", dist.AGGREGATIONS)
@@ -137,7 +137,8 @@ def test_one_device_equals_block_train_step(aggregation):
   mesh = dist.data_mesh(devices=jax.devices()[:1])
   plain = absign_jax.BlockTrainStep(loss, tx, donate=False)
   want = plain(plain.init(params), x)
-  step = dist.DataParallelBlockStep(loss, tx, mesh, aggregation=aggregation, donate=False)
+  step = dist.data_parallel_block_step(loss, tx, mesh, aggregation=aggregation,
+                                       donate=False)
   got = step(step.init(params), x)
   assert isinstance(step, absign_jax.BlockTrainStep)
   for a, b in zip(jax.tree.leaves(want[0]), jax.tree.leaves(got[0])):
@@ -159,7 +160,7 @@ def test_full_step_on_one_device_equals_full_train_step():
   tx = optax.adamw(1e-2)
   mesh = dist.data_mesh(devices=jax.devices()[:1])
   plain = absign_jax.FullTrainStep(loss, tx, donate=False)
-  step = dist.DataParallelFullStep(loss, tx, mesh, donate=False)
+  step = dist.data_parallel_full_step(loss, tx, mesh, donate=False)
   want, got = plain(plain.init(params), x), step(step.init(params), x)
   for a, b in zip(jax.tree.leaves(want[0]), jax.tree.leaves(got[0])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
@@ -184,8 +185,8 @@ def test_batch_that_does_not_divide_over_the_devices_is_a_clear_error():
                                        r"multiple of 3 \(e\.g\. 6\)"):
     placement.place_batch({"x": np.zeros((5, 2))})
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-  step = dist.DataParallelBlockStep(lambda p, x: jnp.sum(x), absign_jax.absignsgd(0.1),
-                                    mesh)
+  step = dist.data_parallel_block_step(lambda p, x: jnp.sum(x),
+                                       absign_jax.absignsgd(0.1), mesh)
   assert step.placement.num_workers == 1
   with pytest.raises(ValueError, match="no rows"):  # a scalar cannot be split
     step.placement.place_batch(jnp.float32(1.0))

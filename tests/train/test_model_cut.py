@@ -198,7 +198,7 @@ def test_residual_policy_changes_nothing_but_cost():
   """Keeping 0, some or all layers' activations gives identical results."""
   parts = cut_minigpt(MiniGPT("list", n=4, rngs=nnx.Rngs(1)))
   results = {}
-  for k in (0, 1, 3, absign_jax.residual_budget(max_bytes=10**9)):
+  for k in (0, 1, 3, absign_jax.ResidualBudget(max_bytes=10**9)):
     step, rec = run_fast(parts, 6, residuals=k, selection="uniform")
     results[str(k)] = rec
     if not isinstance(k, int):  # a budget that holds every layer keeps n - 1
@@ -218,7 +218,7 @@ def test_residual_policy_bad_input():
   tx = absign_jax.absignsgd(LR)
   with pytest.raises(ValueError, match=">= 0"):
     absign_jax.BlockTrainStep(parts.loss_fn, tx, layered=parts.layered, residuals=-1)
-  with pytest.raises(TypeError, match="residual_budget"):
+  with pytest.raises(TypeError, match="ResidualBudget"):
     absign_jax.BlockTrainStep(parts.loss_fn, tx, layered=parts.layered, residuals="all")
 
 

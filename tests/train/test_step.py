@@ -30,7 +30,7 @@ import pytest
 from flax import nnx
 
 import absign_jax
-from tests.models import Config, TinyLM, make_batch
+from tests.models import Config, TinyLM, cut, make_batch
 
 STEPS = 20
 LR = 1e-2
@@ -169,8 +169,7 @@ def env():
   e.switch = absign_jax.BlockTrainStep(parts.loss_fn, e.tx, dispatch="switch",
                                        donate=False)
   # The stacked layout with the same weights.
-  e.sparts = sparts = absign_jax.split_nnx(
-      TinyLM(cfg.replace(stacked=True), rngs=nnx.Rngs(1)))
+  e.sparts = sparts = cut(TinyLM(cfg.replace(stacked=True), rngs=nnx.Rngs(1)))
   e.sparams = stack_params(parts.params, sparts.params)
   layered = sparts.layered._replace(
       layer=counting(sparts.layered.layer, e.traces, "stacked_layer"))
@@ -278,7 +277,7 @@ def test_stacked_dynamic_program_holds_no_copy_of_the_stack():
   layer's weights, gradient and update and the per-layer inputs.
   """
   cfg = Config(stacked=True, dim=256, hidden=512, n_layers=6)
-  parts = absign_jax.split_nnx(nnx.eval_shape(lambda: TinyLM(cfg, rngs=nnx.Rngs(0))))
+  parts = cut(nnx.eval_shape(lambda: TinyLM(cfg, rngs=nnx.Rngs(0))))
   tx = absign_jax.absignsgd(1e-3)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                         parts.params)
@@ -521,7 +520,7 @@ def test_micro_batches_step_on_the_gradient_of_the_whole_batch():
   here with ``jax.grad`` of the model's own loss; where that gradient is rounding
   noise the sign is arbitrary. The full-backprop step averages the same way."""
   cfg = Config(n_layers=2, stacked=True)
-  parts = absign_jax.split_nnx(TinyLM(cfg, rngs=nnx.Rngs(3)))
+  parts = cut(TinyLM(cfg, rngs=nnx.Rngs(3)))
   tx = absign_jax.absignsgd(LR, selection="cyclic", include_embedding=True,
                             include_head=True)
   step = absign_jax.BlockTrainStep(parts.loss_fn, tx, layered=parts.layered,
