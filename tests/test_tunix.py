@@ -22,13 +22,13 @@ pytest.importorskip("tunix")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from tunix.models.llama3 import model as llama3  # noqa: E402
 from tunix.sft import hooks, peft_trainer  # noqa: E402
 from tunix.sft import utils as sft_utils  # noqa: E402
 
 import absign_jax  # noqa: E402
+from tests.block_steps import sgd_block_steps  # noqa: E402
 
 N, VOCAB, PAD = 3, 48, 0
 CONFIG = llama3.ModelConfig(num_layers=N, vocab_size=VOCAB, embed_dim=16, hidden_dim=32,
@@ -173,19 +173,10 @@ def test_the_fast_step_on_the_cut_model_matches_tunix_forward_and_grad():
 
   parts = cut_tunix(model)
   assert parts.layers.num_layers == N and parts.layered.context is not None
-  # Block-coordinate SGD with lr 1 changes the active layer by exactly -grad.
-  tx = absign_jax.block_coordinate(optax.sgd(1.0),
-                                   selection=absign_jax.fixed_order(list(range(N))))
-  step = absign_jax.BlockTrainStep(parts.loss_fn, tx, layered=parts.layered,
-                                   donate=False)
-  state = step.init(parts.params)
-  for b in range(N):
-    new, metrics = step(state, batch)
-    assert int(metrics["block"]) == b
-    np.testing.assert_allclose(float(metrics["loss"]), float(reference_loss), rtol=1e-5)
+  for b, step in enumerate(sgd_block_steps(parts, batch, range(N))):
+    np.testing.assert_allclose(step.loss, float(reference_loss), rtol=1e-5)
     want = jax.tree.leaves(nnx.state(reference.layers[b], nnx.Param))
-    before = jax.tree.leaves(state.params["layers"])
-    after = jax.tree.leaves(new.params["layers"])
+    before, after = step.before, step.after
     assert len(before) == len(want) == 9
     for x, y, w in zip(before, after, want):
       x, y, w = np.asarray(x[b]), np.asarray(y[b]), np.asarray(w)
@@ -196,8 +187,6 @@ def test_the_fast_step_on_the_cut_model_matches_tunix_forward_and_grad():
     others = np.array([i for i in range(N) if i != b])
     for x, y in zip(before, after):
       np.testing.assert_array_equal(np.asarray(x)[others], np.asarray(y)[others])
-    state = new._replace(params=state.params)  # next layer, from the same weights
-  assert step.compiled_programs == 1
 
 
 def test_the_callers_tunix_model_survives_the_donating_step():

@@ -219,6 +219,15 @@ def _init_state(params, opt_state, prec, *, donate: bool,
   return TrainState(params, opt_state, prec)
 
 
+def _starting_state(tx, params, opt_state, copy_inputs: bool) -> tuple[PyTree, PyTree]:
+  """The optimizer state a step's ``init`` starts from (``tx.init`` unless given),
+  and the caller's arrays the state must not take over (none if ``copy_inputs`` is
+  False)."""
+  _check_live(TrainState(params, opt_state, None))
+  callers = (params, opt_state) if copy_inputs else ()
+  return (tx.init(params) if opt_state is None else opt_state), callers
+
+
 def _check_live(state: TrainState) -> None:
   """Raises ``ValueError`` if a step already consumed (donated) ``state``."""
   for x in jax.tree.leaves(state):
@@ -241,11 +250,12 @@ def _block_norm(grads) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in grads))
 
 
-def _check_micro_batches(micro_batches) -> int:
-  if (not isinstance(micro_batches, (int, np.integer)) or isinstance(micro_batches, bool)
-      or micro_batches < 1):
-    raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}.")
-  return int(micro_batches)
+def _check_count(name: str, value, note: str = "") -> int:
+  """``value`` as an int >= 1, else a ``ValueError`` naming ``name``."""
+  if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
+      or value < 1):
+    raise ValueError(f"{name} must be an int >= 1{note}, got {value!r}.")
+  return int(value)
 
 
 def check_batch_rows(batch: PyTree, n: int, parts: str, advice: str = "") -> None:
@@ -359,9 +369,12 @@ def _layers_above(layer, stack, j, h, keep=0, ctx=None, every=1):
 
   segments = _segments(lo, every)
 
-  def one(h, i, stack, j, ctx, upto=None):  # layer i if above j (and below upto)
-    run = (i > j) if upto is None else (i > j) & (i < upto)
-    return jax.lax.cond(run, lambda h: layer(_take(stack, i), h, ctx), lambda h: h, h)
+  def runs(i, j, upto=None):  # layer i is above the active one (and below upto)
+    return (i > j) if upto is None else (i > j) & (i < upto)
+
+  def one(h, i, stack, j, ctx, upto=None):
+    return jax.lax.cond(runs(i, j, upto), lambda h: layer(_take(stack, i), h, ctx),
+                        lambda h: h, h)
 
   def apply(h, stack, j, ctx, save):
     def recomputed(h, i):  # saves the layer's input only
@@ -417,8 +430,8 @@ def _layers_above(layer, stack, j, h, keep=0, ctx=None, every=1):
         _, vjp = jax.vjp(lambda x: layer(_take(stack, i), x, ctx), h_i)
         return vjp(ct)[0]
 
-      run = (i > j) if every == 1 else (i > j) & (i < lo)
-      return jax.lax.cond(run, back, lambda ct: ct, ct), None
+      return jax.lax.cond(runs(i, j, None if every == 1 else lo), back,
+                          lambda ct: ct, ct), None
 
     def segment(ct, xs):
       h0, idx = xs
@@ -671,12 +684,10 @@ class BlockTrainStep:
     self.max_consecutive_skips = precision_lib.check_skip_limit(max_consecutive_skips)
     self.aggregate = aggregate
     self.placement = SingleDevice() if placement is None else placement
-    self.micro_batches = _check_micro_batches(micro_batches)
-    if (not isinstance(save_inputs_every, (int, np.integer))
-        or isinstance(save_inputs_every, bool) or save_inputs_every < 1):
-      raise ValueError(f"save_inputs_every must be an int >= 1 (1 saves every "
-                       f"recomputed layer's input), got {save_inputs_every!r}.")
-    self.save_inputs_every = int(save_inputs_every)
+    self.micro_batches = _check_count("micro_batches", micro_batches)
+    self.save_inputs_every = _check_count(
+        "save_inputs_every", save_inputs_every,
+        " (1 saves every recomputed layer's input)")
     self._programs = _Programs(self.placement, donate)
 
   # -- public -----------------------------------------------------------------------
@@ -693,10 +704,7 @@ class BlockTrainStep:
         stays readable). False hands them over instead: no second copy in memory,
         and the caller must not read them after the first step.
     """
-    callers = (params, opt_state) if copy_inputs else ()
-    _check_live(TrainState(params, opt_state, None))
-    if opt_state is None:
-      opt_state = self.tx.init(params)
+    opt_state, callers = _starting_state(self.tx, params, opt_state, copy_inputs)
     spec = find_state(opt_state).partition.spec(params) if self.master_copy else None
     prec = precision_lib.init_precision_state(
         spec, jax.tree.leaves(params), loss_scale=self.loss_scale,
@@ -921,7 +929,7 @@ class FullTrainStep:
     self.loss_fn = loss_fn
     self.tx = tx
     self.seed = int(seed)
-    self.micro_batches = _check_micro_batches(micro_batches)
+    self.micro_batches = _check_count("micro_batches", micro_batches)
     self.max_consecutive_skips = precision_lib.check_skip_limit(max_consecutive_skips)
     self.aggregate = aggregate
     self.placement = SingleDevice() if placement is None else placement
@@ -929,20 +937,9 @@ class FullTrainStep:
 
   def init(self, params: PyTree, opt_state: PyTree | None = None, *,
            copy_inputs: bool = True) -> TrainState:
-    """The :class:`TrainState` to start from (``opt_state`` defaults to ``tx.init``).
-
-    Args:
-      params: the parameters to train.
-      opt_state: the optimizer state to start from.
-      copy_inputs: with donation on, the state gets its own copies of the arrays
-        handed in, so the steps never delete the caller's (the model they came from
-        stays readable). False hands them over instead: no second copy in memory,
-        and the caller must not read them after the first step.
-    """
-    callers = (params, opt_state) if copy_inputs else ()
-    _check_live(TrainState(params, opt_state, None))
-    if opt_state is None:
-      opt_state = self.tx.init(params)
+    """The :class:`TrainState` to start from; the arguments are those of
+    :meth:`BlockTrainStep.init`."""
+    opt_state, callers = _starting_state(self.tx, params, opt_state, copy_inputs)
     prec = precision_lib.init_precision_state(None, [], seed=self.seed)
     return self.placement.place_state(_init_state(
         params, opt_state, prec, donate=self._programs.donate, callers=callers))

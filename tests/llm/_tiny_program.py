@@ -120,3 +120,21 @@ def compilation_cache(directory):
     for n, v in old.items():
       jax.config.update(n, v)
     cache.reset_cache()
+
+
+def tiny_files_fixture(name: str):
+  """A module-scoped pytest fixture ``files``: :func:`write_tiny_files` in a new
+  folder named after ``name``, with :func:`compilation_cache` in it for the module's
+  runs (its path under ``"cache"``, for subprocesses to share)."""
+  import pytest
+
+  @pytest.fixture(scope="module")
+  def files(tmp_path_factory):
+    pytest.importorskip("gguf")
+    pytest.importorskip("tokenizers")
+    d = tmp_path_factory.mktemp(name)
+    written = write_tiny_files(d)
+    with compilation_cache(d / "jax_cache"):
+      yield {**written, "cache": str(d / "jax_cache")}
+
+  return files

@@ -14,18 +14,13 @@ pytest.importorskip("tokenizers")
 
 from absign_jax.llm import config, finetune  # noqa: E402
 
-from tests.llm._tiny_program import compilation_cache, write_tiny_files  # noqa: E402
+from tests.llm._tiny_program import tiny_files_fixture  # noqa: E402
 
 PROG = "python -m absign_jax.llm"
 TIMING = {"wall_s", "tokens_per_s", "first_step_s", "peak_rss_bytes", "peak_device_bytes"}
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-  d = tmp_path_factory.mktemp("config")
-  files = write_tiny_files(d)
-  with compilation_cache(d / "jax_cache"):
-    yield files
+files = tiny_files_fixture("config")
 
 
 def test_config_toml_reruns_the_run_in_a_new_folder(files, tmp_path, monkeypatch):

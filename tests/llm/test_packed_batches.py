@@ -6,11 +6,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 import absign_jax
+from tests.block_steps import sgd_block_steps
 from absign_jax.llm import model as M
 from absign_jax.llm import tasks
 
@@ -59,23 +59,13 @@ def test_the_block_step_on_a_packed_batch_matches_the_models_own_gradient():
   batch = {k: jnp.asarray(v) for k, v in packed_batch(TINY.vocab_size).items()}
   parts = absign_jax.split_nnx(model)
   reference = jax.grad(lambda m: m.loss(batch))(model)
-  n = TINY.n_layers
-  tx = absign_jax.block_coordinate(optax.sgd(1.0),
-                                   selection=absign_jax.fixed_order([n - 1, 0]))
-  step = absign_jax.BlockTrainStep(parts.loss_fn, tx, layered=parts.layered,
-                                   donate=False)
-  state = step.init(parts.params)
-  for block in (n - 1, 0):
-    new, metrics = step(state, batch)
-    assert int(metrics["block"]) == block
-    np.testing.assert_allclose(float(metrics["loss"]), float(model.loss(batch)),
-                               rtol=1e-5)
+  blocks = (TINY.n_layers - 1, 0)
+  for block, step in zip(blocks, sgd_block_steps(parts, batch, blocks)):
+    np.testing.assert_allclose(step.loss, float(model.loss(batch)), rtol=1e-5)
     want = jax.tree.leaves(nnx.state(reference.layers[block], nnx.Param))
-    got = [a[block] - b[block] for a, b in zip(jax.tree.leaves(state.params["layers"]),
-                                               jax.tree.leaves(new.params["layers"]))]
+    got = [a[block] - b[block] for a, b in zip(step.before, step.after)]
     for g, w in zip(got, want):
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-3, atol=1e-6)
-    state = new._replace(params=state.params)
 
 
 def test_segment_ids_of_the_wrong_shape_are_refused():

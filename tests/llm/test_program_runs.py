@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from absign_jax.llm import data, finetune, runs
+from absign_jax.llm import finetune, runs
 
-from tests.llm._tiny_program import write_tiny_gguf
+from tests.llm._tiny_program import tiny_files_fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,28 +31,9 @@ pytest.importorskip("tokenizers")
 # Outputs that measure time or the machine, not the training.
 TIMING = {"wall_s", "tokens_per_s", "first_step_s", "peak_rss_bytes", "peak_device_bytes"}
 
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-  """The tiny GGUF, a text file, and a compilation cache shared with the subprocesses
-  (in-process runs read the programs the subprocess runs compiled)."""
-  import jax
-  from jax.experimental.compilation_cache import compilation_cache
-
-  d = tmp_path_factory.mktemp("program")
-  gguf_path, text = d / "tiny.gguf", d / "notes.txt"
-  write_tiny_gguf(gguf_path)
-  text.write_text(data.second_text()[:3000], encoding="utf-8")
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  old = {n: getattr(jax.config, n) for n in names}
-  for n, v in zip(names, (str(d / "jax_cache"), 0.0, 0)):
-    jax.config.update(n, v)
-  compilation_cache.reset_cache()
-  yield {"gguf": str(gguf_path), "data": str(text), "cache": str(d / "jax_cache")}
-  for n, v in old.items():
-    jax.config.update(n, v)
-  compilation_cache.reset_cache()
+# The tiny model and text, and a compilation cache shared with the subprocesses
+# (in-process runs read the programs the subprocess runs compiled).
+files = tiny_files_fixture("program")
 
 
 def base_args(files, out, *extra):

@@ -18,19 +18,12 @@ import absign_jax
 from absign_jax.llm import registry, runs
 from absign_jax.llm.config import RunConfig
 
-from tests.llm._tiny_program import compilation_cache, tiny_argv, write_tiny_files
+from tests.llm._tiny_program import tiny_argv, tiny_files_fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-  pytest.importorskip("gguf")
-  pytest.importorskip("tokenizers")
-  d = tmp_path_factory.mktemp("registry")
-  files = write_tiny_files(d)
-  with compilation_cache(d / "jax_cache"):
-    yield files
+files = tiny_files_fixture("registry")
 
 
 @pytest.fixture

@@ -14,21 +14,14 @@ import pytest
 
 from absign_jax.llm import runs
 
-from tests.llm._tiny_program import compilation_cache, tiny_argv, write_tiny_files
+from tests.llm._tiny_program import tiny_argv, tiny_files_fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LLM = os.path.join(ROOT, "absign_jax", "llm")
 PROG = "python -m absign_jax.llm"
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-  pytest.importorskip("gguf")
-  pytest.importorskip("tokenizers")
-  d = tmp_path_factory.mktemp("runs")
-  files = write_tiny_files(d)
-  with compilation_cache(d / "jax_cache"):
-    yield files
+files = tiny_files_fixture("runs")
 
 
 def test_new_version_is_one_above_the_highest(tmp_path):

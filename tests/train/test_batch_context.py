@@ -12,11 +12,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 import absign_jax
+from tests.block_steps import sgd_block_steps
 
 PAD, VOCAB, DIM, MAX_LEN, N = 0, 48, 16, 16, 3
 
@@ -111,24 +111,12 @@ def test_a_padded_batch_trains_through_the_fast_step_as_through_the_model():
   reference_loss = model.loss(batch)
   reference = jax.grad(lambda m: m.loss(batch))(model)  # the model's own forward
   want = [jax.tree.leaves(nnx.state(reference.layers[b], nnx.Param)) for b in range(N)]
-  # Block-coordinate SGD with lr 1 changes the active layer by exactly -g.
-  tx = absign_jax.block_coordinate(optax.sgd(1.0),
-                                   selection=absign_jax.fixed_order(list(range(N))))
-  step = absign_jax.BlockTrainStep(parts.loss_fn, tx, layered=parts.layered,
-                                   donate=False)
-  state = step.init(parts.params)
-  for b in range(N):
-    new, metrics = step(state, batch)
-    assert int(metrics["block"]) == b
-    np.testing.assert_allclose(float(metrics["loss"]), float(reference_loss), rtol=1e-5)
-    before = jax.tree.leaves(state.params["layers"])
-    after = jax.tree.leaves(new.params["layers"])
-    got = [x[b] - y[b] for x, y in zip(before, after)]
+  for b, step in enumerate(sgd_block_steps(parts, batch, range(N))):
+    np.testing.assert_allclose(step.loss, float(reference_loss), rtol=1e-5)
+    got = [x[b] - y[b] for x, y in zip(step.before, step.after)]
     assert len(got) == len(want[b])
     for g, w in zip(got, want[b]):
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-4, atol=1e-6)
-    state = new._replace(params=state.params)  # next block, from the same weights
-  assert step.compiled_programs == 1
 
 
 def test_every_residual_policy_reads_the_context():
