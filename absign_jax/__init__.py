@@ -13,16 +13,16 @@ The folders follow the flow of one training step:
 * :mod:`absign_jax.train` -- the training steps, the model protocol, precision, data
   parallelism and checkpoints;
 * :mod:`absign_jax.profiling` -- bytes of trees and compiled programs, collective bytes;
-* :mod:`absign_jax.allocator` -- glibc malloc settings that keep XLA:CPU's freed
-  temporaries mapped (opt-in, applied on import);
+* :mod:`absign_jax.allocator` -- the host allocator that keeps XLA:CPU's freed
+  temporaries mapped between steps;
 * :mod:`absign_jax.llm` -- the fine-tuning program (a Llama-family model, GGUF, data).
 """
 
-# First, before JAX starts threads: keep XLA:CPU's freed temporaries mapped, when
-# the environment asks for it (see absign_jax.allocator).
+# First, before JAX starts threads: glibc's settings that keep XLA:CPU's freed
+# temporaries mapped, when the environment chooses them (see absign_jax.allocator).
 from absign_jax import allocator
 
-if allocator.requested():
+if allocator.choice() == "glibc":
   allocator.keep_freed_memory()
 
 from absign_jax import blocks, optim, profiling, related, train  # noqa: E402

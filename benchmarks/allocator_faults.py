@@ -1,8 +1,9 @@
-"""Page faults and kernel time per training step, with and without the allocator
-settings of :mod:`absign_jax.allocator`.
+"""Page faults and kernel time per training step under each allocator of
+:mod:`absign_jax.allocator`.
 
-    python benchmarks/allocator_faults.py                                 # glibc's own
-    ABSIGN_JAX_KEEP_FREED_MEMORY=1 python benchmarks/allocator_faults.py  # kept mapped
+    python benchmarks/allocator_faults.py                                # mimalloc (auto)
+    ABSIGN_JAX_ALLOCATOR=glibc python benchmarks/allocator_faults.py     # glibc, kept
+    ABSIGN_JAX_ALLOCATOR=system python benchmarks/allocator_faults.py    # glibc's own
 
 SmolLM2-135M's shapes (random weights), float32, batch 4 x 128, stacked layout: two
 warm-up steps, then the minor page faults, kernel and user CPU seconds and wall
@@ -59,4 +60,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+  absign_jax.allocator.configure_process()
   main()

@@ -1,8 +1,8 @@
-"""``ABSIGN_JAX_KEEP_FREED_MEMORY=1``: ``import absign_jax`` keeps XLA:CPU's freed
-temporaries mapped (glibc only).
+"""The host allocator (``absign_jax.allocator``): mimalloc by a restart, glibc's
+settings on import, and the system's; each keeps or maps XLA:CPU's temporaries.
 
-Each probe runs in a fresh interpreter: the settings only take full effect before
-JAX starts its threads, so they cannot be switched inside the test process.
+Each probe runs in a fresh interpreter: an allocator cannot be switched inside the
+test process.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import textwrap
 import pytest
 
 import absign_jax
+from absign_jax import allocator
 
 
 def _glibc() -> bool:
@@ -26,13 +27,17 @@ def _glibc() -> bool:
     return False
 
 
-pytestmark = pytest.mark.skipif(not _glibc(), reason="glibc's malloc settings only")
+glibc_only = pytest.mark.skipif(not _glibc(), reason="glibc's malloc settings only")
+needs_mimalloc = pytest.mark.skipif(allocator.mimalloc_library() is None,
+                                    reason="the cmeel-mimalloc wheel is not installed")
 
 # An AdamW step whose logits (4 x 128 x 32768 float32, 64 MiB) and their gradient are
-# temporaries above glibc's largest mmap threshold.
+# temporaries above glibc's largest mmap threshold. The probe configures its process
+# as a program's entry point does (a restart, for mimalloc).
 PROBE = textwrap.dedent("""
-    import resource
+    import resource, sys
     import absign_jax  # first: before JAX starts its threads
+    status = absign_jax.allocator.configure_process()
     import numpy as np, optax
     from flax import nnx
     from absign_jax.llm import model as M
@@ -48,33 +53,78 @@ PROBE = textwrap.dedent("""
     for _ in range(4):
       state, m = step(state, batch); m["loss"].block_until_ready()
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
-    print(absign_jax.allocator.status().applied, faults)
+    print(repr(sys.argv[1:]), "|", status.name, "|", faults)
 """)
 
 
-def probe(**env) -> tuple[bool, float]:
-  out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                       env={**os.environ, **env}, timeout=300, check=True)
-  applied, faults = out.stdout.split()[-2:]
-  return applied == "True", float(faults)
+def probe(choice: str, *args: str) -> tuple[str, float, list[str]]:
+  env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.CHOICE)}
+  out = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True,
+                       text=True, env={**env, allocator.CHOICE: choice}, timeout=300,
+                       check=True)
+  argv, name, faults = out.stdout.strip().splitlines()[-1].split(" | ")
+  return name, float(faults), eval(argv)  # pylint: disable=eval-used
 
 
-def test_freed_temporaries_stay_mapped_between_steps():
-  kept, kept_faults = probe(**{absign_jax.allocator.OPT_IN: "1"})
-  system, system_faults = probe(**{absign_jax.allocator.OPT_IN: "0"})
-  assert kept and not system
+@pytest.fixture(scope="module")
+def system_faults():
+  name, faults, _ = probe("system")
+  assert name == "system"
   # The logits alone are 16,384 pages: the system allocator maps them anew each step.
-  assert system_faults > 16_384
-  assert kept_faults < 0.4 * system_faults
+  assert faults > 16_384
+  return faults
 
 
-def test_the_settings_are_opt_in():
-  env = {k: v for k, v in os.environ.items() if k != absign_jax.allocator.OPT_IN}
+@needs_mimalloc
+def test_mimalloc_restart_keeps_temporaries_mapped_and_the_command(system_faults):
+  name, faults, argv = probe("auto", "--steps", "3 4")
+  assert name == "mimalloc"
+  assert argv == ["--steps", "3 4"]  # the restarted command is the same
+  assert faults < 0.05 * system_faults
+
+
+@glibc_only
+def test_glibc_choice_keeps_temporaries_mapped(system_faults):
+  name, faults, _ = probe("glibc")
+  assert name == "glibc (freed memory kept)"
+  assert faults < 0.4 * system_faults
+
+
+def test_bad_choice_is_refused_in_one_line(monkeypatch):
+  monkeypatch.setenv(allocator.CHOICE, "jemalloc")
+  with pytest.raises(ValueError, match="ABSIGN_JAX_ALLOCATOR='jemalloc' is not one of"):
+    allocator.configure_process()
+
+
+not_under_mimalloc = pytest.mark.skipif(allocator.status().name == "mimalloc",
+                                        reason="this test process runs under mimalloc")
+
+
+@not_under_mimalloc
+def test_mimalloc_required_but_missing_names_the_wheel(monkeypatch):
+  monkeypatch.setenv(allocator.CHOICE, "mimalloc")
+  monkeypatch.setattr(allocator, "mimalloc_library", lambda: None)
+  with pytest.raises(RuntimeError, match="pip install cmeel-mimalloc"):
+    allocator.configure_process()
+
+
+@not_under_mimalloc
+def test_auto_without_mimalloc_falls_back_to_the_system(monkeypatch):
+  monkeypatch.setenv(allocator.CHOICE, "auto")
+  monkeypatch.setattr(allocator, "mimalloc_library", lambda: None)
+  status = allocator.configure_process()
+  assert (status.name, status.applied) == ("system", False)
+  assert "cmeel-mimalloc" in status.reason or "LD_PRELOAD" in status.reason
+
+
+@glibc_only
+def test_glibc_settings_apply_on_import_only_when_chosen():
+  env = {k: v for k, v in os.environ.items() if k != allocator.CHOICE}
   code = "import absign_jax; print(absign_jax.allocator.status())"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=env, timeout=120, check=True).stdout
-  assert "applied=False" in out and "not requested" in out
+  assert "glibc" not in out
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env={**env, absign_jax.allocator.OPT_IN: "1"}, timeout=120,
+                       env={**env, allocator.CHOICE: "glibc"}, timeout=120,
                        check=True).stdout
   assert "applied=True" in out and "before_jax=True" in out
