@@ -15,6 +15,11 @@ and the tests read sizes through these functions:
   from its optimized HLO text; :func:`collective_bytes_by_axis`, the same per mesh
   axis (each collective attributed to the axis its replica groups run along,
   :func:`replica_groups` and :func:`collective_axis`).
+* :func:`compiled_flops`: the matmul FLOPs a compiled program executes, read from its
+  optimized HLO with loop trip counts applied (``cost_analysis()`` counts a loop body
+  once).
+* :func:`matmul_peak`: this machine's measured matmul throughput through XLA, the
+  reference for "fraction of peak" figures.
 * :func:`cpu_usage`: this process's CPU time (user and kernel) and page faults so far;
   the difference of two readings is what the code between them cost the CPU.
 * :func:`machine_info`: the machine and the versions a figure was measured with.
@@ -28,16 +33,20 @@ import os
 import platform
 import re
 import resource
+import statistics
+import time
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 PyTree = Any
 
 __all__ = ["COLLECTIVE_OPS", "CpuUsage", "collective_axis", "collective_bytes",
-           "collective_bytes_by_axis", "cpu_usage", "machine_info", "master_bytes",
-           "per_device_bytes", "program_memory", "replica_groups", "tree_bytes"]
+           "collective_bytes_by_axis", "compiled_flops", "cpu_usage", "machine_info",
+           "master_bytes", "matmul_peak", "per_device_bytes", "program_memory",
+           "replica_groups", "tree_bytes"]
 
 
 def tree_bytes(tree: PyTree) -> int:
@@ -254,6 +263,49 @@ def _group_size(attrs: str, default: int) -> int:
   return default
 
 
+def _computations(compiled: Any):
+  """``({computation: [(name, type, opcode, operands, attributes)]}, {name: type})``
+  of a compiled program's optimized HLO (a ``jax.stages.Compiled`` or its text)."""
+  text = compiled if isinstance(compiled, str) else compiled.as_text()
+  comps: dict[str, list[tuple[str, str, str, list[str], str]]] = {}
+  types: dict[str, str] = {}
+  current = None
+  for line in text.splitlines():
+    line = _COMMENT.sub("", line)  # e.g. /*index=5*/ inside long operand lists
+    header = _HEADER.match(line)
+    if header and "=" not in line.split("(")[0]:
+      current = header.group(1)
+      comps[current] = []
+      continue
+    d = _DEF.match(line)
+    if d is None or current is None:
+      continue
+    name = d.group(1)
+    type_str, opcode, operands, attrs = _parse_instruction(d.group(2))
+    types[name] = type_str
+    comps[current].append((name, type_str, opcode, operands, attrs))
+  return comps, types
+
+
+def _called(attrs: str) -> list[str]:
+  """The computations an instruction's attributes name (``calls=``, ``body=``, ...)."""
+  out = []
+  for single, many in _CALLED.findall(attrs):
+    if single:
+      out.append(single)
+    if many:
+      out += [c.strip().lstrip("%") for c in many.split(",") if c.strip()]
+  return out
+
+
+def _operand_type(op: str, types: dict[str, str]) -> str:
+  """An operand's HLO type: inline (``f32[4]{0} %x``) or that of the named value."""
+  tokens = op.split()
+  if len(tokens) > 1:
+    return " ".join(tokens[:-1])
+  return types.get(tokens[-1].lstrip("%"), "")
+
+
 def collective_bytes(compiled: Any, num_devices: int | None = None) -> dict[str, Any]:
   """Bytes moved by the collectives of a compiled program, read from its HLO.
 
@@ -276,34 +328,9 @@ def collective_bytes(compiled: Any, num_devices: int | None = None) -> dict[str,
     (all-reduce ``2 (g-1)/g S``, all-gather ``(g-1) S``, reduce-scatter and
     all-to-all ``(g-1)/g S``, permute ``S``, for operand size ``S`` and group ``g``).
   """
-  text = compiled if isinstance(compiled, str) else compiled.as_text()
   default_group = num_devices or 1
-  comps: dict[str, list[tuple[str, str, str, list[str], str]]] = {}
-  types: dict[str, str] = {}
-  current = None
-  for line in text.splitlines():
-    line = _COMMENT.sub("", line)  # e.g. /*index=5*/ inside long operand lists
-    header = _HEADER.match(line)
-    if header and "=" not in line.split("(")[0]:
-      current = header.group(1)
-      comps[current] = []
-      continue
-    d = _DEF.match(line)
-    if d is None or current is None:
-      continue
-    name = d.group(1)
-    type_str, opcode, operands, attrs = _parse_instruction(d.group(2))
-    types[name] = type_str
-    comps[current].append((name, type_str, opcode, operands, attrs))
-
-  def called(attrs: str) -> list[str]:
-    out = []
-    for single, many in _CALLED.findall(attrs):
-      if single:
-        out.append(single)
-      if many:
-        out += [c.strip().lstrip("%") for c in many.split(",") if c.strip()]
-    return out
+  comps, types = _computations(compiled)
+  called = _called
 
   # Computations reachable from a conditional's branches.
   conditional, todo = set(), []
@@ -320,11 +347,7 @@ def collective_bytes(compiled: Any, num_devices: int | None = None) -> dict[str,
       todo += called(attrs)
 
   def operand_bytes(op: str) -> float:
-    tokens = op.split()
-    name = tokens[-1].lstrip("%")
-    if len(tokens) > 1:  # an inline operand type: "f32[4]{0} %x"
-      return _type_bytes(" ".join(tokens[:-1]))
-    return _type_bytes(types.get(name, ""))
+    return _type_bytes(_operand_type(op, types))
 
   result: dict[str, Any] = {k: 0 for k in COLLECTIVE_OPS}
   result.update(total=0, ops=0, conditional=0, wire=0.0)
@@ -489,3 +512,136 @@ def collective_bytes_by_axis(compiled: Any, mesh: Any) -> dict[str, dict]:
     if axis in mesh.axis_names or counted["ops"]:
       out[axis] = counted
   return out
+
+
+# -- FLOPs, read from the optimized HLO, and the machine's matmul throughput -----------
+
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_LHS_CONTRACTING = re.compile(
+    r'\blhs_contracting_dims=\{([0-9,]*)\}|"lhs_contracting_dimensions":\[([0-9",]*)\]')
+_DIM_LABELS = re.compile(r"\bdim_labels=\w+_(\w+)->")
+_MATMUL_TARGET = re.compile(r'custom_call_target="[^"]*(?:gemm|matmul|conv)', re.I)
+
+
+def _dims(type_str: str) -> list[int]:
+  """The dimensions of an HLO type's first array shape (a tuple's first element)."""
+  m = _SHAPE.search(type_str)
+  return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
+def compiled_flops(compiled: Any) -> dict[str, Any]:
+  """Matmul FLOPs a compiled program executes, read from its optimized HLO.
+
+  XLA's ``cost_analysis()`` counts a while loop's body once, so a ``lax.scan`` over
+  ten layers reports one layer's FLOPs; here each loop body counts ``trip count``
+  times (its condition ``trip count + 1`` times) and nested loops multiply. Counted:
+
+  * every ``dot``: ``2 * prod(result dims) * prod(lhs contracting dim sizes)``;
+  * every ``convolution``: ``2 * prod(result dims) * prod(kernel dims) / kernel
+    output features`` (every kernel tap, padding included);
+  * matmul custom calls that carry their dimension numbers (cuBLAS ``__cublas$gemm``
+    and ``__cublas$lt$matmul``), as a ``dot``.
+
+  Dots inside fusions, calls and async wrappers count once per execution of the
+  instruction that calls them. Of a ``conditional``, only its most expensive branch
+  counts (an upper bound: which branch runs is known only at run time). Elementwise
+  and transcendental work is not counted (in a transformer's training step matmuls
+  dominate); a multiply-add is 2 FLOPs whatever the dtype.
+
+  Args:
+    compiled: a ``jax.stages.Compiled`` (``jit(f).lower(...).compile()``) or its
+      ``as_text()``.
+
+  Returns:
+    ``flops`` (``dot_flops + conv_flops``), ``dot_flops``, ``conv_flops``;
+    ``unknown_trip_loops``, how many while loops have no known trip count (their
+    body is counted once, so ``flops`` is then a lower bound); ``uncounted_calls``,
+    how many custom calls look like matmuls or convolutions but name no dimensions
+    (not counted).
+
+  Examples:
+    >>> f = jax.jit(lambda a, b: a @ b).lower(jnp.ones((4, 8)), jnp.ones((8, 16)))
+    >>> compiled_flops(f.compile())["flops"]  # 2 * 4 * 16 * 8
+    1024.0
+  """
+  comps, types = _computations(compiled)
+  counts = {"unknown_trip_loops": 0, "uncounted_calls": 0}
+  memo: dict[str, tuple[float, float]] = {}
+
+  def instruction(type_str, opcode, operands, attrs) -> tuple[float, float]:
+    """(dot, conv) FLOPs of one execution of one instruction, callees included."""
+    out = math.prod(_dims(type_str))
+    if opcode == "dot" or (opcode == "custom-call" and _MATMUL_TARGET.search(attrs)):
+      m = _LHS_CONTRACTING.search(attrs)
+      if m is None:
+        counts["uncounted_calls"] += 1
+        return 0.0, 0.0
+      lhs = _dims(_operand_type(operands[0], types))
+      k = math.prod(lhs[int(i)] for i in re.findall(r"\d+", m.group(1) or m.group(2)))
+      return 2.0 * out * k, 0.0
+    if opcode == "convolution":
+      kernel = _dims(_operand_type(operands[1], types))
+      out_features = kernel[_DIM_LABELS.search(attrs).group(1).index("o")]
+      return 0.0, 2.0 * out * math.prod(kernel) / out_features
+    if opcode.endswith(("-done", "-update")):  # the "-start" counted the callee
+      return 0.0, 0.0
+    if opcode == "while":
+      body = re.search(r"\bbody=%?([\w.\-]+)", attrs).group(1)
+      cond = re.search(r"\bcondition=%?([\w.\-]+)", attrs).group(1)
+      trip = _TRIP_COUNT.search(attrs)
+      if trip is None:
+        counts["unknown_trip_loops"] += 1
+      n = int(trip.group(1)) if trip else 1
+      (bd, bc), (cd, cc) = computation(body), computation(cond)
+      return n * bd + (n + 1) * cd, n * bc + (n + 1) * cc
+    callees = [computation(c) for c in _called(attrs)]
+    if opcode == "conditional":
+      return max(callees, key=sum, default=(0.0, 0.0))
+    return sum(d for d, _ in callees), sum(c for _, c in callees)
+
+  def computation(name: str) -> tuple[float, float]:
+    if name not in memo:  # a computation called twice is parsed once
+      flops = [instruction(*i[1:]) for i in comps.get(name, [])]
+      memo[name] = (sum(d for d, _ in flops), sum(c for _, c in flops))
+    return memo[name]
+
+  text = compiled if isinstance(compiled, str) else compiled.as_text()
+  entry = re.search(r"^ENTRY\s+%?([\w.\-]+)", text, re.M).group(1)
+  dot, conv = computation(entry)
+  return {"flops": dot + conv, "dot_flops": dot, "conv_flops": conv, **counts}
+
+
+def matmul_peak(size: int = 2048, dtype: Any = jnp.float32, repeats: int = 5,
+                device: Any = None) -> dict[str, Any]:
+  """This machine's measured matmul throughput through XLA.
+
+  A jitted ``size x size @ size x size`` matmul is run once to compile and warm up,
+  then ``repeats`` times, each waited for (``block_until_ready``); the median time
+  counts. It is the reference for "fraction of peak" figures (a step's
+  :func:`compiled_flops` per second over this): measure it in the same run, on the
+  same cores, so that the load other processes put on the machine is the same.
+
+  Args:
+    size: the side of the square matrices.
+    dtype: their dtype.
+    repeats: how many timed runs.
+    device: the device to run on (default: the first one).
+
+  Returns:
+    ``flops_per_s`` (``2 * size**3 / seconds``), ``size``, ``dtype`` (its name),
+    ``seconds`` (the median time of one matmul) and ``device`` (its kind).
+  """
+  device = device or jax.devices()[0]
+  a = jax.device_put(jnp.ones((size, size), dtype), device)
+  b = jax.device_put(jnp.full((size, size), 0.5, dtype), device)
+  mm = jax.jit(jnp.matmul)
+  mm(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    mm(a, b).block_until_ready()
+    times.append(time.perf_counter() - start)
+  seconds = statistics.median(times)
+  return {"flops_per_s": 2.0 * size**3 / seconds, "size": size,
+          "dtype": jnp.dtype(dtype).name, "seconds": seconds,
+          "device": device.device_kind}

@@ -22,7 +22,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import step_time  # noqa: E402  (benchmarks/step_time.py)
+import runners  # noqa: E402  (benchmarks/runners.py)
 
 
 def main(argv=None):
@@ -42,28 +42,25 @@ def main(argv=None):
   from absign_jax import profiling  # pylint: disable=g-import-not-at-top
   import torch_ref  # pylint: disable=g-import-not-at-top
 
-  st_args = step_time.parse_args(
-      ["--preset", args.preset, "--batch", str(args.batch), "--seq", str(args.seq)]
-      + ([] if args.loss_chunk is None else ["--loss-chunk", str(args.loss_chunk)]))
-  cfg, layout, _ = step_time.config_for(st_args)
-  model = step_time.Model(cfg.replace(scan_layers=(layout == "stacked")))
-  batch = step_time.make_batch(cfg, args.batch, args.seq)
+  cfg, layout, _ = runners.config_for(args.preset, args.seq, loss_chunk=args.loss_chunk)
+  model = runners.Model(cfg.replace(scan_layers=(layout == "stacked")))
+  batch = runners.make_batch(cfg, args.batch, args.seq)
   blocks = [int(b) for b in args.blocks.split(",")]
   setting = {"loss_chunk": cfg.loss_chunk}
   setting.update({k: os.environ.get(k) for k in ("LD_PRELOAD", "MALLOC_CONF", "XLA_FLAGS", "MALLOC_ARENA_MAX",
                                             "GLIBC_TUNABLES") if os.environ.get(k)})
   for method in args.methods.split(","):
-    if method in step_time.TORCH_METHODS:
+    if method in runners.TORCH_METHODS:
       host = {k: jax.numpy.asarray(v) for k, v in batch.items()}
       tmodel = torch_ref.build(model.module())
       hb = {k: __import__("numpy").asarray(v) for k, v in host.items()}
       if method == "torch_adamw":
-        runner = torch_ref.AdamWRunner(tmodel, hb, step_time.LR, step_time.WEIGHT_DECAY)
+        runner = torch_ref.AdamWRunner(tmodel, hb, runners.LR, runners.WEIGHT_DECAY)
       else:
-        runner = torch_ref.BlockSignRunner(tmodel, hb, step_time.LR)
+        runner = torch_ref.BlockSignRunner(tmodel, hb, runners.LR)
     else:
-      runner, _ = step_time.make_runner(method, model, batch, model, "auto")
-    per_block = method in step_time.PER_BLOCK_TIMED
+      runner, _ = runners.make_runner(method, model, batch, model, "auto")
+    per_block = method in runners.PER_BLOCK_TIMED
     todo = blocks if per_block else [None]
     runner(block=todo[0])  # compile / first call, untimed
     rec = {}

@@ -57,6 +57,22 @@ SLOW_FILES_FIRST = (
 
 
 _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+BENCHMARKS_DIR = os.path.join(os.path.dirname(_TESTS_DIR), "benchmarks")
+
+
+def benchmark_module(name: str, fresh: str | None = None):
+  """``benchmarks/<name>.py`` imported in this process, as its scripts import each
+  other (``benchmarks/`` on ``sys.path``); ``fresh``: a new copy under that name,
+  whose module-level constants read the registry as it is now."""
+  if BENCHMARKS_DIR not in sys.path:
+    sys.path.insert(0, BENCHMARKS_DIR)
+  if fresh is None:
+    return importlib.import_module(name)
+  path = os.path.join(BENCHMARKS_DIR, f"{name}.py")
+  spec = importlib.util.spec_from_file_location(fresh, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def pytest_collection_modifyitems(config, items):

@@ -170,3 +170,286 @@ def test_the_plotted_curve_is_rebuilt_on_the_evaluation_subset(quality, tmp_path
   assert rows["adamw"]["heldout_loss_curve"] == [
       (0.0, math.log(12.0)), (2.0, math.log(9.0)), (3.5, math.log(8.0))]
   assert rows["lora"]["heldout_loss_curve"] == [(2.0, math.log(9.0))]
+
+
+# -- records fabricated as a finished setting leaves them (no training) ----------------
+
+CHAT = {"What is the capital of France?": "Paris."}
+
+
+def record(quality, out, setting, correct=None, questions=None, old=False, **fields):
+  """Writes a finished setting's summary.json, curve.json and (math) answers.jsonl.
+
+  ``old``: as the first math task's records were written (no modules, no intervals,
+  no token figures).
+  """
+  d = setting.directory(str(out))
+  os.makedirs(d)
+  summary = {"task": setting.task, "lr": setting.lr, "steps": 10, "wall_s": 300.0,
+             "batch": 4, "seq": 128, "device": "cpu", "heldout_loss_before": 3.0,
+             "heldout_loss_after": 2.0, "step_memory_bytes": 2**30,
+             "second_text_ppl_before": 40.0, "second_text_ppl_after": 44.0,
+             "chat_before": CHAT, "chat_after": {k: "Rome." for k in CHAT}}
+  curve = {"setting": setting.label, "task": setting.task, "method": setting.method,
+           "seed": setting.seed, "lr_setting": setting.lr, "budget_s": 300.0,
+           "heldout_loss_curve": [[0.0, 3.0], [300.0, 2.0]]}
+  if not old:
+    summary["tokens_processed"] = 10 * 4 * 128
+    curve.update(budget_tokens=None, steps=10, tokens_processed=10 * 4 * 128,
+                 wall_s=300.0)
+  if correct is not None:
+    questions = questions or [f"What is {i} + 1?" for i in range(len(correct))]
+    summary.update(accuracy_before=0.0, accuracy_after=sum(correct) / len(correct))
+    with open(os.path.join(d, "answers.jsonl"), "w") as f:
+      for q, ok in zip(questions, correct):
+        a = {"question": q, "reference": "1", "answer": "1" if ok else "2", "correct": ok}
+        if not old:
+          a.update(module="arithmetic__add_or_sub", correct_before=False)
+        f.write(json.dumps(a) + "\n")
+    if not old:
+      summary["accuracy_by_module"] = {"arithmetic__add_or_sub": {
+          "problems": len(correct), "accuracy_before": 0.0,
+          "accuracy_after": sum(correct) / len(correct)}}
+  summary.update(fields)
+  with open(os.path.join(d, "summary.json"), "w") as f:
+    json.dump(summary, f)
+  with open(os.path.join(d, "curve.json"), "w") as f:
+    json.dump(curve, f)
+
+
+N = 40  # held-out problems of the fabricated math settings
+PLAIN_OK = [i < 8 for i in range(N)]  # absignsgd's best: 8 right
+LORA_OK = [i < 4 or i >= 24 for i in range(N)]  # 20 right, 16 of them not absignsgd's
+ADAMW_OK = [i < 6 or i in (30, 31, 32, 33) for i in range(N)]  # 10: not significant
+
+
+@pytest.fixture(scope="module")
+def report(quality, tmp_path_factory):
+  """A report built from fabricated records of both math tasks and chat; (out, text,
+  the rows of tasks.json by setting label)."""
+  out = tmp_path_factory.mktemp("tasks")
+  S = quality.Setting
+  record(quality, out, S("math", "absignsgd", 1e-3), PLAIN_OK)
+  record(quality, out, S("math", "absignsgd", 3e-4), [i < 2 for i in range(N)])
+  record(quality, out, S("math", "lora", 3e-4), LORA_OK, second_text_ppl_after=42.0)
+  record(quality, out, S("math", "adamw", 1e-4), ADAMW_OK)
+  questions = [f"What is {i} + 1?" for i in range(N)]
+  record(quality, out, S("math", "galore", 1e-3), PLAIN_OK, questions=questions[::-1])
+  record(quality, out, S("math", "block_adam", 3e-4), PLAIN_OK[:10])
+  # The first math task's records: more accurate than any above, never ranked with them.
+  record(quality, out, S("math", "adamw", 3e-5), [True] * 36 + [False] * 4, old=True)
+  record(quality, out, S("math", "lora", 1e-3), [True] * 38 + [False] * 2, old=True)
+  record(quality, out, S("chat", "absignsgd", 1e-3), heldout_loss_after=2.5)
+  record(quality, out, S("chat", "lora", 3e-4), heldout_loss_after=2.4,
+         second_text_ppl_after=46.0)
+  quality.write_tasks_report(quality.load_rows(str(out)), str(out))
+  with open(os.path.join(out, "tasks.md")) as f:
+    text = f.read()
+  with open(os.path.join(out, "tasks.json")) as f:
+    rows = {r["setting"]: r for r in json.load(f)}
+  return out, text, rows
+
+
+def section(text, title):
+  """The part of tasks.md under ``### title``."""
+  return text.split(f"### {title}\n")[1].split("\n### ")[0]
+
+
+def test_accuracy_intervals_and_paired_tests_are_significances(quality, report):
+  from absign_jax.llm import significance
+
+  _, text, rows = report
+  for label, correct in (("math absignsgd lr=0.001 seed=0", PLAIN_OK),
+                         ("math lora lr=0.0003 seed=0", LORA_OK),
+                         ("math adamw lr=0.0001 seed=0", ADAMW_OK)):
+    interval = significance.wilson_interval(sum(correct), len(correct))
+    assert rows[label]["accuracy_after_interval"] == pytest.approx(interval[1:])
+    assert f"{interval.estimate:.3f} [{interval.low:.3f}, {interval.high:.3f}]" in text
+  for label, correct, verdict in (
+      ("math lora lr=0.0003 seed=0", LORA_OK, "significant: more accurate"),
+      ("math adamw lr=0.0001 seed=0", ADAMW_OK, "not significant")):
+    test = significance.mcnemar(correct, PLAIN_OK)
+    assert rows[label]["vs_plain"] == {
+        "against": "math absignsgd lr=0.001 seed=0", "only_this": test.only_first,
+        "only_plain": test.only_second, "p_value": pytest.approx(test.p_value)}
+    assert (f"| {label} | {quality._accuracy(rows[label])} | {test.only_first} "
+            f"| {test.only_second} | {test.p_value:.3g} | {verdict} |") in text
+  assert test.p_value > 0.05 and significance.mcnemar(LORA_OK, PLAIN_OK).p_value < 0.05
+  # Ranked by accuracy: lora, adamw, then absignsgd's best (not its 3e-4).
+  table = section(text, "math, 6 modules").split("Paired comparison")[1]
+  table = table.split("| method |")[1].split("Forgetting")[0]
+  assert table.index("lora lr=") < table.index("adamw lr=") < table.index(
+      "absignsgd lr=0.001") and "absignsgd lr=0.0003" not in table
+
+
+def test_different_problem_lists_are_not_paired(quality, report):
+  answers = [{"question": f"q{i}", "correct": i % 2 == 0} for i in range(6)]
+  with pytest.raises(ValueError, match=r"problem lists differ \(6 against 5 problems\)"):
+    quality.paired_test(answers, answers[:5])
+  with pytest.raises(ValueError, match="problem lists differ .problem 1 is another"):
+    quality.paired_test(answers, answers[::-1])
+  assert quality.paired_test(answers, answers).p_value == 1.0
+  _, text, rows = report
+  assert rows["math galore lr=0.001 seed=0"]["vs_plain"]["refused"] == (
+      "not compared: the problem lists differ (problem 1 is another question)")
+  assert rows["math block_adam lr=0.0003 seed=0"]["vs_plain"]["refused"] == (
+      f"not compared: the problem lists differ (10 against {N} problems)")
+  assert "| - | - | - | not compared: the problem lists differ (10 against" in text
+
+
+def test_forgetting_table_and_plots_are_written(report):
+  out, text, _ = report
+  for name in ("math.png", "chat.png", "math_forgetting.png", "chat_forgetting.png"):
+    assert os.path.getsize(os.path.join(out, name)) > 0, name
+  chat = section(text, "chat").split("Forgetting, chat")[1]
+  # best first (held-out loss): lora, then absignsgd; the memory ratio has no AdamW
+  # row on chat's side but the math one's.
+  assert ("| lora | chat lora lr=0.0003 seed=0 | 2.4000 | 1.00 | 40.000 -> 46.000 "
+          "| 1.150 | 'Rome.' |") in chat
+  assert chat.index("| lora |") < chat.index("| absignsgd |")
+  math_part = section(text, "math, 6 modules").split("Forgetting, math")[1]
+  assert "| lora | math lora lr=0.0003 seed=0 | 0.500 [" in math_part
+  assert "| 40.000 -> 42.000 | 1.050 |" in math_part
+
+
+def test_old_math_rows_build_and_are_never_ranked_with_new_ones(quality, report):
+  _, text, rows = report
+  old = ("math adamw lr=3e-05 seed=0", "math lora lr=0.001 seed=0")
+  assert {rows[x]["math_task"] for x in old} == {quality.OLD_MATH_TASK}
+  assert rows["math lora lr=0.0003 seed=0"]["math_task"] == quality.MATH_TASK
+  assert f"- {quality.OLD_MATH_TASK}: {old[0]}, {old[1]}\n" in text  # the header
+  new, former = section(text, "math, 6 modules"), section(text, "math, old 4 modules")
+  assert all(x not in new for x in old) and all(x in former for x in old)
+  assert "no absignsgd setting to compare with" in former
+  assert all("vs_plain" not in rows[x] for x in old)
+  assert f"| {old[0]} | 10 | - | 300 | 0.000 | 0.900 [" in former  # no token figures
+  # The plots show the current task's best settings, not the (more accurate) old ones.
+  assert "math.png (held-out loss against wall-clock) and math_forgetting.png" in new
+
+
+def test_the_records_of_the_first_math_task_still_make_a_report(quality, tmp_path,
+                                                                monkeypatch):
+  monkeypatch.setattr(quality.summary_lib, "plot_curves", lambda *a, **k: None)
+  monkeypatch.setattr(quality, "plot_forgetting", lambda *a, **k: None)
+  rows = quality.load_rows(os.path.join(ROOT, "benchmarks", "results", "tasks"))
+  assert rows and {r["math_task"] for r in rows if r["task"] == "math"} == {
+      quality.OLD_MATH_TASK}
+  quality.write_tasks_report(rows, str(tmp_path))
+  with open(tmp_path / "tasks.md") as f:
+    assert "Budget per setting: 300 s (no token limit)." in f.read()
+
+
+def test_a_token_budget_reaches_the_program_and_its_record(quality, tmp_path,
+                                                           monkeypatch):
+  from absign_jax.llm import runs as runs_lib
+
+  calls = []
+
+  def train(args, optimizer, loaded, out_dir):
+    calls.append(args)
+    os.makedirs(out_dir)
+    steps = args.total_steps
+    summary = {"task": "chat", "lr": args.lr, "steps": steps, "wall_s": 12.0,
+               "tokens_processed": steps * args.batch * args.seq, "batch": args.batch,
+               "seq": args.seq, "device": "cpu", "heldout_loss_before": 3.0,
+               "heldout_loss_after": 2.0, "step_memory_bytes": 2**30,
+               "second_text_ppl_before": 40.0, "second_text_ppl_after": 41.0,
+               "chat_before": CHAT, "chat_after": CHAT}
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+      json.dump(summary, f)
+    return runs_lib.RunResult(optimizer, summary, [], [(0.0, 20.0), (12.0, 8.0)])
+
+  monkeypatch.setattr(quality.finetune, "load", lambda args: object())
+  monkeypatch.setattr(quality.finetune, "train", train)
+  monkeypatch.setattr(quality.profiling, "machine_info", lambda: {"cpu": "test"})
+  first, second = "chat adamw lr=0.0001 seed=0", "chat lora lr=0.0003 seed=0"
+  quality.main(["--run", first, "--token-budget", "2048", "--out", str(tmp_path)])
+  assert calls[-1].token_budget == 2048 and calls[-1].time_budget is None
+  with open(os.path.join(quality.Setting.parse(first).directory(str(tmp_path)),
+                         "curve.json")) as f:
+    curve = json.load(f)
+  assert {k: curve[k] for k in ("budget_s", "budget_tokens", "steps",
+                                "tokens_processed", "wall_s")} == {
+      "budget_s": None, "budget_tokens": 2048, "steps": 4, "tokens_processed": 2048,
+      "wall_s": 12.0}
+  with open(tmp_path / "tasks.md") as f:
+    text = f.read()
+  assert "Budget per setting: 2,048 tokens (no time limit)." in text
+  assert f"| {first} | 4 | 2,048 | 12 |" in text
+  # Both budgets: both reach the program; the first setting, recorded at another
+  # budget, is not run again.
+  quality.main(["--run", f"{first},{second}", "--budget", "60", "--token-budget",
+                "4096", "--out", str(tmp_path)])
+  assert len(calls) == 2 and (calls[-1].time_budget, calls[-1].token_budget) == (
+      60.0, 4096)
+  with open(tmp_path / "tasks.md") as f:
+    assert "60 s or 4,096 tokens, whichever ends first: 1 settings" in f.read()
+  with pytest.raises(SystemExit):
+    quality.main(["--run", first, "--token-budget", "100", "--out", str(tmp_path)])
+
+
+def test_long_phase_settings_take_the_short_sweeps_best_rates(quality):
+  from absign_jax.llm import finetune, registry
+
+  new = dict(math_task=quality.MATH_TASK)
+  short = [{**row(quality, "math", m, lr, accuracy=acc), **new}
+           for m, lr, acc in (("absignsgd", 3e-4, 0.05), ("absignsgd", 1e-3, 0.06),
+                              ("absignsgd", 3e-3, 0.04),  # inside
+                              ("lora", 1e-4, 0.02), ("lora", 3e-4, 0.05),
+                              ("lora", 1e-3, 0.08),  # at the top
+                              ("block_adam", 1e-4, 0.07), ("block_adam", 3e-4, 0.05),
+                              ("block_adam", 1e-3, 0.01),  # at the bottom
+                              ("galore", 1e-3, 0.09))]  # one rate: no bracket
+  # The first math task's rows do not count beside the current one's.
+  short.append({**row(quality, "math", "absignsgd", 3e-3, accuracy=0.5),
+                "math_task": quality.OLD_MATH_TASK})
+  rates = {s: set() for s in quality.LONG_METHODS}
+  for s in quality.long_settings(short, []):
+    assert s.seed == 0
+    rates[s.method].add((s.task, s.lr))
+  expected = {"absignsgd": [1e-3], "lora": [1e-3, 3e-3], "lora_remat": [1e-3, 3e-3],
+              "block_adam": [1e-4, 3e-5], "galore": [1e-3],
+              "adamw": [registry.get("adamw").lr]}  # not in the short sweep: default
+  assert rates == {m: {(t, lr) for t in ("math", "chat") for lr in lrs}
+                   for m, lrs in expected.items()}
+  assert quality.beyond(3e-4, up=True) == 1e-3 and quality.beyond(1e-4, up=False) == 3e-5
+  # Seed 1: the best four per task, once every seed-0 setting of the task is done.
+  assert quality.long_settings(short, [], seed=1) == []
+  first = quality.long_settings(short, [])
+  done = [row(quality, "math", s.method, s.lr, accuracy=i / 100)
+          for i, s in enumerate(x for x in first if x.task == "math")]
+  done.append(row(quality, "math", "absignsgd_relative", 5e-3, accuracy=0.9))  # options
+  picked = quality.long_settings(short, done, seed=1)
+  # (each method's best: adamw, galore, block_adam at 3e-5, lora_remat at 3e-3)
+  assert [(s.task, s.method, s.lr, s.seed) for s in picked] == [
+      ("math", m, lr, quality.SECOND_SEED) for m, lr in (
+          ("adamw", registry.get("adamw").lr), ("galore", 1e-3), ("block_adam", 3e-5),
+          ("lora_remat", 3e-3))]
+  # lora_remat is lora with the program's per-layer rematerialisation.
+  assert quality.method_run("lora_remat") == ("lora", {"remat": True})
+  assert set(quality.method_run("lora_remat")[1]) <= set(vars(finetune.parse_args([])))
+  assert quality.Setting.parse("chat lora_remat lr=0.001 seed=0").method == "lora_remat"
+
+
+def test_long_budget_phases_list_their_settings(quality, tmp_path, capsys):
+  done = quality.Setting("math", *quality.PLAIN)
+  record(quality, tmp_path, done, PLAIN_OK)  # at 300 s
+  quality.main(["--phase", "long", "--list", "--out", str(tmp_path),
+                "--short-out", str(tmp_path / "none")])
+  listed = capsys.readouterr().out
+  assert (f"other  {done.label}  (recorded at 300 s (no token limit), not 1800 s "
+          "(no token limit))") in listed
+  assert "todo  chat lora_remat lr=0.0003 seed=0" in listed  # lora's default rate
+  assert "later math: the best 4 again with seed 1" in listed
+  quality.main(["--phase", "options", "--list", "--out", str(tmp_path),
+                "--budget", "1800"])
+  listed = capsys.readouterr().out.splitlines()
+  assert len(listed) == len(quality.options_settings())
+  assert f"other  {done.label}  (recorded at 300 s (no token limit), not 1800 s " \
+      "(no token limit))" in listed
+  quality.main(["--phase", "options", "--list", "--out", str(tmp_path)])  # at 300 s
+  assert (f"other  {done.label}  (recorded on {N} held-out problems)"
+          in capsys.readouterr().out.splitlines())
+  quality.main(["--phase", "options", "--list", "--out", str(tmp_path),
+                "--eval-problems", str(N)])
+  assert f"done  {done.label}" in capsys.readouterr().out.splitlines()

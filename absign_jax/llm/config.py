@@ -76,6 +76,7 @@ class RunConfig:
   warmup: int = 5
   steps: int = 60
   time_budget: float | None = None
+  token_budget: int | None = None
   batch: int = 4
   micro_batches: int = 1
   seq: int = 128
@@ -114,6 +115,13 @@ class RunConfig:
   num_processes: int = 1
   process_id: int | None = None
   distributed: bool = False
+
+  @property
+  def total_steps(self) -> int:
+    """The steps to train: ``--token-budget`` over one step's tokens, else ``--steps``."""
+    if self.token_budget is None:
+      return self.steps
+    return -(-self.token_budget // (self.batch * self.seq))
 
   @property
   def optimizers(self) -> tuple[str, ...]:
@@ -182,6 +190,10 @@ def _parser() -> checks.ArgumentParser:
                  help="stop training after this many seconds of training (wall-clock, "
                  "first step and evaluations excluded); the cosine schedule then decays "
                  "over the budget instead of --steps, whichever ends first")
+  p.add_argument("--token-budget", type=int, default=d.token_budget,
+                 help="train on this many tokens (batch x seq per step), the same "
+                 "amount of work on any machine; sets the number of steps (instead of "
+                 "--steps), and the cosine schedule decays over it")
   p.add_argument("--batch", type=int, default=d.batch, help="sequences per step")
   p.add_argument("--micro-batches", type=int, default=d.micro_batches,
                  help="split each batch into this many slices and average their "
@@ -360,6 +372,9 @@ def _checked(values: dict[str, Any], error: Callable[[str], Any]) -> RunConfig:
   need("--time-budget", v["time_budget"],
        finite(v["time_budget"]) and v["time_budget"] > 0,
        "a finite number of seconds > 0")
+  need("--token-budget", v["token_budget"],
+       v["token_budget"] is not None and v["token_budget"] >= v["batch"] * v["seq"],
+       f"at least one step's tokens (--batch x --seq = {v['batch'] * v['seq']})")
   need("--batch", v["batch"], v["batch"] >= 1, "an integer >= 1")
   need("--batch", v["batch"], v["batch"] <= MAX_BATCH, f"at most {MAX_BATCH}")
   need("--seq", v["seq"], v["seq"] >= 2, "an integer >= 2")

@@ -1,7 +1,8 @@
 """What a fine-tuning run measures of its model, before and after training.
 
 Held-out perplexity (the whole held-out set; its first ``--eval-seqs`` sequences
-during training), ``--task math``'s accuracy of the greedy answer, and with
+during training), ``--task math``'s accuracy of the greedy answer (with its 95%
+interval, per module, and McNemar's paired test of after against before), and with
 ``--forgetting`` the perplexity of a second text the tuning never sees and chat
 answers to fixed prompts.
 """
@@ -20,6 +21,7 @@ import numpy as np
 from absign_jax.llm import data as data_lib
 from absign_jax.llm import generate as generate_lib
 from absign_jax.llm import model as model_lib
+from absign_jax.llm import significance
 from absign_jax.llm import tasks as tasks_lib
 from absign_jax.llm.tokenizer import Tokenizer
 
@@ -60,6 +62,31 @@ def chat(parts, params, tokenizer: Tokenizer, prompt: str,
   return generate_lib.chat(parts.merge(params), tokenizer, prompt, max_new_tokens)
 
 
+_CORRECT_BEFORE = "_correct_before"  # per problem; kept for the paired test, not reported
+
+
+def _correct(problems, answers) -> list[bool]:
+  return [tasks_lib.answers_match(a, p.answer) for p, a in zip(problems, answers)]
+
+
+def _accuracy_figures(correct: list[bool], when: str) -> dict[str, Any]:
+  """``accuracy_<when>`` and its 95% interval ``accuracy_<when>_interval``."""
+  interval = significance.wilson_interval(sum(correct), len(correct))
+  return {f"accuracy_{when}": interval.estimate,
+          f"accuracy_{when}_interval": [interval.low, interval.high]}
+
+
+def _by_module(problems, correct_before, correct) -> dict[str, dict[str, float]]:
+  out: dict[str, dict[str, float]] = {}
+  for p, ok_before, ok in zip(problems, correct_before, correct):
+    m = out.setdefault(p.module, {"problems": 0, "before": 0, "after": 0})
+    m["problems"] += 1
+    m["before"] += ok_before
+    m["after"] += ok
+  return {name: {"problems": m["problems"], "accuracy_before": m["before"] / m["problems"],
+                 "accuracy_after": m["after"] / m["problems"]} for name, m in out.items()}
+
+
 def eval_subset(config: RunConfig) -> int | None:
   """Held-out sequences scored during training (None: no evaluation then)."""
   return config.eval_seqs if config.eval_every else None
@@ -81,9 +108,11 @@ def before_training(config: RunConfig, parts, params, loaded) -> dict[str, Any]:
     before["heldout_ppl_subset_before"] = math.exp(
         evaluate(parts, params, heldout, config.batch, subset))
   if loaded.problems:
-    before["accuracy_before"], _ = tasks_lib.math_accuracy(
-        parts.merge(params), tokenizer, loaded.problems,
-        progress=not config.no_progress)
+    _, answers = tasks_lib.math_accuracy(parts.merge(params), tokenizer, loaded.problems,
+                                         progress=not config.no_progress)
+    correct = _correct(loaded.problems, answers)
+    before.update(_accuracy_figures(correct, "before"))
+    before[_CORRECT_BEFORE] = correct
   if config.forgetting:
     second = second_text_set(tokenizer, config.seq)
     before["second_text_ppl_before"] = math.exp(
@@ -105,7 +134,8 @@ def after_training(config: RunConfig, parts, params, loaded, before: dict[str, A
   heldout, tokenizer, problems = loaded.heldout, loaded.tokenizer, loaded.problems
   subset_figures, task_figures = {}, {}
   forgetting = {k: v for k, v in before.items()
-                if k not in ("ppl_before", "accuracy_before", "heldout_ppl_subset_before")}
+                if k not in ("ppl_before", "heldout_ppl_subset_before", _CORRECT_BEFORE)
+                and not k.startswith("accuracy_before")}
   if subset:
     subset_figures["heldout_ppl_subset_before"] = before["heldout_ppl_subset_before"]
   if interrupted:
@@ -119,14 +149,20 @@ def after_training(config: RunConfig, parts, params, loaded, before: dict[str, A
                     "heldout_loss_before": math.log(before["ppl_before"]),
                     "heldout_loss_after": math.log(ppl_after)}
   if problems:
-    accuracy, answers = tasks_lib.math_accuracy(
+    _, answers = tasks_lib.math_accuracy(
         parts.merge(params), tokenizer, problems, progress=not config.no_progress)
-    task_figures.update(accuracy_before=before["accuracy_before"],
-                        accuracy_after=accuracy)
+    correct, correct_before = _correct(problems, answers), before[_CORRECT_BEFORE]
+    task_figures.update({k: v for k, v in before.items() if k.startswith("accuracy_")})
+    task_figures.update(_accuracy_figures(correct, "after"))
+    test = significance.mcnemar(correct, correct_before)
+    task_figures["accuracy_change"] = {"gained": test.only_first, "lost": test.only_second,
+                                       "p_value": test.p_value}
+    task_figures["accuracy_by_module"] = _by_module(problems, correct_before, correct)
     with open(os.path.join(out_dir, "answers.jsonl"), "w") as f:
-      for p, a in zip(problems, answers):
-        f.write(json.dumps({"question": p.question, "reference": p.answer, "answer": a,
-                            "correct": tasks_lib.answers_match(a, p.answer)}) + "\n")
+      for p, a, ok, ok_before in zip(problems, answers, correct, correct_before):
+        f.write(json.dumps({"module": p.module, "question": p.question,
+                            "reference": p.answer, "answer": a, "correct": ok,
+                            "correct_before": ok_before}) + "\n")
   if config.forgetting:
     forgetting["second_text_ppl_after"] = math.exp(
         evaluate(parts, params, second_text_set(tokenizer, config.seq), config.batch))

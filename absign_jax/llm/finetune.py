@@ -283,7 +283,7 @@ def train(config: RunConfig, name: str, loaded: Loaded, out_dir: str,
       ckpt.close()
       print(f"[{name}] the run in {out_dir} already finished at step {start}: nothing "
             "to do, its outputs are unchanged. To train further, raise --steps (or "
-            "--time-budget) and add --allow-changed steps,time_budget.", flush=True)
+            "--time-budget, --token-budget) and add --allow-changed with them.", flush=True)
       return runs.result_from_files(name, out_dir)
   else:
     runs.check_no_checkpoints(ckpt, out_dir)
@@ -305,11 +305,11 @@ def train(config: RunConfig, name: str, loaded: Loaded, out_dir: str,
   step_idx, batch = start, None
   bar = progress_bar(config, name, start)
   with runs.StopOnSignal(name) as stop:
-    for step_idx in range(start + 1, config.steps + 1):
+    for step_idx in range(start + 1, config.total_steps + 1):
       batch = {k: jnp.asarray(v) for k, v in batches.batch_at(step_idx - 1).items()}
       lr = None
       if peak_lr is not None:
-        progress = (step_idx - 1) / config.steps
+        progress = (step_idx - 1) / config.total_steps
         if config.time_budget:
           progress = max(progress, wall / config.time_budget)
         lr = learning_rate_at(config, peak_lr, step_idx, progress)
@@ -328,11 +328,13 @@ def train(config: RunConfig, name: str, loaded: Loaded, out_dir: str,
       record["wall_s"] = wall
       tokens += record["tokens"]
       if bar is not None:
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / wall:.0f}" if wall else "-",
+        timed = step_idx - start - 1  # steps the clock covers
+        tok_s = timed * config.batch * config.seq / wall if wall else None
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}" if tok_s else "-",
                         block=record["block"])
         bar.update(1)
       if config.eval_every and step_idx % config.eval_every == 0 \
-          and step_idx < config.steps:
+          and step_idx < config.total_steps:
         record["heldout_ppl_subset"] = math.exp(evaluation.evaluate(
             parts, evaluation.host_params(state.params), loaded.heldout, config.batch,
             config.eval_seqs))
@@ -385,16 +387,21 @@ def progress_bar(config: RunConfig, name: str, start: int):
   if config.no_progress:
     return None
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=config.steps, initial=start, desc=name, dynamic_ncols=True,
+  return tqdm(total=config.total_steps, initial=start, desc=name, dynamic_ncols=True,
               file=sys.stdout)
 
 
 def report(summary: dict, name: str, loaded: Loaded) -> None:
   """Prints a finished run's figures."""
   if loaded.problems:
+    (lo0, hi0), (lo1, hi1) = (summary["accuracy_before_interval"],
+                              summary["accuracy_after_interval"])
+    change = summary["accuracy_change"]
     print(f"[{name}] accuracy on {len(loaded.problems)} held-out problems "
-          f"{summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f}",
-          flush=True)
+          f"{summary['accuracy_before']:.3f} [{lo0:.3f}, {hi0:.3f}] -> "
+          f"{summary['accuracy_after']:.3f} [{lo1:.3f}, {hi1:.3f}] (95% intervals; "
+          f"{change['gained']} gained, {change['lost']} lost, McNemar p = "
+          f"{change['p_value']:.2g})", flush=True)
   print(f"[{name}] held-out perplexity {summary['ppl_before']:.3f} -> "
         f"{summary['ppl_after']:.3f} in {summary['steps']} steps, "
         f"{summary['wall_s']:.1f} s + {summary['first_step_s']:.1f} s first step "

@@ -59,6 +59,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from absign_jax.llm.families import family as _family
+from absign_jax.llm.families import periodic_layer_types
+
 if TYPE_CHECKING:  # the training package imports at call time (no import cycle)
   from absign_jax.train.model import LayerCut
 
@@ -304,6 +307,25 @@ PRESETS: dict[str, LlamaConfig] = {
         vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
         hidden_dim=1536, rope_theta=1e5, norm_eps=1e-5, max_seq_len=2048,
         tie_embeddings=True,
+    ),
+    # Gemma 3 270M's text model (268.1M parameters, 168M of them the tied
+    # embedding): every 6th layer full attention, the others a 512-token window.
+    "gemma3-270m": LlamaConfig(
+        vocab_size=262144, dim=640, n_layers=18, n_heads=4, n_kv_heads=1,
+        head_dim=256, hidden_dim=2048, rope_theta=1e6, rope_local_theta=1e4,
+        norm_eps=1e-6, max_seq_len=32768, tie_embeddings=True,
+        query_scale=256 ** -0.5, sliding_window=512,
+        layer_types=periodic_layer_types(18, 6), arch="gemma3",
+        **_family("gemma3").flags,  # GeGLU, QK-norm, sandwich norms, ...
+    ),
+    # Llama 3.2 1B's shape (1.24B parameters, tied), with its llama3 RoPE scaling.
+    "llama-1b": LlamaConfig(
+        vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+        hidden_dim=8192, rope_theta=5e5, norm_eps=1e-5, max_seq_len=131072,
+        tie_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
     ),
     # Qwen3-8B's shape (8.19B parameters), set up for memory-bound training.
     "qwen3-8b": LlamaConfig(

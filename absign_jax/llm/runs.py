@@ -39,7 +39,7 @@ UsageError = checks.UsageError  # the command line or its files: a message, exit
 # data, the model or the training trajectory. --allow-changed accepts named changes.
 RESUME_SETTINGS = ("optimizer", "precision", "model", "task", "data", "seq", "batch",
                    "seed", "lr", "schedule", "warmup", "steps", "time_budget",
-                   "weight_decay", "depth_bias", "selection", "switch_every",
+                   "token_budget", "weight_decay", "depth_bias", "selection", "switch_every",
                    "block_order", "lora_rank", "lora_alpha", "lora_targets",
                    "galore_rank", "galore_gap", "galore_scale", "relative",
                    "micro_batches", "momentum")
@@ -209,6 +209,8 @@ def run_settings(config: RunConfig, name: str, data: str,
     settings["micro_batches"] = config.micro_batches
   if config.schedule == "cosine":  # the decay ends at --steps / --time-budget
     settings.update(steps=config.steps, time_budget=config.time_budget)
+    if config.token_budget is not None:
+      settings["token_budget"] = config.token_budget
   if not entry.parameter_free:
     settings["weight_decay"] = config.weight_decay
   if config.task:
@@ -225,7 +227,7 @@ def check_resume_settings(saved: dict, current: dict, allowed: Sequence[str] = (
     The accepted differences, as ``(setting, saved, current)``.
   """
   flag = {"model": "--model", "data": "--data (the training sequences)",
-          "time_budget": "--time-budget", "weight_decay": "--weight-decay",
+          "time_budget": "--time-budget", "token_budget": "--token-budget", "weight_decay": "--weight-decay",
           "depth_bias": "--depth-bias"}
   diffs = [(k, saved.get(k), current.get(k)) for k in RESUME_SETTINGS
            if k in saved or k in current if saved.get(k) != current.get(k)]
@@ -285,7 +287,7 @@ def restore_run(ckpt, state, settings: dict, allowed: Sequence[str], name: str):
 
 def finished(config: RunConfig, step: int, wall: float) -> bool:
   """Whether a run at ``step`` with ``wall`` seconds of training has nothing left."""
-  return step >= config.steps or (config.time_budget is not None
+  return step >= config.total_steps or (config.time_budget is not None
                                   and wall >= config.time_budget)
 
 

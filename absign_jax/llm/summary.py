@@ -58,7 +58,7 @@ def run_summary(config: RunConfig, name: str, *, peak_lr: float | None,
     records: Every step's record (``metrics.jsonl``).
     steps: The last step trained.
     wall: Seconds of training (first step and evaluations excluded).
-    tokens: Tokens trained on.
+    tokens: Tokens the loss covered.
     state: The final training state.
     params: Its parameters, readable whole by this process.
     step_memory: Bytes the compiled step needs (None: not measured).
@@ -67,6 +67,7 @@ def run_summary(config: RunConfig, name: str, *, peak_lr: float | None,
     interrupted: The signal that stopped the run early, if one did.
   """
   losses = [r["loss"] for r in records]
+  timed_steps = sum(1 for r in records if "first_step_s" not in r)
   summary = {
       "optimizer": name,
       "lr": peak_lr,  # None: parameter-free
@@ -77,7 +78,15 @@ def run_summary(config: RunConfig, name: str, *, peak_lr: float | None,
       "steps": steps,
       "logged_steps": len(records),
       "wall_s": wall,
-      "tokens_per_s": tokens / max(wall, 1e-9),
+      # Input tokens per second of training: the steps the clock covers (not the
+      # compiling first step of each process), padding included.
+      "tokens_per_s": timed_steps * config.batch * config.seq / max(wall, 1e-9),
+      # The budget in both units: a step count (or tokens) means the same work on
+      # any machine, seconds do not.
+      "budget": {"steps": config.total_steps, "tokens": config.token_budget,
+                 "seconds": config.time_budget},
+      "tokens_processed": steps * config.batch * config.seq,  # inputs, padding included
+      "tokens_trained": tokens,  # those the loss covers
       "skipped_steps": int(state.precision.skipped_total),
       # compilation: the first step of every process that trained this run
       "first_step_s": sum(r.get("first_step_s", 0.0) for r in records),

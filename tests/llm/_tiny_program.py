@@ -30,7 +30,7 @@ def byte_level_vocab() -> list[str]:
 
 def write_tiny_gguf(path, n_layers: int = 2, dim: int = 32, hidden: int = 64,
                     n_heads: int = 2, n_kv_heads: int = 1, seed: int = 0,
-                    chat_template: str | None = None) -> None:
+                    chat_template: str | None = None, context: int = 64) -> None:
   """Random Llama weights (tied head) with a byte-level BPE tokenizer of 264 tokens
   (three ChatML special tokens, the 256 bytes and a few merges); ``chat_template``
   (e.g. ``CHATML``) is stored when given."""
@@ -41,7 +41,7 @@ def write_tiny_gguf(path, n_layers: int = 2, dim: int = 32, hidden: int = 64,
   vocab = len(tokens)
   w = gguf.GGUFWriter(str(path), "llama")
   w.add_block_count(n_layers)
-  w.add_context_length(64)
+  w.add_context_length(context)
   w.add_embedding_length(dim)
   w.add_feed_forward_length(hidden)
   w.add_head_count(n_heads)

@@ -4,9 +4,8 @@ to benchmarks/step_time.py."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +17,8 @@ import absign_jax
 from absign_jax.llm import registry, runs
 from absign_jax.llm.config import RunConfig
 
+from tests.conftest import benchmark_module
 from tests.llm._tiny_program import tiny_argv, tiny_files_fixture
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 files = tiny_files_fixture("registry")
@@ -34,12 +32,9 @@ def sgd(monkeypatch):
   return entry
 
 
-def step_time_module():
-  spec = importlib.util.spec_from_file_location(
-      "step_time_with_sgd", os.path.join(ROOT, "benchmarks", "step_time.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def benchmark_runners():
+  """``benchmarks/runners.py`` loaded afresh: its rows read the registry as it is now."""
+  return benchmark_module("runners", fresh="runners_with_sgd")
 
 
 def test_one_entry_adds_an_optimizer_to_the_program(sgd, files, tmp_path, capsys):
@@ -66,11 +61,14 @@ def test_one_entry_adds_an_optimizer_to_the_program(sgd, files, tmp_path, capsys
     finetune.parse_args(["--optimizer", "sgd", "--precision", "fp16"])
 
 
-def test_one_entry_adds_an_optimizer_to_the_benchmark(sgd):
-  module = step_time_module()
+def test_one_entry_adds_an_optimizer_to_the_benchmark(sgd, monkeypatch):
+  module = benchmark_runners()
   assert "sgd" in module.METHODS and "sgd" in module.RUN_ORDER
   assert "sgd" in module.FLAX_GPT_METHODS and "sgd" not in module.BLOCK_METHODS
-  assert module.parse_args(["--methods", "sgd"]).methods == "sgd"
+  monkeypatch.setitem(sys.modules, "runners", module)  # what step_time.py imports
+  cli = benchmark_module("step_time", fresh="step_time_with_sgd")
+  assert cli.parse_args(["--methods", "sgd"]).methods == "sgd"
+  assert "sgd" in cli.parse_args(["--methods", "all"]).methods.split(",")
   tx = module.make_tx("sgd")  # the entry's factory at the benchmark's lr
   params = {"w": jnp.arange(3.0)}
   grads = {"w": jnp.asarray([1.0, -2.0, 4.0])}
@@ -87,7 +85,7 @@ def test_one_entry_adds_an_optimizer_to_the_benchmark(sgd):
 
 def test_the_benchmark_builds_what_it_built_before():
   """The registry's factories at the benchmark's options: its former transformations."""
-  module = step_time_module()
+  module = benchmark_runners()
   lr = module.LR
   before = {"adamw": optax.adamw(lr, weight_decay=module.WEIGHT_DECAY),
             "absignsgd": absign_jax.absignsgd(lr, depth_bias=10.0),

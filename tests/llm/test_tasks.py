@@ -32,7 +32,7 @@ def test_math_problems_are_the_same_in_every_process():
   assert outs[0] == outs[1]
   here = [[p.question, p.answer, p.module] for p in tasks.math_problems(24, 5)]
   assert here == outs[0]
-  assert [p[2] for p in here[:4]] == list(tasks.MATH_MODULES)  # round-robin
+  assert [p[2] for p in here[:len(tasks.MATH_MODULES)]] == list(tasks.MATH_MODULES)
   assert here != [[p.question, p.answer, p.module] for p in tasks.math_problems(24, 6)]
   # The generator's global random states are left as they were.
   import random
@@ -185,20 +185,33 @@ def test_program_task_math_reports_accuracy(tmp_path):
   from absign_jax.llm import finetune
   from tests.llm._tiny_program import CHATML, write_tiny_gguf
 
-  write_tiny_gguf(tmp_path / "tiny.gguf", chat_template=CHATML)
+  # (a context for the longest question of --eval-problems 6: one per module)
+  write_tiny_gguf(tmp_path / "tiny.gguf", chat_template=CHATML, context=256)
   out = tmp_path / "math"
   [result] = finetune.main([
       "--model", str(tmp_path / "tiny.gguf"),
       "--task", "math", "--steps", "2", "--batch", "2", "--seq", "64",
-      "--eval-problems", "4", "--eval-every", "5", "--eval-seqs", "2", "--out", str(out),
+      "--eval-problems", "6", "--eval-every", "5", "--eval-seqs", "2", "--out", str(out),
       "--no-progress", "--ckpt-every", "0"])
   summary = json.loads((out / "summary.json").read_text())
   assert summary["task"] == "math" and summary["steps"] == 2
-  for key in ("accuracy_before", "accuracy_after"):
-    assert 0.0 <= summary[key] <= 1.0
+  for when in ("before", "after"):
+    low, high = summary[f"accuracy_{when}_interval"]
+    assert 0.0 <= low <= summary[f"accuracy_{when}"] <= high <= 1.0
+    assert high - low > 0.3  # six problems: a wide 95% interval
+  assert summary["budget"] == {"steps": 2, "tokens": None, "seconds": None}
+  assert summary["tokens_processed"] == 2 * 2 * 64
   assert np.isclose(summary["heldout_loss_after"], np.log(summary["ppl_after"]))
   answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
-  assert len(answers) == 4
+  assert len(answers) == 6
+  assert {a["module"] for a in answers} == set(tasks.MATH_MODULES)
   assert all(a["correct"] == tasks.answers_match(a["answer"], a["reference"]) for a in answers)
-  assert summary["accuracy_after"] == pytest.approx(np.mean([a["correct"] for a in answers]))
+  for when, key in (("after", "correct"), ("before", "correct_before")):
+    assert summary[f"accuracy_{when}"] == pytest.approx(np.mean([a[key] for a in answers]))
+  change = summary["accuracy_change"]  # after against before, problem by problem
+  assert change["gained"] == sum(a["correct"] and not a["correct_before"] for a in answers)
+  assert change["lost"] == sum(a["correct_before"] and not a["correct"] for a in answers)
+  assert 0.0 < change["p_value"] <= 1.0
+  by_module = summary["accuracy_by_module"]
+  assert sum(m["problems"] for m in by_module.values()) == 6
   assert result.summary == summary
