@@ -211,8 +211,8 @@ def _efficiency(r: dict) -> list[str]:
   if not rows or not peak:
     return []
   lines = ["", f"Matmul FLOPs (peak: {peak['flops_per_s'] / 1e9:,.1f} GFLOP/s, a "
-           f"{peak['size']} x {peak['size']} {peak['dtype']} matmul timed at the start "
-           "of the run):", "",
+           f"{peak['size']} x {peak['size']} {peak['dtype']} matmul, the faster of its "
+           "timings at the start and the end of the run):", "",
            "| method | GFLOP per step | from | GFLOP/s | fraction of peak |",
            "|---|---:|---|---:|---:|"]
   for row in rows:
