@@ -65,10 +65,6 @@ def chat(parts, params, tokenizer: Tokenizer, prompt: str,
 _CORRECT_BEFORE = "_correct_before"  # per problem; kept for the paired test, not reported
 
 
-def _correct(problems, answers) -> list[bool]:
-  return [tasks_lib.answers_match(a, p.answer) for p, a in zip(problems, answers)]
-
-
 def _accuracy_figures(correct: list[bool], when: str) -> dict[str, Any]:
   """``accuracy_<when>`` and its 95% interval ``accuracy_<when>_interval``."""
   interval = significance.wilson_interval(sum(correct), len(correct))
@@ -110,7 +106,7 @@ def before_training(config: RunConfig, parts, params, loaded) -> dict[str, Any]:
   if loaded.problems:
     _, answers = tasks_lib.math_accuracy(parts.merge(params), tokenizer, loaded.problems,
                                          progress=not config.no_progress)
-    correct = _correct(loaded.problems, answers)
+    correct = tasks_lib.correct_answers(loaded.problems, answers)
     before.update(_accuracy_figures(correct, "before"))
     before[_CORRECT_BEFORE] = correct
   if config.forgetting:
@@ -151,7 +147,7 @@ def after_training(config: RunConfig, parts, params, loaded, before: dict[str, A
   if problems:
     _, answers = tasks_lib.math_accuracy(
         parts.merge(params), tokenizer, problems, progress=not config.no_progress)
-    correct, correct_before = _correct(problems, answers), before[_CORRECT_BEFORE]
+    correct, correct_before = tasks_lib.correct_answers(problems, answers), before[_CORRECT_BEFORE]
     task_figures.update({k: v for k, v in before.items() if k.startswith("accuracy_")})
     task_figures.update(_accuracy_figures(correct, "after"))
     test = significance.mcnemar(correct, correct_before)

@@ -39,9 +39,9 @@ UsageError = checks.UsageError  # the command line or its files: a message, exit
 # data, the model or the training trajectory. --allow-changed accepts named changes.
 RESUME_SETTINGS = ("optimizer", "precision", "model", "task", "data", "seq", "batch",
                    "seed", "lr", "schedule", "warmup", "steps", "time_budget",
-                   "token_budget", "weight_decay", "depth_bias", "selection", "switch_every",
-                   "block_order", "lora_rank", "lora_alpha", "lora_targets",
-                   "galore_rank", "galore_gap", "galore_scale", "relative",
+                   "token_budget", "weight_decay", "depth_bias", "selection",
+                   "switch_every", "block_order", "lora_rank", "lora_alpha",
+                   "lora_targets", "galore_rank", "galore_gap", "galore_scale", "relative",
                    "micro_batches", "momentum")
 RUNS_ROOT = "runs"  # where runs without --out get their folder
 TENSORBOARD_EXTRA = "pip install 'absign-jax[tensorboard]'"
@@ -227,8 +227,8 @@ def check_resume_settings(saved: dict, current: dict, allowed: Sequence[str] = (
     The accepted differences, as ``(setting, saved, current)``.
   """
   flag = {"model": "--model", "data": "--data (the training sequences)",
-          "time_budget": "--time-budget", "token_budget": "--token-budget", "weight_decay": "--weight-decay",
-          "depth_bias": "--depth-bias"}
+          "time_budget": "--time-budget", "token_budget": "--token-budget",
+          "weight_decay": "--weight-decay", "depth_bias": "--depth-bias"}
   diffs = [(k, saved.get(k), current.get(k)) for k in RESUME_SETTINGS
            if k in saved or k in current if saved.get(k) != current.get(k)]
   refused = [d for d in diffs if d[0] not in allowed]
@@ -288,7 +288,7 @@ def restore_run(ckpt, state, settings: dict, allowed: Sequence[str], name: str):
 def finished(config: RunConfig, step: int, wall: float) -> bool:
   """Whether a run at ``step`` with ``wall`` seconds of training has nothing left."""
   return step >= config.total_steps or (config.time_budget is not None
-                                  and wall >= config.time_budget)
+                                        and wall >= config.time_budget)
 
 
 # -- the summary -------------------------------------------------------------------------

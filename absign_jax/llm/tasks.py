@@ -55,6 +55,7 @@ __all__ = [
     "parse_answer",
     "answers_match",
     "math_accuracy",
+    "correct_answers",
     "sharegpt_conversations",
     "load_task",
 ]
@@ -342,8 +343,12 @@ def math_accuracy(model, tokenizer, problems: Sequence[Problem], *, batch_size: 
       bar.update(len(outs))
   if bar is not None:
     bar.close()
-  correct = [answers_match(a, p.answer) for a, p in zip(answers, problems)]
-  return float(np.mean(correct)), answers
+  return float(np.mean(correct_answers(problems, answers))), answers
+
+
+def correct_answers(problems: Sequence[Problem], answers: Sequence[str]) -> list[bool]:
+  """Per problem, whether its answer matches the reference (:func:`answers_match`)."""
+  return [answers_match(a, p.answer) for p, a in zip(problems, answers)]
 
 
 def _math_task(tokenizer, seq_len: int, n_problems: int, n_train: int) -> Task:

@@ -122,3 +122,12 @@ def test_help_names_the_config_option_once(capsys):
   assert text.count("--config TOML") == 2  # usage and the option
   assert "(default: a new runs/version_N for each run)" in text
   assert "--tensorboard" in text
+
+
+def test_token_budget_sets_the_steps_and_refuses_less_than_one_step(capsys):
+  c = finetune.parse_args(["--token-budget", "1000", "--batch", "2", "--seq", "64"])
+  assert c.total_steps == 8  # ceil(1000 / (2 x 64)); --steps (60) is not used
+  assert finetune.parse_args(["--steps", "7"]).total_steps == 7
+  with pytest.raises(SystemExit):
+    finetune.parse_args(["--token-budget", "100", "--batch", "2", "--seq", "64"])
+  assert "--token-budget must be at least one step's tokens" in capsys.readouterr().err
