@@ -42,6 +42,7 @@ from absign_jax.optim.block_coordinate import (
     BlockOptions,
     active_block,
     block_coordinate,
+    depth_scale,
     find_state,
 )
 from absign_jax.optim.optimizers import (
@@ -96,8 +97,8 @@ __all__ = [
     "cyclic", "depth_biased", "fixed_order", "random_reshuffle", "uniform",
     # optim: the block-coordinate transformation and the ABSignSGD family
     "BlockCoordinateState", "absignsgd", "active_block", "alias_absignsgd",
-    "BlockOptions", "block_adam", "block_coordinate", "find_state", "scale_by_param_rms",
-    "sign_sgd",
+    "BlockOptions", "block_adam", "block_coordinate", "depth_scale", "find_state",
+    "scale_by_param_rms", "sign_sgd",
     # related: other optimizers of the field
     "ScaleByAliasState", "ScaleBySaiState", "SignSGDEstimates", "alias_sign_sgd",
     "scale_by_alias", "scale_by_sai", "sgd_sai", "sign_sgd_estimates", "sos_step_size",

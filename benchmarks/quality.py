@@ -232,6 +232,9 @@ VARIANTS = {
     "absignsgd_micro4": ("absignsgd", {"batch": 16, "micro_batches": 4}, 1e-3),
     # Signum on the active block: 10 steps per visit, the buffer restarted at a switch.
     "absignsgd_momentum": ("absignsgd", {"momentum": 0.9, "switch_every": 10}, 1e-3),
+    # Half the step on the first layer, rising linearly to the full step on the last:
+    # the shallow layers, whose changes every later layer sees, move less.
+    "absignsgd_shallow": ("absignsgd", {"shallow_step": 0.5}, 1e-3),
 }
 # Peers with options of the program: method label -> (optimizer, program options).
 # LoRA with each layer rematerialised: its step memory without every layer's

@@ -85,6 +85,7 @@ class RunConfig:
   selection: str = "depth_biased"
   weight_decay: float = 0.0
   relative: bool = False
+  shallow_step: float = 1.0
   switch_every: int | None = None
   momentum: float = 0.0
   block_order: str = "random"
@@ -214,6 +215,10 @@ def _parser() -> checks.ArgumentParser:
   p.add_argument("--relative", action="store_true",
                  help="absignsgd: step relative to each weight matrix's RMS (lr * rms * "
                  f"sign(g)); default lr {registry.RELATIVE_LR}, whatever the model family")
+  p.add_argument("--shallow-step", type=float, default=d.shallow_step,
+                 help="absignsgd: the first layer's step as a fraction of lr, rising "
+                 "linearly to the full step at the last layer (absign_jax.depth_scale; "
+                 f"default: {d.shallow_step:g}, the same step everywhere)")
   p.add_argument("--switch-every", type=int, default=d.switch_every,
                  help="steps on a block before the next is picked: block_adam (BAdam's "
                  f"K, default {registry.BADAM_SWITCH_EVERY}) and absignsgd (default 1)")
@@ -426,10 +431,12 @@ def _checked(values: dict[str, Any], error: Callable[[str], Any]) -> RunConfig:
   chosen = v["compare"] or (v["optimizer"],)
   need("--momentum", v["momentum"], finite(v["momentum"]) and 0 <= v["momentum"] < 1,
        "a number in [0, 1)")
-  for option in ("momentum", "relative"):
+  need("--shallow-step", v["shallow_step"],
+       finite(v["shallow_step"]) and v["shallow_step"] >= 0, "a finite number >= 0")
+  for option, unset in (("momentum", 0), ("relative", False), ("shallow_step", 1)):
     takers = [n for n, o in registry.OPTIMIZERS.items() if option in o.options]
-    if v[option] and not set(chosen) & set(takers):
-      error(f"--{option} applies to {', '.join(takers)}; the run trains "
+    if v[option] != unset and not set(chosen) & set(takers):
+      error(f"--{option.replace('_', '-')} applies to {', '.join(takers)}; the run trains "
             f"{', '.join(chosen)}")
   if v["momentum"] and (v["switch_every"] or 1) == 1:
     error("--momentum needs --switch-every > 1: the buffer restarts when the block "

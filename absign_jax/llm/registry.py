@@ -95,8 +95,12 @@ class Optimizer:
 
 
 def _sign_visit(config: RunConfig) -> dict[str, Any]:
-  """absignsgd's block visit: momentum (None: no buffer in the state) and length."""
-  return dict(momentum=config.momentum or None, steps_per_block=config.switch_every or 1)
+  """absignsgd's block visit: momentum (None: no buffer in the state), length and
+  step per depth (None: the same everywhere)."""
+  scale = (None if config.shallow_step == 1
+           else absign_jax.depth_scale(config.shallow_step))
+  return dict(momentum=config.momentum or None, steps_per_block=config.switch_every or 1,
+              block_scale=scale)
 
 
 def _sign_settings(config: RunConfig) -> dict[str, Any]:
@@ -108,6 +112,8 @@ def _sign_settings(config: RunConfig) -> dict[str, Any]:
     settings["switch_every"] = config.switch_every
   if config.momentum:
     settings["momentum"] = config.momentum
+  if config.shallow_step != 1:
+    settings["shallow_step"] = config.shallow_step
   return settings
 
 
@@ -131,7 +137,7 @@ def _lora_rank_fits(config: RunConfig, cfg) -> str | None:
   return None
 
 
-_SIGN_OPTIONS = ("relative", "momentum", "switch_every")
+_SIGN_OPTIONS = ("relative", "momentum", "switch_every", "shallow_step")
 
 OPTIMIZERS: dict[str, Optimizer] = {
     "absignsgd": Optimizer(

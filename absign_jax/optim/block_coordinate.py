@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from absign_jax._checks import check_bool, check_int, check_real
+from absign_jax._checks import check_bool, check_int, check_number, check_real
 from absign_jax.blocks import partition as partition_lib
 from absign_jax.blocks import selection as selection_lib
 
@@ -374,12 +374,61 @@ def _check_block_count(state: BlockCoordinateState, spec) -> None:
         "a checkpoint of this model).")
 
 
+BlockScale = Callable[[jax.Array, int], Any]
+
+
+def depth_scale(shallowest: float, deepest: float = 1.0) -> BlockScale:
+  """A step multiplier linear in depth, for ``block_scale``.
+
+  Block ``i`` of ``N`` gets ``shallowest + (deepest - shallowest) * i / (N - 1)``:
+  ``depth_scale(0.5)`` halves the first block's step and keeps the last one's.
+
+  Args:
+    shallowest: the multiplier of block 0 (the embedding when it is a block, else the
+      first layer), a finite number >= 0.
+    deepest: the multiplier of the last block, a finite number >= 0.
+
+  Returns:
+    A function ``(block, num_blocks) -> multiplier``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> scale = depth_scale(0.5)
+    >>> [float(scale(jnp.int32(i), 5)) for i in range(5)]
+    [0.5, 0.625, 0.75, 0.875, 1.0]
+  """
+  check_number("depth_scale", "shallowest", shallowest, lo=0.0)
+  check_number("depth_scale", "deepest", deepest, lo=0.0)
+  first, last = float(shallowest), float(deepest)
+
+  def scale(block: jax.Array, num_blocks: int) -> jax.Array:
+    fraction = jnp.asarray(block, jnp.float32) / max(num_blocks - 1, 1)
+    return jnp.float32(first) + jnp.float32(last - first) * fraction
+
+  return scale
+
+
+def _block_scales(block_scale: BlockScale, num_blocks: int) -> np.ndarray:
+  """Every block's multiplier, checked finite and >= 0 (before any step is spent)."""
+  try:
+    scales = np.asarray([block_scale(jnp.int32(b), num_blocks)
+                         for b in range(num_blocks)], np.float64)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"block_coordinate: block_scale(block, num_blocks) failed for "
+                     f"{num_blocks} blocks: {e}") from e
+  if scales.shape != (num_blocks,) or not np.all(np.isfinite(scales) & (scales >= 0)):
+    raise ValueError(f"block_coordinate: block_scale must give one finite number >= 0 "
+                     f"per block; for {num_blocks} blocks it gave {scales.tolist()}.")
+  return scales
+
+
 @takes_block_options()
 def block_coordinate(
     inner: optax.GradientTransformation,
     *,
     steps_per_block: int = 1,
     reset_on_switch: bool = False,
+    block_scale: BlockScale | None = None,
     blocks: BlockOptions = BlockOptions(),
 ) -> optax.GradientTransformationExtraArgs:
   """Turns ``inner`` into a transformation that updates one block per step.
@@ -390,6 +439,11 @@ def block_coordinate(
     steps_per_block: updates per block before switching (BAdam's K).
     reset_on_switch: re-initialise the inner state whenever a new block becomes
       active (BAdam's Adam state reset). Otherwise the group's state carries over.
+    block_scale: a multiplier of the active block's update, as a function
+      ``(block, num_blocks) -> number`` of the block's index (an int32 array, traced
+      inside a compiled step) and the block count, e.g. :func:`depth_scale`; None:
+      1 for every block. It is evaluated for every block at ``init``, and must give
+      finite numbers >= 0.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -401,6 +455,10 @@ def block_coordinate(
   if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
     raise TypeError(f"block_coordinate: inner must be an optax GradientTransformation "
                     f"(with init and update), got {type(inner).__name__}.")
+  if block_scale is not None and not callable(block_scale):
+    raise TypeError(f"block_coordinate: block_scale must be a function (block, "
+                    f"num_blocks) -> number, e.g. absign_jax.depth_scale(0.5), or None; "
+                    f"got {block_scale!r} ({type(block_scale).__name__}).")
   scheme = selection_lib.resolve(blocks.selection, depth_bias=blocks.depth_bias,
                                  seed=blocks.seed)
   inner = optax.with_extra_args_support(inner)
@@ -424,6 +482,8 @@ def block_coordinate(
           selection=selection_lib.SelectionState(*([zero] * 6)),
           inner=_NoInnerState(), partition=options, config=config)
     spec = spec_of(params)
+    if block_scale is not None:
+      _block_scales(block_scale, spec.num_blocks)
     paths, leaves = partition_lib.leaf_paths(params)
     leaves = [jnp.asarray(getattr(l, "value", l)) for l in leaves]
     signature = TreeSignature(tuple(".".join(k) for k in paths),
@@ -448,6 +508,13 @@ def block_coordinate(
     states = list(state.inner)
     states[gid] = inner_state
     return upd, InnerStates(states, getattr(state.inner, "signature", None))
+
+  def scaled(u, block, num_blocks):
+    if block_scale is None:
+      return u
+    factor = jnp.asarray(block_scale(jnp.asarray(block, jnp.int32), num_blocks),
+                         jnp.float32)
+    return [(v * factor).astype(v.dtype) for v in u]
 
   def update(updates, state, params=None, *, block=None, **extra):
     if params is None:
@@ -494,7 +561,7 @@ def block_coordinate(
         g = partition_lib.gather_block(spec, g_leaves, b)
         p = partition_lib.gather_block(spec, p_leaves, b)
         u, inner_states = run_inner(int(group_of[b]), g, p, state, extra)
-        u = [v.astype(x.dtype) for v, x in zip(u, g)]
+        u = [v.astype(x.dtype) for v, x in zip(scaled(u, b, spec.num_blocks), g)]
         return partition_lib.scatter_block(spec, zeros(), b, u), inner_states
       return branch
 
@@ -506,6 +573,7 @@ def block_coordinate(
                              for i in idx]
       u, inner_states = run_inner(int(group_of[lo]), take(g_leaves), take(p_leaves),
                                   state, extra)
+      u = scaled(u, state.active, spec.num_blocks)
       out = zeros()
       for i, v in zip(idx, u):
         out[i] = jax.lax.dynamic_update_index_in_dim(out[i], v.astype(out[i].dtype), j, 0)
@@ -547,6 +615,7 @@ def block_coordinate(
       gid = int(group_of[stacked[0]])
       b = None
     u, inner_states = run_inner(gid, g, p, state, extra)
+    u = scaled(u, block, spec.num_blocks)
     out = [None] * len(g_leaves)
     order = [i for i, _ in spec.members[b]] if b is not None else list(present)
     for i, v in zip(order, u):

@@ -16,7 +16,8 @@ import optax
 
 from absign_jax._checks import (
     check_bool, check_int, check_real, concrete_float)
-from absign_jax.optim.block_coordinate import BlockOptions, block_coordinate, takes_block_options
+from absign_jax.optim.block_coordinate import (
+    BlockOptions, BlockScale, block_coordinate, takes_block_options)
 
 ScalarOrSchedule = float | jax.Array | optax.Schedule
 
@@ -173,6 +174,7 @@ def absignsgd(
     min_scale: float = 1e-3,
     momentum: float | None = None,
     steps_per_block: int = 1,
+    block_scale: BlockScale | None = None,
     blocks: BlockOptions = BlockOptions(),
 ) -> optax.GradientTransformationExtraArgs:
   r"""ABSignSGD: sign descent on one block (transformer layer) per step.
@@ -204,6 +206,10 @@ def absignsgd(
       buffers (per group of layers with one shape), not the model's. It needs
       ``steps_per_block > 1``: with one step per visit ``sign(m) = sign(g)``.
     steps_per_block: updates of a block before the selection picks the next one.
+    block_scale: a multiplier of each block's step, a function ``(block,
+      num_blocks) -> number`` (see :func:`block_coordinate`), e.g.
+      ``absign_jax.depth_scale(0.5)``: half the step on the first layer, rising
+      linearly to the full step on the last. None: the same step everywhere.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -249,7 +255,8 @@ def absignsgd(
   inner = optax.chain(*step, optax.add_decayed_weights(weight_decay))
   return optax.chain(
       block_coordinate(inner, steps_per_block=steps_per_block,
-                       reset_on_switch=bool(average), **blocks._asdict()),
+                       reset_on_switch=bool(average), block_scale=block_scale,
+                       **blocks._asdict()),
       optax.scale_by_learning_rate(checked_learning_rate(learning_rate)),
   )
 

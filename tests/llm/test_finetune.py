@@ -182,6 +182,30 @@ def test_relative_flag_builds_the_relative_step_with_its_own_default_lr():
     finetune.parse_args(["--optimizer", "adamw", "--relative"])
 
 
+def test_shallow_step_scales_each_layer_linearly_in_depth(capsys):
+  """--shallow-step 0.25 on three layers: steps of 0.25, 0.625 and 1 times lr."""
+  from absign_jax.llm import finetune, registry
+
+  config = finetune.parse_args(["--lr", "0.5", "--shallow-step", "0.25",
+                                "--selection", "cyclic"])
+  assert registry.get("absignsgd").settings(config)["shallow_step"] == 0.25
+  tx = registry.make_optimizer(config, "absignsgd")
+  params = {"layers": [{"w": jnp.zeros(2)} for _ in range(3)]}
+  state = tx.init(params)
+  moves = []
+  for _ in range(3):
+    grads = jax.tree.map(lambda x: jnp.full_like(x, -1.0), params)
+    updates, state = tx.update(grads, state, params)
+    moves.append([float(u["w"][0]) for u in updates["layers"]])
+  assert moves == [[0.125, 0, 0], [0, 0.3125, 0], [0, 0, 0.5]]
+  for bad, message in ((["--shallow-step", "-1"], "--shallow-step must be"),
+                       (["--optimizer", "adamw", "--shallow-step", "0.5"],
+                        "--shallow-step applies to absignsgd")):
+    with pytest.raises(SystemExit):
+      finetune.parse_args(bad)
+    assert message in capsys.readouterr().err
+
+
 def test_momentum_and_switch_every_reach_absignsgd():
   """--momentum 0.9 --switch-every 3: three steps per block, each the sign of the
   visit's averaged gradient (+1, then -0.5 twice: m = 0.1, 0.04, -0.014)."""
