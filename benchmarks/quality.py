@@ -49,7 +49,9 @@ the steps, tokens and seconds it took, ``metrics.jsonl`` and math answers; commi
 them), so the report can be rebuilt anywhere. Writes ``tasks.md`` (printed),
 ``tasks.json``, ``<task>.png`` (held-out loss against wall-clock, the best setting
 per method) and ``<task>_forgetting.png`` (accuracy or held-out loss against the
-second text's perplexity after tuning, one point per method). On math, each
+second text's perplexity after tuning, one point per method); per task, a table of
+each method's held-out loss at points of the budget says when the order of the
+methods differs from the order at the end. On math, each
 method's best is compared with absignsgd's best by McNemar's test on the same
 held-out problems (refused when their problem lists differ): ranked by accuracy, a
 difference counts only at p < 0.05. The math task changed once (4 arithmetic and
@@ -775,6 +777,46 @@ def _forgetting_table(best: dict[str, dict], task: str, title: str,
   return lines
 
 
+def loss_at(curve, seconds: float) -> float | None:
+  """The last held-out loss of ``curve`` ((seconds, loss) points) at or before
+  ``seconds``; None before its first point or past its end (the run stopped)."""
+  if not curve or seconds > curve[-1][0] + 1e-6:
+    return None
+  earlier = [loss for t, loss in curve if t <= seconds + 1e-6]
+  return earlier[-1] if earlier else None
+
+
+def _loss_over_time(best: dict[str, dict], title: str) -> list[str]:
+  """Each method's best held-out loss (evaluation subset) at points of its budget,
+  the leader at each, and where the order differs from the order at the end."""
+  curves = {m: [tuple(x) for x in r.get("heldout_loss_curve") or []]
+            for m, r in best.items()}
+  curves = {m: c for m, c in curves.items() if len(c) > 1}
+  if len(curves) < 2:
+    return []
+  end = min(c[-1][0] for c in curves.values())  # every method has a loss up to here
+  marks = [t for t in (60, 150, 300, 600, 900, 1200, 1800, 3600) if t < 0.95 * end]
+  marks.append(end)
+  order = lambda t: [m for m, _ in sorted(
+      ((m, loss_at(c, t)) for m, c in curves.items()), key=lambda kv: kv[1])]
+  final = order(end)
+  lines = ["", f"Held-out loss over the budget, {title}: each method's best setting, on "
+           "the evaluation subset (the last evaluation at or before each time; "
+           "evaluations are every 25 steps, so slower steps give coarser curves).", "",
+           "| seconds of training | " + " | ".join(final) + " | leader | order as at "
+           "the end |", "|---:|" + "---:|" * len(final) + "---|---|"]
+  for t in marks:
+    losses = [loss_at(curves[m], t) for m in final]
+    now = order(t)
+    if len(set(losses)) < len(losses):  # e.g. no evaluation yet since the start
+      leader, same = ("tie" if losses.count(min(losses)) > 1 else now[0]), "-"
+    else:
+      leader, same = now[0], "yes" if now == final else "no"
+    lines.append(f"| {t:.0f} | " + " | ".join(_fmt(x, ".4f") for x in losses)
+                 + f" | {leader} | {same} |")
+  return lines
+
+
 def plot_forgetting(best: dict[str, dict], task: str, path: str) -> None:
   """Quality against second-text perplexity after tuning, a labelled point per method."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
@@ -899,6 +941,7 @@ def write_tasks_report(rows: list[dict], out: str) -> None:
         lines += _paired_table(group, seed, version)
     best = plotted_per_method(group, task)
     lines += _forgetting_table(best, task, title, adamw_mem)
+    lines += _loss_over_time(best, title)
     if task in plotted_tasks:  # (the plots show the current math task, else the first)
       continue
     plotted_tasks.add(task)

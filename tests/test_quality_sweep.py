@@ -177,7 +177,8 @@ def test_the_plotted_curve_is_rebuilt_on_the_evaluation_subset(quality, tmp_path
 CHAT = {"What is the capital of France?": "Paris."}
 
 
-def record(quality, out, setting, correct=None, questions=None, old=False, **fields):
+def record(quality, out, setting, correct=None, questions=None, old=False, curve=None,
+           **fields):
   """Writes a finished setting's summary.json, curve.json and (math) answers.jsonl.
 
   ``old``: as the first math task's records were written (no modules, no intervals,
@@ -192,7 +193,7 @@ def record(quality, out, setting, correct=None, questions=None, old=False, **fie
              "chat_before": CHAT, "chat_after": {k: "Rome." for k in CHAT}}
   curve = {"setting": setting.label, "task": setting.task, "method": setting.method,
            "seed": setting.seed, "lr_setting": setting.lr, "budget_s": 300.0,
-           "heldout_loss_curve": [[0.0, 3.0], [300.0, 2.0]]}
+           "heldout_loss_curve": curve or [[0.0, 3.0], [300.0, 2.0]]}
   if not old:
     summary["tokens_processed"] = 10 * 4 * 128
     curve.update(budget_tokens=None, steps=10, tokens_processed=10 * 4 * 128,
@@ -310,6 +311,23 @@ def test_forgetting_table_and_plots_are_written(report):
   math_part = section(text, "math, 6 modules").split("Forgetting, math")[1]
   assert "| lora | math lora lr=0.0003 seed=0 | 0.500 [" in math_part
   assert "| 40.000 -> 42.000 | 1.050 |" in math_part
+
+
+def test_the_loss_over_the_budget_shows_where_the_order_changes(quality, tmp_path):
+  S = quality.Setting
+  record(quality, tmp_path, S("chat", "absignsgd", 1e-3),
+         curve=[[0.0, 3.0], [100.0, 2.5], [200.0, 2.2], [300.0, 2.0]])
+  record(quality, tmp_path, S("chat", "lora", 3e-4),
+         curve=[[0.0, 3.0], [90.0, 2.3], [210.0, 2.25], [310.0, 2.1]])
+  quality.write_tasks_report(quality.load_rows(str(tmp_path)), str(tmp_path))
+  text = (tmp_path / "tasks.md").read_text()
+  table = text.split("Held-out loss over the budget, chat")[1].split("\n\n")[1]
+  assert table.splitlines()[2:] == [  # lora leads at 150 s, absignsgd at the end
+      "| 60 | 3.0000 | 3.0000 | tie | - |",
+      "| 150 | 2.5000 | 2.3000 | lora | no |",
+      "| 300 | 2.0000 | 2.2500 | absignsgd | yes |"]
+  assert quality.loss_at([(0.0, 3.0), (90.0, 2.3)], 89.0) == 3.0
+  assert quality.loss_at([(0.0, 3.0), (90.0, 2.3)], 91.0) is None  # past its end
 
 
 def test_old_math_rows_build_and_are_never_ranked_with_new_ones(quality, report):
