@@ -44,6 +44,7 @@ from absign_jax.optim.block_coordinate import (
     block_coordinate,
     depth_scale,
     find_state,
+    set_depth_bias,
 )
 from absign_jax.optim.optimizers import (
     absignsgd, block_adam, scale_by_param_rms, sign_sgd)
@@ -98,7 +99,7 @@ __all__ = [
     # optim: the block-coordinate transformation and the ABSignSGD family
     "BlockCoordinateState", "absignsgd", "active_block", "alias_absignsgd",
     "BlockOptions", "block_adam", "block_coordinate", "depth_scale", "find_state",
-    "scale_by_param_rms", "sign_sgd",
+    "scale_by_param_rms", "set_depth_bias", "sign_sgd",
     # related: other optimizers of the field
     "ScaleByAliasState", "ScaleBySaiState", "SignSGDEstimates", "alias_sign_sgd",
     "scale_by_alias", "scale_by_sai", "sgd_sai", "sign_sgd_estimates", "sos_step_size",

@@ -237,6 +237,9 @@ VARIANTS = {
     # Half the step on the first layer, rising linearly to the full step on the last:
     # the shallow layers, whose changes every later layer sees, move less.
     "absignsgd_shallow": ("absignsgd", {"shallow_step": 0.5}, 1e-3),
+    # The depth bias from 10 to 0 with progress: the cheap deep layers first, every
+    # layer as often by the end.
+    "absignsgd_bias_to_0": ("absignsgd", {"depth_bias_end": 0.0}, 1e-3),
 }
 # Peers with options of the program: method label -> (optimizer, program options).
 # LoRA with each layer rematerialised: its step memory without every layer's

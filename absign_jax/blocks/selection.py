@@ -182,6 +182,59 @@ def depth_biased(depth_bias: float = 10.0) -> BlockSelection:
                       (("depth_bias", depth_bias),))
 
 
+def with_depth_bias(state: SelectionState, depth_bias: float) -> SelectionState:
+  """A depth-biased selection's state, continued with another depth bias.
+
+  From the next selection on, block ``i`` costs ``tau_i = N + c (N - i)`` of the new
+  ``c``. Each block keeps its phase: a block with a fraction ``f`` of its old cost
+  still to wait waits ``f`` of its new cost (``T_i <- floor(T_i * new_i / old_i)``,
+  in integers, then shifted so that the smallest is 0). A gradual change of the bias
+  (e.g. with training progress) thus moves the visit rates gradually. Call it
+  between steps, with a concrete state (not inside ``jit``).
+
+  Args:
+    state: the state of a :func:`depth_biased` selection (any bias).
+    depth_bias: the new ``c >= 0``.
+
+  Returns:
+    The state with the new costs and times.
+
+  Raises:
+    ValueError: the state is not a depth-biased selection's (its costs are not
+      ``N + c (N - i)`` in integer units), or the bias is negative or not finite.
+
+  Examples:
+    >>> from absign_jax.blocks import selection
+    >>> sel = selection.depth_biased(10.0)
+    >>> state = selection.with_depth_bias(sel.init(4), 0.0)
+    >>> state.costs.tolist()
+    [4, 4, 4, 4]
+    >>> picks = []
+    >>> for _ in range(6):
+    ...   block, state = sel.select(state)
+    ...   picks.append(int(block))
+    >>> picks  # every block as often, in round-robin order
+    [0, 1, 2, 3, 0, 1]
+  """
+  _check_depth_bias(depth_bias)
+  old = np.asarray(jax.device_get(state.costs), np.int64)
+  clock = np.asarray(jax.device_get(state.clock), np.int64)
+  n = old.size
+  # A depth-biased table is S * tau for an integer unit S: affine in i, with
+  # old[N-1] = S (N + c) and a step of S c between neighbours.
+  step = int(old[-2] - old[-1]) if n > 1 else 0
+  unit = Fraction(int(2 * old[-1] - old[-2]), n) if n > 1 else Fraction(int(old[0]), 1)
+  affine = all(int(old[i]) == int(old[-1]) + (n - 1 - i) * step for i in range(n))
+  if not affine or step < 0 or unit <= 0 or unit.denominator != 1:
+    raise ValueError("with_depth_bias needs the state of a depth-biased selection "
+                     f"(costs S (N + c (N - i)) for an integer S), got costs {old.tolist()}.")
+  new = integer_costs(depth_biased_costs(n, float(depth_bias)))
+  clock = [int(t) * int(c_new) // int(c_old) for t, c_new, c_old in zip(clock, new, old)]
+  clock = np.asarray(clock, np.int64) - min(clock)
+  return state._replace(clock=jnp.asarray(clock, jnp.int32),
+                        costs=jnp.asarray(new, jnp.int32))
+
+
 def costs(tau: Sequence[float]) -> BlockSelection:
   """Cost-based selection with user costs ``tau`` (one per block, > 0).
 

@@ -82,6 +82,7 @@ class RunConfig:
   seq: int = 128
   precision: str = "fp32"
   depth_bias: float = 10.0
+  depth_bias_end: float | None = None
   selection: str = "depth_biased"
   weight_decay: float = 0.0
   relative: bool = False
@@ -207,6 +208,11 @@ def _parser() -> checks.ArgumentParser:
   p.add_argument("--depth-bias", type=float, default=d.depth_bias,
                  help="absignsgd: c of the depth-biased selection, tau_i = N + c (N - i) "
                  "(0: every layer as often)")
+  p.add_argument("--depth-bias-end", type=float, default=d.depth_bias_end,
+                 help="absignsgd: the depth bias at the end of training; it moves "
+                 "linearly with progress (the larger of the fractions of --steps and "
+                 "--time-budget used) from --depth-bias, in steps of 0.25 (default: "
+                 "none, the bias stays)")
   p.add_argument("--selection", default=d.selection, choices=c["selection"],
                  help="absignsgd: how the next block is picked")
   p.add_argument("--weight-decay", type=float, default=d.weight_decay,
@@ -431,9 +437,18 @@ def _checked(values: dict[str, Any], error: Callable[[str], Any]) -> RunConfig:
   chosen = v["compare"] or (v["optimizer"],)
   need("--momentum", v["momentum"], finite(v["momentum"]) and 0 <= v["momentum"] < 1,
        "a number in [0, 1)")
+  need("--depth-bias-end", v["depth_bias_end"],
+       finite(v["depth_bias_end"]) and v["depth_bias_end"] >= 0, "a finite number >= 0")
+  if v["depth_bias_end"] is not None and (v["mesh"] is not None or v["num_processes"] > 1):
+    error("--depth-bias-end changes the selection state between steps on one device; "
+          "drop --mesh / --num-processes, or the changing bias")
+  if v["depth_bias_end"] is not None and v["selection"] != "depth_biased":
+    error(f"--depth-bias-end changes the depth-biased selection's bias; the run "
+          f"selects blocks with --selection {v['selection']}: drop one")
   need("--shallow-step", v["shallow_step"],
        finite(v["shallow_step"]) and v["shallow_step"] >= 0, "a finite number >= 0")
-  for option, unset in (("momentum", 0), ("relative", False), ("shallow_step", 1)):
+  for option, unset in (("momentum", 0), ("relative", False), ("shallow_step", 1),
+                        ("depth_bias_end", None)):
     takers = [n for n, o in registry.OPTIMIZERS.items() if option in o.options]
     if v[option] != unset and not set(chosen) & set(takers):
       error(f"--{option.replace('_', '-')} applies to {', '.join(takers)}; the run trains "

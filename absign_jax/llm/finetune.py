@@ -303,17 +303,23 @@ def train(config: RunConfig, name: str, loaded: Loaded, out_dir: str,
   peak_lr = registry.peak_learning_rate(config, name, loaded.family)
   tokens = sum(r.get("tokens", 0) for r in log.records)
   step_idx, batch = start, None
+  depth_bias = config.depth_bias  # (resumed: set again at the first step's progress)
   bar = progress_bar(config, name, start)
   with runs.StopOnSignal(name) as stop:
     for step_idx in range(start + 1, config.total_steps + 1):
       batch = {k: jnp.asarray(v) for k, v in batches.batch_at(step_idx - 1).items()}
       lr = None
+      progress = (step_idx - 1) / config.total_steps
+      if config.time_budget:
+        progress = max(progress, wall / config.time_budget)
       if peak_lr is not None:
-        progress = (step_idx - 1) / config.total_steps
-        if config.time_budget:
-          progress = max(progress, wall / config.time_budget)
         lr = learning_rate_at(config, peak_lr, step_idx, progress)
         state = state._replace(opt_state=registry.set_learning_rate(state.opt_state, lr))
+      if config.depth_bias_end is not None:
+        bias = registry.depth_bias_at(config, progress)
+        if bias != depth_bias:  # a new cost table for the next selections
+          state = state._replace(opt_state=absign_jax.set_depth_bias(state.opt_state, bias))
+          depth_bias = bias
       t0 = time.perf_counter()
       state, metrics = step(state, step_batch(batch))
       loss = float(metrics["loss"])  # waits for the step: the clock covers its compute

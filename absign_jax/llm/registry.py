@@ -117,6 +117,16 @@ def _sign_settings(config: RunConfig) -> dict[str, Any]:
   return settings
 
 
+def depth_bias_at(config: RunConfig, progress: float) -> float:
+  """absignsgd's depth bias at ``progress`` in [0, 1]: ``--depth-bias`` moving
+  linearly to ``--depth-bias-end`` (when given), on a grid of 0.25 (coarse steps
+  keep the selection's integer cost table small)."""
+  if config.depth_bias_end is None:
+    return config.depth_bias
+  p = min(max(progress, 0.0), 1.0)
+  return round(4 * (config.depth_bias + (config.depth_bias_end - config.depth_bias) * p)) / 4
+
+
 def _lora_parts(model, settings: Mapping[str, Any]):
   return peers_lib.lora_parts(model, rank=settings["lora_rank"],
                               alpha=settings["lora_alpha"],
@@ -149,8 +159,10 @@ OPTIMIZERS: dict[str, Optimizer] = {
         # right lr follows the weights' scale. Gemma 3 270M: held-out perplexity rose
         # at 1e-3 and fell 15% in 30 steps at 1e-4 (docs/models.md).
         lr=1e-3, family_lr={"gemma3": 1e-4}, block=True,
-        options=("depth_bias", "selection", *_SIGN_OPTIONS),
+        options=("depth_bias", "depth_bias_end", "selection", *_SIGN_OPTIONS),
         settings=lambda c: {"depth_bias": c.depth_bias, "selection": c.selection,
+                            **({} if c.depth_bias_end is None
+                               else {"depth_bias_end": c.depth_bias_end}),
                             **_sign_settings(c)}),
     "absignsgd_uniform": Optimizer(
         make=lambda lr, c: absign_jax.absignsgd(

@@ -42,7 +42,7 @@ RESUME_SETTINGS = ("optimizer", "precision", "model", "task", "data", "seq", "ba
                    "token_budget", "weight_decay", "depth_bias", "selection",
                    "switch_every", "block_order", "lora_rank", "lora_alpha",
                    "lora_targets", "galore_rank", "galore_gap", "galore_scale", "relative",
-                   "micro_batches", "momentum", "shallow_step")
+                   "micro_batches", "momentum", "shallow_step", "depth_bias_end")
 RUNS_ROOT = "runs"  # where runs without --out get their folder
 TENSORBOARD_EXTRA = "pip install 'absign-jax[tensorboard]'"
 
@@ -233,7 +233,7 @@ def check_resume_settings(saved: dict, current: dict, allowed: Sequence[str] = (
            if k in saved or k in current if saved.get(k) != current.get(k)]
   refused = [d for d in diffs if d[0] not in allowed]
   if refused:
-    lines = [f"{flag.get(k, '--' + k)}: {a!r} in the checkpoint, {b!r} now"
+    lines = [f"{flag.get(k, '--' + k.replace('_', '-'))}: {a!r} in the checkpoint, {b!r} now"
              for k, a, b in refused]
     raise UsageError(
         f"--resume: this run's settings differ from those saved with the checkpoint"

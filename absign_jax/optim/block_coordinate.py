@@ -443,7 +443,8 @@ def block_coordinate(
       ``(block, num_blocks) -> number`` of the block's index (an int32 array, traced
       inside a compiled step) and the block count, e.g. :func:`depth_scale`; None:
       1 for every block. It is evaluated for every block at ``init``, and must give
-      finite numbers >= 0.
+      finite numbers >= 0. With ``optax.inject_hyperparams``, name it in
+      ``static_args`` (a function there would be taken for a schedule).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -684,3 +685,49 @@ def active_block(opt_state: PyTree) -> jax.Array:
   if hasattr(active, "get_value"):  # an nnx.Variable (nnx.Optimizer's opt_state)
     active = active.get_value()  # (`.value` is deprecated in flax.nnx)
   return jnp.asarray(active)
+
+
+def set_depth_bias(opt_state: PyTree, depth_bias: float) -> PyTree:
+  """``opt_state`` with its depth-biased selection continued at another depth bias.
+
+  Between steps, e.g. to change the bias with training progress: each block keeps
+  the phase of its next visit and costs ``tau_i = N + c (N - i)`` of the new ``c``
+  from then on (see :func:`absign_jax.blocks.selection.with_depth_bias`). The arrays
+  keep their shapes and dtypes, so a compiled step is not traced again.
+
+  Args:
+    opt_state: an optimizer state (or any pytree holding one) of a block optimizer
+      with ``selection="depth_biased"``, concrete (between steps, not inside ``jit``).
+    depth_bias: the new ``c >= 0``. A bias on a coarse grid (e.g. multiples of 0.25)
+      keeps the integer cost table small.
+
+  Returns:
+    The same pytree with the block-coordinate state's selection replaced.
+
+  Raises:
+    ValueError: no block-coordinate state in ``opt_state``, or its scheme is not the
+      depth-biased one.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import absign_jax
+    >>> params = {"layers": [{"w": jnp.ones(2)} for _ in range(3)]}
+    >>> tx = absign_jax.absignsgd(1e-3, depth_bias=10.0)
+    >>> state = absign_jax.set_depth_bias(tx.init(params), 0.0)
+    >>> absign_jax.find_state(state).selection.costs.tolist()
+    [3, 3, 3]
+  """
+  block_state = find_state(opt_state)  # raises when there is none
+  scheme = dict(block_state.config.items).get("selection") if block_state.config else None
+  if scheme != "depth_biased":
+    raise ValueError(f"set_depth_bias: the optimizer selects blocks with {scheme!r}; a "
+                     "depth bias applies to selection='depth_biased' only.")
+
+  def replace(node):
+    if isinstance(node, BlockCoordinateState):
+      return node._replace(
+          selection=selection_lib.with_depth_bias(node.selection, depth_bias))
+    return node
+
+  return jax.tree.map(replace, opt_state,
+                      is_leaf=lambda x: isinstance(x, BlockCoordinateState))

@@ -209,7 +209,8 @@ def absignsgd(
     block_scale: a multiplier of each block's step, a function ``(block,
       num_blocks) -> number`` (see :func:`block_coordinate`), e.g.
       ``absign_jax.depth_scale(0.5)``: half the step on the first layer, rising
-      linearly to the full step on the last. None: the same step everywhere.
+      linearly to the full step on the last. None: the same step everywhere. With
+      ``optax.inject_hyperparams``, name it in ``static_args``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.

@@ -206,6 +206,47 @@ def test_shallow_step_scales_each_layer_linearly_in_depth(capsys):
     assert message in capsys.readouterr().err
 
 
+def test_depth_bias_end_moves_the_bias_with_progress(tmp_path, capsys):
+  """--depth-bias 10 --depth-bias-end 0: the blocks the run picks are those of the
+  depth-biased rule with the bias of each step's progress, on a grid of 0.25."""
+  pytest.importorskip("gguf")
+  from absign_jax.blocks import selection
+  from absign_jax.llm import data, finetune, registry
+  from tests.llm._tiny_program import write_tiny_gguf
+
+  model, text = tmp_path / "tiny.gguf", tmp_path / "notes.txt"
+  write_tiny_gguf(model, n_layers=4)
+  text.write_text(data.second_text()[:12000], encoding="utf-8")
+  steps = 24
+  argv = ["--model", str(model), "--data", str(text), "--steps", str(steps),
+          "--batch", "2", "--seq", "16", "--eval-every", "0", "--no-progress",
+          "--ckpt-every", "0", "--depth-bias", "10", "--depth-bias-end", "0"]
+  finetune.main(argv + ["--out", str(tmp_path / "run")])
+  config = finetune.parse_args(argv)
+  biases = [registry.depth_bias_at(config, (k - 1) / steps) for k in range(1, steps + 1)]
+  assert biases[0] == 10 and biases[-1] == 0.5 and all(b * 4 == int(b * 4) for b in biases)
+  scheme = selection.depth_biased(10.0)
+  state = scheme.init(4)
+  active, state = scheme.select(state)
+  bias, want = 10.0, []
+  for b in biases:
+    if b != bias:
+      state, bias = selection.with_depth_bias(state, b), b
+    want.append(int(active))
+    active, state = scheme.select(state)
+  records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["block"] for r in records] == want
+  assert len(set(want[-8:])) == 4  # every layer in the last third
+  for bad, message in (
+      (["--depth-bias-end", "-1"], "--depth-bias-end must be a finite number >= 0"),
+      (["--depth-bias-end", "0", "--selection", "uniform"], "--selection uniform: drop one"),
+      (["--optimizer", "adamw", "--depth-bias-end", "0"],
+       "--depth-bias-end applies to absignsgd")):
+    with pytest.raises(SystemExit):
+      finetune.parse_args(bad)
+    assert message in capsys.readouterr().err
+
+
 def test_momentum_and_switch_every_reach_absignsgd():
   """--momentum 0.9 --switch-every 3: three steps per block, each the sign of the
   visit's averaged gradient (+1, then -0.5 twice: m = 0.1, 0.04, -0.014)."""
