@@ -56,6 +56,13 @@ SLOW_FILES_FIRST = (
 )
 
 
+# The program and the benchmark scripts restart themselves under mimalloc
+# (absign_jax.allocator), importing JAX a second time: seconds per subprocess. The
+# subprocesses of this suite run under the system allocator instead, except where the
+# restart is what a test checks (tests/test_allocator.py, the step-time smoke run).
+ALLOCATOR_CHOICE = "ABSIGN_JAX_ALLOCATOR"
+os.environ.setdefault(ALLOCATOR_CHOICE, "system")
+
 _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 BENCHMARKS_DIR = os.path.join(os.path.dirname(_TESTS_DIR), "benchmarks")
 
