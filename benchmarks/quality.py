@@ -46,7 +46,10 @@ for the phases that build on it: record such a sweep under another ``--out``. Th
 record lives in the repository (``--out``, default ``benchmarks/results/tasks``:
 each setting's ``summary.json``, ``curve.json`` with its budget in both units and
 the steps, tokens and seconds it took, ``metrics.jsonl`` and math answers; commit
-them), so the report can be rebuilt anywhere. Writes ``tasks.md`` (printed),
+them), so the report can be rebuilt anywhere. ``before_<task>.json`` keeps the
+pretrained model's figures (held-out loss, math answers, forgetting baselines): a
+later invocation reuses them while the model, data, problems and evaluation options
+match, instead of evaluating the untouched model again. Writes ``tasks.md`` (printed),
 ``tasks.json``, ``<task>.png`` (held-out loss against wall-clock, the best setting
 per method) and ``<task>_forgetting.png`` (accuracy or held-out loss against the
 second text's perplexity after tuning, one point per method); per task, a table of
@@ -67,6 +70,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -74,6 +78,7 @@ import shutil
 import time
 
 from absign_jax import profiling
+from absign_jax.llm import evaluation
 from absign_jax.llm import finetune
 from absign_jax.llm import registry
 from absign_jax.llm import runs as runs_lib
@@ -520,6 +525,49 @@ def record_differs(row: dict, a) -> str | None:
   return None
 
 
+BEFORE_FILE = "before_{task}.json"  # the pretrained model's figures, per task
+
+
+def before_fingerprint(args, loaded) -> str:
+  """What fixes the pretrained model's figures: the model, the options that shape the
+  evaluations, and the data and problems evaluated."""
+  problems = [(p.question, p.answer) for p in loaded.problems or ()]
+  identity = {
+      "model": args.model, "task": args.task, "seq": args.seq, "batch": args.batch,
+      "precision": args.precision, "forgetting": args.forgetting,
+      "subset": evaluation.eval_subset(args), "train": loaded.data_sha256,
+      "heldout": runs_lib.data_fingerprint(loaded.heldout),
+      "problems": hashlib.sha256(json.dumps(problems).encode()).hexdigest()}
+  return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _before_key(args) -> tuple:
+  # (as evaluation.before_training keys loaded.cache)
+  return (args.precision, args.forgetting, evaluation.eval_subset(args))
+
+
+def restore_before(args, loaded, out: str) -> None:
+  """Puts the pretrained model's figures of an earlier invocation (``out``'s
+  ``before_<task>.json``, when its fingerprint matches) into ``loaded.cache``: each
+  setting then skips evaluating the untouched model again (minutes on math)."""
+  path = os.path.join(out, BEFORE_FILE.format(task=args.task))
+  if not os.path.exists(path) or loaded.cache.get(_before_key(args)):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  if saved.get("fingerprint") == before_fingerprint(args, loaded):
+    loaded.cache[_before_key(args)] = saved["figures"]
+
+
+def save_before(args, loaded, out: str) -> None:
+  figures = loaded.cache.get(_before_key(args))
+  path = os.path.join(out, BEFORE_FILE.format(task=args.task))
+  if figures and not os.path.exists(path):  # (the first invocation's figures stay)
+    with open(path + ".tmp", "w") as f:
+      json.dump({"fingerprint": before_fingerprint(args, loaded), "figures": figures}, f)
+    os.replace(path + ".tmp", path)
+
+
 def run_setting(s: Setting, a, loaded_by_task: dict) -> None:
   optimizer, options = method_run(s.method)
   argv = ["--task", s.task, "--optimizer", optimizer, "--steps", str(a.max_steps),
@@ -537,7 +585,9 @@ def run_setting(s: Setting, a, loaded_by_task: dict) -> None:
     loaded_by_task[s.task] = finetune.load(args)
   d = s.directory(a.out)
   print(f"== {s.label} ({budget_text(a.budget, a.token_budget)})", flush=True)
+  restore_before(args, loaded_by_task[s.task], a.out)
   result = finetune.train(args, optimizer, loaded_by_task[s.task], d)
+  save_before(args, loaded_by_task[s.task], a.out)
   summary = result.summary
   if summary.get("interrupted"):  # not finished: no curve.json, so it runs again
     raise SystemExit(f"{s.label}: stopped by {summary['interrupted']} before the "

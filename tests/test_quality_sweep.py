@@ -7,7 +7,9 @@ import importlib.util
 import json
 import os
 import sys
+import types
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -377,7 +379,8 @@ def test_a_token_budget_reaches_the_program_and_its_record(quality, tmp_path,
       json.dump(summary, f)
     return runs_lib.RunResult(optimizer, summary, [], [(0.0, 20.0), (12.0, 8.0)])
 
-  monkeypatch.setattr(quality.finetune, "load", lambda args: object())
+  monkeypatch.setattr(quality.finetune, "load",
+                      lambda args: types.SimpleNamespace(cache={}))
   monkeypatch.setattr(quality.finetune, "train", train)
   monkeypatch.setattr(quality.profiling, "machine_info", lambda: {"cpu": "test"})
   first, second = "chat adamw lr=0.0001 seed=0", "chat lora lr=0.0003 seed=0"
@@ -404,6 +407,50 @@ def test_a_token_budget_reaches_the_program_and_its_record(quality, tmp_path,
     assert "60 s or 4,096 tokens, whichever ends first: 1 settings" in f.read()
   with pytest.raises(SystemExit):
     quality.main(["--run", first, "--token-budget", "100", "--out", str(tmp_path)])
+
+
+def test_the_pretrained_figures_carry_over_to_later_invocations(quality, tmp_path,
+                                                                monkeypatch):
+  """A later invocation restores the untouched model's figures instead of evaluating
+  it again, while they belong to the same model, data, problems and options."""
+  from absign_jax.llm import data as data_lib
+  from absign_jax.llm import tasks as tasks_lib
+
+  evaluated = []
+
+  def make_loaded(answer="1"):
+    seqs = data_lib.SequenceSet(tokens=np.arange(18, dtype=np.int32).reshape(2, 9),
+                                mask=np.ones((2, 8), np.float32), segment_ids=None)
+    return types.SimpleNamespace(
+        cache={}, heldout=seqs, data_sha256="train-data",
+        problems=[tasks_lib.Problem("What is 0 + 1?", answer, "arithmetic__add_or_sub")])
+
+  def train(args, optimizer, loaded, out_dir):
+    key = (args.precision, args.forgetting, args.eval_seqs)
+    if not loaded.cache.get(key):  # as evaluation.before_training: once per cache
+      evaluated.append(optimizer)
+      loaded.cache[key] = {"ppl_before": 20.0, "_correct_before": [True]}
+    os.makedirs(out_dir)
+    summary = {"task": "math", "lr": args.lr, "steps": 2, "wall_s": 1.0,
+               "tokens_processed": 8, "batch": args.batch, "seq": args.seq, "device": "cpu",
+               **loaded.cache[key]}
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+      json.dump(summary, f)
+    return types.SimpleNamespace(summary=summary, eval_curve=[(0.0, 20.0)])
+
+  loads = [make_loaded(), make_loaded(), make_loaded(answer="2")]
+  monkeypatch.setattr(quality.finetune, "load", lambda args: loads.pop(0))
+  monkeypatch.setattr(quality.finetune, "train", train)
+  monkeypatch.setattr(quality, "write_report", lambda *a, **k: None)
+  monkeypatch.setattr(quality, "write_tasks_report", lambda *a, **k: None)
+  run = lambda label: quality.main(["--run", label, "--token-budget", "1024",
+                                    "--out", str(tmp_path)])
+  run("math absignsgd lr=0.001 seed=0")
+  assert evaluated == ["absignsgd"] and (tmp_path / "before_math.json").exists()
+  run("math lora lr=0.0003 seed=0")  # another invocation: restored, not evaluated
+  assert evaluated == ["absignsgd"]
+  run("math adamw lr=0.0001 seed=0")  # other problems: evaluated again
+  assert evaluated == ["absignsgd", "adamw"]
 
 
 def test_long_phase_settings_take_the_short_sweeps_best_rates(quality):
