@@ -988,8 +988,9 @@ def write_tasks_report(rows: list[dict], out: str) -> None:
             sum(x["method"] == m and x["seed"] == seed for x in group) > 1:
           edge = (" (at the edge of the bracket: extend it)"
                   if r["lr"] in (BRACKETS[m][0], BRACKETS[m][-1]) else " (inside)")
-        accuracy = f": accuracy {_accuracy(r)}" if task == "math" else ""
-        lines.append(f"- {r['setting']}{accuracy}{edge}")
+        figures = [f"accuracy {_accuracy(r)}"] if task == "math" else []
+        figures.append(f"held-out loss {_fmt(r.get('heldout_loss_after'), '.4f')}")
+        lines.append(f"- {r['setting']}: {', '.join(figures)}{edge}")
       if task == "math":
         lines += _paired_table(group, seed, version)
     best = plotted_per_method(group, task)

@@ -285,6 +285,16 @@ def test_accuracy_intervals_and_paired_tests_are_significances(quality, report):
       "absignsgd lr=0.001") and "absignsgd lr=0.0003" not in table
 
 
+def test_the_ranking_gives_each_settings_figures(quality, report):
+  _, text, rows = report
+  chat = section(text, "chat")
+  first = chat.index("- chat lora lr=0.0003 seed=0: held-out loss 2.4000\n")
+  assert first < chat.index("- chat absignsgd lr=0.001 seed=0: held-out loss 2.5000\n")
+  lora = rows["math lora lr=0.0003 seed=0"]
+  assert (f"- math lora lr=0.0003 seed=0: accuracy {quality._accuracy(lora)}, "
+          "held-out loss 2.0000\n") in section(text, "math, 6 modules")
+
+
 def test_different_problem_lists_are_not_paired(quality, report):
   answers = [{"question": f"q{i}", "correct": i % 2 == 0} for i in range(6)]
   with pytest.raises(ValueError, match=r"problem lists differ \(6 against 5 problems\)"):
