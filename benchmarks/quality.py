@@ -830,6 +830,45 @@ def _forgetting_table(best: dict[str, dict], task: str, title: str,
   return lines
 
 
+def across_seeds(rows: list[dict], task: str) -> list[dict]:
+  """Each method's seed-0 best setting repeated at other seeds (same learning rate):
+  ``{"method", "lr", "runs": [row per seed, seed order], "mean"}`` for each method
+  run at more than one seed, best mean first (accuracy on math, else held-out loss)."""
+  key = "accuracy_after" if task == "math" else "heldout_loss_after"
+  out = []
+  for m, first in best_per_method(rows, task, 0).items():
+    runs = sorted((r for r in rows if r["task"] == task and r["method"] == m
+                   and r["lr"] == first["lr"] and r.get(key) is not None),
+                  key=lambda r: r["seed"])
+    if len({r["seed"] for r in runs}) > 1:
+      mean = sum(r[key] for r in runs) / len(runs)
+      out.append({"method": m, "lr": first["lr"], "runs": runs, "mean": mean})
+  return sorted(out, key=lambda x: -x["mean"] if task == "math" else x["mean"])
+
+
+def _across_seeds_table(rows: list[dict], task: str, title: str) -> list[str]:
+  methods = across_seeds(rows, task)
+  if not methods:
+    return []
+  seeds = sorted({r["seed"] for x in methods for r in x["runs"]})
+  quality = "accuracy" if task == "math" else "held-out loss"
+  lines = ["", f"Across seeds, {title}: each method's seed-0 best learning rate at every "
+           f"seed it ran, by the mean {quality}, best first.", "",
+           "| method | lr | " + " | ".join(f"{quality}, seed {s}" for s in seeds)
+           + " | mean | second-text ppl, " + ", ".join(f"seed {s}" for s in seeds) + " |",
+           "|---|---:|" + "---:|" * (len(seeds) + 2)]
+  for x in methods:
+    by_seed = {r["seed"]: r for r in x["runs"]}
+    figure = lambda r: (_accuracy(r) if task == "math"
+                        else _fmt(r.get("heldout_loss_after"), ".4f"))
+    cells = [figure(by_seed[s]) if s in by_seed else "-" for s in seeds]
+    ppl = ", ".join(_fmt(by_seed[s].get("second_text_ppl_after"), ".2f")
+                    if s in by_seed else "-" for s in seeds)
+    lines.append(f"| {x['method']} | {_fmt(x['lr'], 'g')} | " + " | ".join(cells)
+                 + f" | {x['mean']:.{3 if task == 'math' else 4}f} | {ppl} |")
+  return lines
+
+
 def loss_at(curve, seconds: float) -> float | None:
   """The last held-out loss of ``curve`` ((seconds, loss) points) at or before
   ``seconds``; None before its first point or past its end (the run stopped)."""
@@ -993,6 +1032,7 @@ def write_tasks_report(rows: list[dict], out: str) -> None:
         lines.append(f"- {r['setting']}: {', '.join(figures)}{edge}")
       if task == "math":
         lines += _paired_table(group, seed, version)
+    lines += _across_seeds_table(group, task, title)
     best = plotted_per_method(group, task)
     lines += _forgetting_table(best, task, title, adamw_mem)
     lines += _loss_over_time(best, title)

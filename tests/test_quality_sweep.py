@@ -342,6 +342,25 @@ def test_the_loss_over_the_budget_shows_where_the_order_changes(quality, tmp_pat
   assert quality.loss_at([(0.0, 3.0), (90.0, 2.3)], 91.0) is None  # past its end
 
 
+def test_across_seeds_gives_each_seed_and_the_mean_at_the_seed0_rate(quality, tmp_path):
+  S = quality.Setting
+  for seed, absign, lora in ((0, 2.50, 2.40), (1, 2.30, 2.45)):
+    record(quality, tmp_path, S("chat", "absignsgd", 1e-3, seed),
+           heldout_loss_after=absign, second_text_ppl_after=41.0 + seed)
+    record(quality, tmp_path, S("chat", "lora", 3e-4, seed), heldout_loss_after=lora)
+  # another rate at seed 1 only, better than the seed-0 best: not LoRA's seed-1 figure
+  record(quality, tmp_path, S("chat", "lora", 1e-3, 1), heldout_loss_after=2.0)
+  record(quality, tmp_path, S("chat", "adamw", 1e-4, 0), heldout_loss_after=2.2)
+  quality.write_tasks_report(quality.load_rows(str(tmp_path)), str(tmp_path))
+  text = (tmp_path / "tasks.md").read_text()
+  table = text.split("Across seeds, chat")[1].split("\n\n")[1].splitlines()
+  assert table[0] == ("| method | lr | held-out loss, seed 0 | held-out loss, seed 1 "
+                      "| mean | second-text ppl, seed 0, seed 1 |")
+  # absignsgd's mean (2.40) below LoRA's (2.425); adamw ran one seed: no row
+  assert table[2:] == ["| absignsgd | 0.001 | 2.5000 | 2.3000 | 2.4000 | 41.00, 42.00 |",
+                       "| lora | 0.0003 | 2.4000 | 2.4500 | 2.4250 | 44.00, 44.00 |"]
+
+
 def test_old_math_rows_build_and_are_never_ranked_with_new_ones(quality, report):
   _, text, rows = report
   old = ("math adamw lr=3e-05 seed=0", "math lora lr=0.001 seed=0")
