@@ -727,6 +727,11 @@ def _accuracy(row: dict) -> str:
       f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
 
 
+def _quality(row: dict, task: str) -> str:
+  """A setting's figure of quality: math accuracy with its interval, else held-out loss."""
+  return _accuracy(row) if task == "math" else _fmt(row.get("heldout_loss_after"), ".4f")
+
+
 def _cell(text: str) -> str:
   return text.replace("|", "\\|").replace("\n", " ")
 
@@ -823,8 +828,7 @@ def _forgetting_table(best: dict[str, dict], task: str, title: str,
     before, after = r.get("second_text_ppl_before"), r.get("second_text_ppl_after")
     ratio = f"{after / before:.3f}" if before and after is not None else "-"
     answers = " / ".join(repr(x) for x in (r.get("chat_after") or {}).values()) or "-"
-    figure = _accuracy(r) if task == "math" else _fmt(r.get("heldout_loss_after"), ".4f")
-    lines.append(f"| {m} | {r['setting']} | {figure} | {_ratio(r, adamw_mem)} "
+    lines.append(f"| {m} | {r['setting']} | {_quality(r, task)} | {_ratio(r, adamw_mem)} "
                  f"| {_fmt(before, '.3f')} -> {_fmt(after, '.3f')} | {ratio} "
                  f"| {_cell(answers)} |")
   return lines
@@ -859,9 +863,7 @@ def _across_seeds_table(rows: list[dict], task: str, title: str) -> list[str]:
            "|---|---:|" + "---:|" * (len(seeds) + 2)]
   for x in methods:
     by_seed = {r["seed"]: r for r in x["runs"]}
-    figure = lambda r: (_accuracy(r) if task == "math"
-                        else _fmt(r.get("heldout_loss_after"), ".4f"))
-    cells = [figure(by_seed[s]) if s in by_seed else "-" for s in seeds]
+    cells = [_quality(by_seed[s], task) if s in by_seed else "-" for s in seeds]
     ppl = ", ".join(_fmt(by_seed[s].get("second_text_ppl_after"), ".2f")
                     if s in by_seed else "-" for s in seeds)
     lines.append(f"| {x['method']} | {_fmt(x['lr'], 'g')} | " + " | ".join(cells)
