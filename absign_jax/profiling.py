@@ -189,12 +189,21 @@ def machine_info() -> dict[str, Any]:
     pass
   try:
     with open("/proc/cpuinfo") as fh:
+      fields = {}
       for line in fh:
-        if line.startswith("model name"):
-          info["cpu"] = line.split(":", 1)[1].strip()
-          break
+        if not line.strip():
+          break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
   except OSError:
-    pass
+    fields = {}
+  if "model name" in fields:
+    info["cpu"] = fields["model name"]
+  # Virtual machines often mask the model name ("AMD EPYC"); the family, model and
+  # stepping still tell two generations apart, whose steps can differ by 40%.
+  ident = [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields]
+  if ident:
+    info["cpu_id"] = ", ".join(ident)
   return info
 
 

@@ -963,7 +963,10 @@ def _header(rows: list[dict]) -> list[str]:
                f"{r0.get('device')}.")
   machines: dict[str, set] = {}
   for r in rows:
-    cpu = (r.get("machine") or {}).get("cpu", "machine not recorded")
+    machine = r.get("machine") or {}
+    cpu = machine.get("cpu", "machine not recorded")
+    if machine.get("cpu_id"):  # recorded since 2026-12-04: masked names told apart
+      cpu = f"{cpu} [{machine['cpu_id']}]"
     machines.setdefault(cpu, set()).add(r.get("date") or "date not recorded")
   lines.append("Machines (settings on different machines are not comparable step for "
                "step): " + "; ".join(f"{cpu} ({', '.join(sorted(dates))})"

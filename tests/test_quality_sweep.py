@@ -342,6 +342,26 @@ def test_the_loss_over_the_budget_shows_where_the_order_changes(quality, tmp_pat
   assert quality.loss_at([(0.0, 3.0), (90.0, 2.3)], 91.0) is None  # past its end
 
 
+def test_machines_with_one_masked_name_are_told_apart(quality, tmp_path):
+  S = quality.Setting
+  for setting, ident in ((S("chat", "absignsgd", 1e-3), "cpu family 25, model 1"),
+                         (S("chat", "lora", 3e-4), "cpu family 23, model 49"),
+                         (S("chat", "adamw", 1e-4), None)):
+    record(quality, tmp_path, setting, date="2026-12-04")
+    path = os.path.join(setting.directory(str(tmp_path)), "curve.json")
+    with open(path) as f:
+      curve = json.load(f)
+    curve["machine"] = {"cpu": "AMD EPYC", **({"cpu_id": ident} if ident else {})}
+    with open(path, "w") as f:
+      json.dump(curve, f)
+  quality.write_tasks_report(quality.load_rows(str(tmp_path)), str(tmp_path))
+  line = next(ln for ln in (tmp_path / "tasks.md").read_text().splitlines()
+              if ln.startswith("Machines"))
+  for name in ("AMD EPYC (", "AMD EPYC [cpu family 25, model 1] (",
+               "AMD EPYC [cpu family 23, model 49] ("):
+    assert name in line
+
+
 def test_across_seeds_gives_each_seed_and_the_mean_at_the_seed0_rate(quality, tmp_path):
   S = quality.Setting
   for seed, absign, lora in ((0, 2.50, 2.40), (1, 2.30, 2.45)):
