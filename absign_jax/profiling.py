@@ -187,16 +187,16 @@ def machine_info() -> dict[str, Any]:
     info["load_avg"] = os.getloadavg()
   except OSError:
     pass
+  fields = {}
   try:
     with open("/proc/cpuinfo") as fh:
-      fields = {}
       for line in fh:
         if not line.strip():
           break  # the first processor's block is enough
         key, _, value = line.partition(":")
         fields[key.strip()] = value.strip()
   except OSError:
-    fields = {}
+    pass
   if "model name" in fields:
     info["cpu"] = fields["model name"]
   # Virtual machines often mask the model name ("AMD EPYC"); the family, model and

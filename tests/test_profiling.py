@@ -131,7 +131,8 @@ def test_machine_info_names_the_machine_and_the_versions():
   assert info["flax"] and info["optax"]
   if os.path.exists("/proc/cpuinfo"):
     assert info["cpu"]  # the CPU model, where Linux tells it
-    first = open("/proc/cpuinfo").read().split("\n\n")[0]
+    with open("/proc/cpuinfo") as fh:
+      first = fh.read().split("\n\n")[0]
     family = re.search(r"^cpu family\s*:\s*(\S+)", first, re.M)
     if family:  # x86: the family, model and stepping tell masked model names apart
       assert info["cpu_id"].startswith(f"cpu family {family.group(1)}, model ")

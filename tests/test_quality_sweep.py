@@ -347,13 +347,8 @@ def test_machines_with_one_masked_name_are_told_apart(quality, tmp_path):
   for setting, ident in ((S("chat", "absignsgd", 1e-3), "cpu family 25, model 1"),
                          (S("chat", "lora", 3e-4), "cpu family 23, model 49"),
                          (S("chat", "adamw", 1e-4), None)):
-    record(quality, tmp_path, setting, date="2026-12-04")
-    path = os.path.join(setting.directory(str(tmp_path)), "curve.json")
-    with open(path) as f:
-      curve = json.load(f)
-    curve["machine"] = {"cpu": "AMD EPYC", **({"cpu_id": ident} if ident else {})}
-    with open(path, "w") as f:
-      json.dump(curve, f)
+    record(quality, tmp_path, setting, date="2026-12-04",
+           machine={"cpu": "AMD EPYC", **({"cpu_id": ident} if ident else {})})
   quality.write_tasks_report(quality.load_rows(str(tmp_path)), str(tmp_path))
   line = next(ln for ln in (tmp_path / "tasks.md").read_text().splitlines()
               if ln.startswith("Machines"))
