@@ -357,7 +357,7 @@ def test_machines_with_one_masked_name_are_told_apart(quality, tmp_path):
     assert name in line
 
 
-def test_across_seeds_gives_each_seed_and_the_mean_at_the_seed0_rate(quality, tmp_path):
+def test_across_seeds_gives_each_seed_and_the_mean_at_the_repeated_rate(quality, tmp_path):
   S = quality.Setting
   for seed, absign, lora in ((0, 2.50, 2.40), (1, 2.30, 2.45)):
     record(quality, tmp_path, S("chat", "absignsgd", 1e-3, seed),
@@ -365,6 +365,8 @@ def test_across_seeds_gives_each_seed_and_the_mean_at_the_seed0_rate(quality, tm
     record(quality, tmp_path, S("chat", "lora", 3e-4, seed), heldout_loss_after=lora)
   # another rate at seed 1 only, better than the seed-0 best: not LoRA's seed-1 figure
   record(quality, tmp_path, S("chat", "lora", 1e-3, 1), heldout_loss_after=2.0)
+  # a rate at seed 0 only, better there: absignsgd's row stays at the repeated rate
+  record(quality, tmp_path, S("chat", "absignsgd", 3e-4, 0), heldout_loss_after=2.1)
   record(quality, tmp_path, S("chat", "adamw", 1e-4, 0), heldout_loss_after=2.2)
   quality.write_tasks_report(quality.load_rows(str(tmp_path)), str(tmp_path))
   text = (tmp_path / "tasks.md").read_text()
