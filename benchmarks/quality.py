@@ -841,8 +841,10 @@ def across_seeds(rows: list[dict], task: str) -> list[dict]:
   run at more than one seed, best mean first (accuracy on math, else held-out loss)."""
   key = "accuracy_after" if task == "math" else "heldout_loss_after"
   done = [r for r in rows if r["task"] == task and r.get(key) is not None]
-  seeds_of = lambda m, lr: {r["seed"] for r in done if r["method"] == m and r["lr"] == lr}
-  repeated = [r for r in done if len(seeds_of(r["method"], r["lr"])) > 1]
+  seeds: dict[tuple, set] = {}
+  for r in done:
+    seeds.setdefault((r["method"], r["lr"]), set()).add(r["seed"])
+  repeated = [r for r in done if len(seeds[r["method"], r["lr"]]) > 1]
   out = []
   for m, first in best_per_method(repeated, task, 0).items():
     runs = sorted((r for r in repeated if r["method"] == m and r["lr"] == first["lr"]),
