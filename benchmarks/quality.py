@@ -245,6 +245,9 @@ VARIANTS = {
     # The depth bias from 10 to 0 with progress: the cheap deep layers first, every
     # layer as often by the end.
     "absignsgd_bias_to_0": ("absignsgd", {"depth_bias_end": 0.0}, 1e-3),
+    # The token embedding as a block before the first layer (SmolLM2 ties the head to
+    # it, so the output layer trains with it); depth-biased, it is the rarest block.
+    "absignsgd_embedding": ("absignsgd", {"train_embedding": True}, 1e-3),
 }
 # Peers with options of the program: method label -> (optimizer, program options).
 # LoRA with each layer rematerialised: its step memory without every layer's

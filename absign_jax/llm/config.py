@@ -87,6 +87,8 @@ class RunConfig:
   weight_decay: float = 0.0
   relative: bool = False
   shallow_step: float = 1.0
+  train_embedding: bool = False
+  train_head: bool = False
   switch_every: int | None = None
   momentum: float = 0.0
   block_order: str = "random"
@@ -225,6 +227,12 @@ def _parser() -> checks.ArgumentParser:
                  help="absignsgd: the first layer's step as a fraction of lr, rising "
                  "linearly to the full step at the last layer (absign_jax.depth_scale; "
                  f"default: {d.shallow_step:g}, the same step everywhere)")
+  p.add_argument("--train-embedding", action="store_true",
+                 help="block methods: train the token embedding too, as a block before "
+                 "the first layer (with tied embeddings, the LM head with it)")
+  p.add_argument("--train-head", action="store_true",
+                 help="block methods: train the final norm and an untied LM head too, "
+                 "as a block after the last layer")
   p.add_argument("--switch-every", type=int, default=d.switch_every,
                  help="steps on a block before the next is picked: block_adam (BAdam's "
                  f"K, default {registry.BADAM_SWITCH_EVERY}) and absignsgd (default 1)")
@@ -448,7 +456,8 @@ def _checked(values: dict[str, Any], error: Callable[[str], Any]) -> RunConfig:
   need("--shallow-step", v["shallow_step"],
        finite(v["shallow_step"]) and v["shallow_step"] >= 0, "a finite number >= 0")
   for option, unset in (("momentum", 0), ("relative", False), ("shallow_step", 1),
-                        ("depth_bias_end", None)):
+                        ("depth_bias_end", None), ("train_embedding", False),
+                        ("train_head", False)):
     takers = [n for n, o in registry.OPTIMIZERS.items() if option in o.options]
     if v[option] != unset and not set(chosen) & set(takers):
       error(f"--{option.replace('_', '-')} applies to {', '.join(takers)}; the run trains "

@@ -265,7 +265,8 @@ def train(config: RunConfig, name: str, loaded: Loaded, out_dir: str,
   parts, step, state, mesh = build_step(config, name, loaded, policy, settings)
   if entry.block:  # what trains, before any step runs
     plan = absign_jax.training_plan(state.opt_state, state.params)
-    print(f"[{name}] " + str(plan).replace("\n", f"\n[{name}] "), flush=True)
+    text = plan.describe({"embedding": "--train-embedding", "head": "--train-head"})
+    print(f"[{name}] " + text.replace("\n", f"\n[{name}] "), flush=True)
   ckpt = absign_jax.Checkpointer(
       ckpt_dir or os.path.join(out_dir, "checkpoints"), max_to_keep=2,
       metadata={"optimizer": name, "precision": config.precision, "settings": settings})

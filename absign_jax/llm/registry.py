@@ -103,6 +103,16 @@ def _sign_visit(config: RunConfig) -> dict[str, Any]:
               block_scale=scale)
 
 
+def _extra_blocks(config: RunConfig) -> dict[str, Any]:
+  """The block methods' optional blocks beyond the layers (the partition options)."""
+  return dict(include_embedding=config.train_embedding, include_head=config.train_head)
+
+
+def _extra_block_settings(config: RunConfig) -> dict[str, Any]:
+  # Only when set, as in runs from before these options.
+  return {k: True for k in ("train_embedding", "train_head") if getattr(config, k)}
+
+
 def _sign_settings(config: RunConfig) -> dict[str, Any]:
   # Only what differs from the plain step, as in runs from before these options.
   settings: dict[str, Any] = {}
@@ -114,7 +124,7 @@ def _sign_settings(config: RunConfig) -> dict[str, Any]:
     settings["momentum"] = config.momentum
   if config.shallow_step != 1:
     settings["shallow_step"] = config.shallow_step
-  return settings
+  return {**settings, **_extra_block_settings(config)}
 
 
 def depth_bias_at(config: RunConfig, progress: float) -> float:
@@ -147,14 +157,15 @@ def _lora_rank_fits(config: RunConfig, cfg) -> str | None:
   return None
 
 
-_SIGN_OPTIONS = ("relative", "momentum", "switch_every", "shallow_step")
+_EXTRA_BLOCKS = ("train_embedding", "train_head")
+_SIGN_OPTIONS = ("relative", "momentum", "switch_every", "shallow_step", *_EXTRA_BLOCKS)
 
 OPTIMIZERS: dict[str, Optimizer] = {
     "absignsgd": Optimizer(
         make=lambda lr, c: absign_jax.absignsgd(
             lr, depth_bias=c.depth_bias, selection=c.selection,
             weight_decay=c.weight_decay, seed=c.seed, relative=c.relative,
-            **_sign_visit(c)),
+            **_sign_visit(c), **_extra_blocks(c)),
         # A sign step moves every weight of the active layer by exactly lr, so the
         # right lr follows the weights' scale. Gemma 3 270M: held-out perplexity rose
         # at 1e-3 and fell 15% in 30 steps at 1e-4 (docs/models.md).
@@ -167,22 +178,23 @@ OPTIMIZERS: dict[str, Optimizer] = {
     "absignsgd_uniform": Optimizer(
         make=lambda lr, c: absign_jax.absignsgd(
             lr, selection="uniform", weight_decay=c.weight_decay, seed=c.seed,
-            relative=c.relative, **_sign_visit(c)),
+            relative=c.relative, **_sign_visit(c), **_extra_blocks(c)),
         lr=1e-3, family_lr={"gemma3": 1e-4}, block=True, options=_SIGN_OPTIONS,
         settings=_sign_settings),
     "block_adam": Optimizer(
         make=lambda lr, c: absign_jax.block_adam(
             lr, weight_decay=c.weight_decay, seed=c.seed,
             steps_per_block=c.switch_every or BADAM_SWITCH_EVERY,
-            selection=BLOCK_ORDERS[c.block_order]),
-        lr=1e-4, block=True, options=("switch_every", "block_order"),
+            selection=BLOCK_ORDERS[c.block_order], **_extra_blocks(c)),
+        lr=1e-4, block=True, options=("switch_every", "block_order", *_EXTRA_BLOCKS),
         settings=lambda c: {"switch_every": c.switch_every or BADAM_SWITCH_EVERY,
-                            "block_order": c.block_order}),
+                            "block_order": c.block_order, **_extra_block_settings(c)}),
     "alias_absignsgd": Optimizer(
         make=lambda lr, c: absign_jax.alias_absignsgd(depth_bias=c.depth_bias,
-                                                      seed=c.seed),
-        lr=None, block=True, options=("depth_bias",),
-        settings=lambda c: {"depth_bias": c.depth_bias}, benchmarked=False),
+                                                      seed=c.seed, **_extra_blocks(c)),
+        lr=None, block=True, options=("depth_bias", *_EXTRA_BLOCKS),
+        settings=lambda c: {"depth_bias": c.depth_bias, **_extra_block_settings(c)},
+        benchmarked=False),
     "adamw": Optimizer(
         make=lambda lr, c: optax.adamw(lr, weight_decay=c.weight_decay), lr=1e-4),
     "sign_sgd": Optimizer(

@@ -42,7 +42,8 @@ RESUME_SETTINGS = ("optimizer", "precision", "model", "task", "data", "seq", "ba
                    "token_budget", "weight_decay", "depth_bias", "selection",
                    "switch_every", "block_order", "lora_rank", "lora_alpha",
                    "lora_targets", "galore_rank", "galore_gap", "galore_scale", "relative",
-                   "micro_batches", "momentum", "shallow_step", "depth_bias_end")
+                   "micro_batches", "momentum", "shallow_step", "depth_bias_end",
+                   "train_embedding", "train_head")
 RUNS_ROOT = "runs"  # where runs without --out get their folder
 TENSORBOARD_EXTRA = "pip install 'absign-jax[tensorboard]'"
 

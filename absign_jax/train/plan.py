@@ -10,6 +10,7 @@ any step runs::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -50,6 +51,17 @@ class TrainingPlan(NamedTuple):
     return sum(n for _, n in self.frozen)
 
   def __str__(self) -> str:
+    return self.describe()
+
+  def describe(self, switches: Mapping[str, str] | None = None) -> str:
+    """The plan as text; ``str(plan)`` is ``plan.describe()``.
+
+    Args:
+      switches: how the caller turns the embedding / head blocks on, e.g.
+        ``{"embedding": "--train-embedding", "head": "--train-head"}`` for a command
+        line; by default the optimizer's ``include_embedding=True`` /
+        ``include_head=True``.
+    """
     total = self.trained_params + self.frozen_params
     share = self.trained_params / max(total, 1)
     lines = [f"{len(self.blocks)} blocks ({self.layout} layout), one trained per step: "
@@ -72,10 +84,13 @@ class TrainingPlan(NamedTuple):
     untrained = [what for what, on in (("embedding", self.include_embedding),
                                        ("head", self.include_head)) if not on]
     if untrained and self.frozen:
-      options = " / ".join(f"include_{w}=True" for w in untrained)
+      if switches is None:
+        options = " / ".join(f"include_{w}=True" for w in untrained) + " to the optimizer"
+      else:
+        options = " / ".join(switches[w] for w in untrained)
       both = len(untrained) > 1
       lines.append(f"  the {' and the '.join(untrained)} {'are' if both else 'is'} "
-                   f"frozen by default: pass {options} to the optimizer to train "
+                   f"frozen by default: pass {options} to train "
                    f"{'them as blocks' if both else 'it as a block'}.")
     return "\n".join(lines)
 

@@ -296,3 +296,44 @@ def test_heldout_curve_never_mixes_the_subset_and_the_whole_set():
   # Interrupted before the final evaluation: no end point.
   interrupted = {k: v for k, v in subset.items() if k != "heldout_ppl_subset_after"}
   assert runs.heldout_curve(interrupted, records) == [(0.0, 12.0), (2.0, 9.0)]
+
+
+def test_train_embedding_and_head_add_blocks_around_the_layers(tmp_path, capsys):
+  """--train-embedding --train-head: five blocks on three layers (embedding, layers,
+  final norm; the head is tied), each moved by one sign step when it is visited, where
+  the plain run leaves the embedding and the norm as loaded."""
+  pytest.importorskip("gguf")
+  from absign_jax.llm import data, finetune, hf
+  from tests.llm._tiny_program import write_tiny_gguf
+
+  model, text = tmp_path / "tiny.gguf", tmp_path / "notes.txt"
+  write_tiny_gguf(model, n_layers=3)
+  text.write_text(data.second_text()[:12000], encoding="utf-8")
+  argv = ["--model", str(model), "--data", str(text), "--steps", "5", "--batch", "2",
+          "--seq", "16", "--eval-every", "0", "--no-progress", "--ckpt-every", "0",
+          "--selection", "cyclic", "--lr", "0.01", "--schedule", "constant",
+          "--warmup", "0", "--export", "hf"]
+
+  def trained(name, *extra):
+    finetune.main(argv + ["--out", str(tmp_path / name), *extra])
+    file = hf.SafetensorsFile(tmp_path / name / "hf" / "model.safetensors")
+    weights = {k: np.array(file.get(k)) for k in file.keys()}
+    metrics = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    return weights, [json.loads(line)["block"] for line in metrics], capsys.readouterr().out
+
+  plain, plain_blocks, plain_out = trained("plain")
+  assert "pass --train-embedding / --train-head to train them as blocks" in plain_out
+  both, blocks, out = trained("both", "--train-embedding", "--train-head")
+  assert "5 blocks" in out and "frozen by default" not in out
+  assert plain_blocks == [0, 1, 2, 0, 1] and blocks == [0, 1, 2, 3, 4]
+  for name in ("model.embed_tokens.weight", "model.norm.weight"):
+    moved = np.abs(both[name].astype(np.float64) - plain[name].astype(np.float64))
+    assert moved.max() > 0, name
+    np.testing.assert_allclose(moved[moved > 0], 0.01, rtol=1e-4)  # one sign step
+  # Visited in the same order, the layers differ from the plain run's only through
+  # the embedding's step before them: the last layer took its step in both runs.
+  assert not np.array_equal(both["model.layers.2.mlp.up_proj.weight"],
+                            plain["model.layers.2.mlp.up_proj.weight"])
+  with pytest.raises(SystemExit):
+    finetune.parse_args(["--optimizer", "lora", "--train-embedding"])
+  assert "--train-embedding applies to absignsgd" in capsys.readouterr().err
