@@ -115,6 +115,9 @@ def test_the_training_plan_names_the_blocks_and_what_stays_frozen():
   assert plan.frozen_params == embed + head
   text = str(plan)
   assert "frozen by default" in text and "include_embedding=True" in text
+  cli = plan.describe({"embedding": "--train-embedding", "head": "--train-head"})
+  assert cli.endswith("pass --train-embedding / --train-head to train them as blocks.")
+  assert cli.splitlines()[:-1] == text.splitlines()[:-1]
   with_both = absign_jax.absignsgd(include_embedding=True, include_head=True)
   plan = absign_jax.training_plan(with_both.init(parts.params), parts.params)
   assert plan.frozen_params == 0 and len(plan.blocks) == N + 2
