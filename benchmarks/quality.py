@@ -921,10 +921,18 @@ def _loss_over_time(best: dict[str, dict], title: str) -> list[str]:
 
 def plot_forgetting(best: dict[str, dict], task: str, path: str) -> None:
   """Quality against second-text perplexity after tuning, a labelled point per method."""
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
   fig = Figure(figsize=(7, 4.5))
   ax = fig.subplots()
+  xs = [r["second_text_ppl_after"] for r in best.values()
+        if r.get("second_text_ppl_after") is not None]
+  # One method that forgot far more than the rest would squeeze the others into a
+  # line on a linear axis; perplexity ratios read the same on a log axis.
+  log_x = bool(xs) and max(xs) > 3 * min(xs)
+  if log_x:
+    ax.set_xscale("log")
   for m, r in best.items():
     x = r.get("second_text_ppl_after")
     y = r.get("accuracy_after" if task == "math" else "heldout_loss_after")
@@ -939,7 +947,14 @@ def plot_forgetting(best: dict[str, dict], task: str, path: str) -> None:
   if before is not None:
     ax.axvline(before, ls="--", color="grey", label="before tuning")
     ax.legend()
-  ax.set_xlabel("second-text perplexity after tuning (right: more forgetting)")
+  if log_x:
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in (20, 30, 40, 50, 70, 100, 150, 200, 300, 500, 700, 1000, 2000, 5000)
+             if lo <= t <= hi]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+  ax.set_xlabel("second-text perplexity after tuning (right: more forgetting)"
+                + (", log scale" if log_x else ""))
   ax.set_ylabel("accuracy, 95% interval" if task == "math" else "held-out loss")
   ax.set_title(f"{task}: quality against forgetting, each method's best setting")
   ax.grid(alpha=0.3)
