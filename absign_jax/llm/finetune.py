@@ -266,6 +266,13 @@ def train(config: RunConfig, name: str, loaded: Loaded, out_dir: str,
   if entry.block:  # what trains, before any step runs
     plan = absign_jax.training_plan(state.opt_state, state.params)
     text = plan.describe({"embedding": "--train-embedding", "head": "--train-head"})
+    paths = [jax.tree_util.keystr(k) for k, _ in
+             jax.tree_util.tree_flatten_with_path(state.params)[0]]
+    if config.train_head and not any("lm_head" in p for p in paths):
+      # A tied head: the head block holds the final norm alone, yet the depth-biased
+      # rule visits it most often.
+      text += ("\nthis model's output head is its token embedding: the head block "
+               "holds the final norm only, and the head trains with --train-embedding.")
     print(f"[{name}] " + text.replace("\n", f"\n[{name}] "), flush=True)
   ckpt = absign_jax.Checkpointer(
       ckpt_dir or os.path.join(out_dir, "checkpoints"), max_to_keep=2,

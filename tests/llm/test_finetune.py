@@ -317,6 +317,7 @@ def test_train_embedding_and_head_add_blocks_around_the_layers(tmp_path, capsys)
                  "--train-embedding", "--train-head", "--out", str(out)])
   printed = capsys.readouterr().out
   assert "5 blocks" in printed and "frozen" not in printed
+  assert "the head block holds the final norm only" in printed  # the tiny head is tied
   records = (out / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(line)["block"] for line in records] == [0, 1, 2, 3, 4]
   exported = hf.SafetensorsFile(out / "hf" / "model.safetensors")
