@@ -237,10 +237,18 @@ def build_step(config: RunConfig, name: str, loaded: Loaded, policy,
   ``name``, its training step, the step's initial state and the device mesh."""
   mesh = run_mesh(config, name)
   try:
-    _, model, _ = loading.load_model(
+    model_config, model, _ = loading.load_model(
         config.model, **load_options(config, policy, mesh, loaded.model_config))
   except (OSError, ValueError) as e:  # the messages name the file and the problem
     raise UsageError(f"--model: {e}") from None
+  if (config.train_head and model_config.tie_embeddings
+      and "train_head" in registry.get(name).options):
+    # (known once the weights are read: a GGUF file ties by omitting output.weight)
+    # The head block holds the final norm alone, yet depth-biased selection visits
+    # it most often.
+    print(f"[{name}] this model's output head is its token embedding: the head block "
+          "holds the final norm only, and the head trains with --train-embedding.",
+          flush=True)
   parts = runs.model_parts(name, model, settings)
   params = policy.cast_params(parts.params)
   tx = registry.make_optimizer(config, name, loaded.family)
@@ -266,13 +274,6 @@ def train(config: RunConfig, name: str, loaded: Loaded, out_dir: str,
   if entry.block:  # what trains, before any step runs
     plan = absign_jax.training_plan(state.opt_state, state.params)
     text = plan.describe({"embedding": "--train-embedding", "head": "--train-head"})
-    paths = [jax.tree_util.keystr(k) for k, _ in
-             jax.tree_util.tree_flatten_with_path(state.params)[0]]
-    if config.train_head and not any("lm_head" in p for p in paths):
-      # A tied head: the head block holds the final norm alone, yet the depth-biased
-      # rule visits it most often.
-      text += ("\nthis model's output head is its token embedding: the head block "
-               "holds the final norm only, and the head trains with --train-embedding.")
     print(f"[{name}] " + text.replace("\n", f"\n[{name}] "), flush=True)
   ckpt = absign_jax.Checkpointer(
       ckpt_dir or os.path.join(out_dir, "checkpoints"), max_to_keep=2,

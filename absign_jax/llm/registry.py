@@ -103,6 +103,9 @@ def _sign_visit(config: RunConfig) -> dict[str, Any]:
               block_scale=scale)
 
 
+_EXTRA_BLOCKS = ("train_embedding", "train_head")  # the block methods' options
+
+
 def _extra_blocks(config: RunConfig) -> dict[str, Any]:
   """The block methods' optional blocks beyond the layers (the partition options)."""
   return dict(include_embedding=config.train_embedding, include_head=config.train_head)
@@ -110,7 +113,7 @@ def _extra_blocks(config: RunConfig) -> dict[str, Any]:
 
 def _extra_block_settings(config: RunConfig) -> dict[str, Any]:
   # Only when set, as in runs from before these options.
-  return {k: True for k in ("train_embedding", "train_head") if getattr(config, k)}
+  return {k: True for k in _EXTRA_BLOCKS if getattr(config, k)}
 
 
 def _sign_settings(config: RunConfig) -> dict[str, Any]:
@@ -157,7 +160,6 @@ def _lora_rank_fits(config: RunConfig, cfg) -> str | None:
   return None
 
 
-_EXTRA_BLOCKS = ("train_embedding", "train_head")
 _SIGN_OPTIONS = ("relative", "momentum", "switch_every", "shallow_step", *_EXTRA_BLOCKS)
 
 OPTIMIZERS: dict[str, Optimizer] = {
