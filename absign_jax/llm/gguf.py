@@ -44,6 +44,7 @@ __all__ = [
     "DEFAULT_GGUF_NAME",
     "default_gguf_path",
     "read_metadata",
+    "read_config",
     "config_from_metadata",
     "load_gguf",
     "save_gguf",
@@ -166,6 +167,37 @@ def _check_arch(meta: dict[str, Any], path: str) -> str:
         f" architectures: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
     )
   return arch
+
+
+def _ties_head(tensor_names) -> bool:
+  # A GGUF file says nothing about tying in its metadata: a tied model has no output
+  # tensor and reads the head from the token embedding.
+  return "output.weight" not in tensor_names
+
+
+def read_config(path: str | os.PathLike | None = None, **overrides: Any) -> LlamaConfig:
+  """The :class:`LlamaConfig` of a GGUF file without reading its weights.
+
+  Unlike :func:`config_from_metadata` it knows whether the head is tied to the
+  embedding, which only the file's tensor list tells.
+
+  Args:
+    path: a GGUF file (``None`` = the default checkpoint).
+    **overrides: fields of the config to set (e.g. ``dtype``).
+
+  Raises:
+    FileNotFoundError: The file does not exist.
+    ValueError: Not a GGUF file, truncated, or an unsupported architecture.
+  """
+  reader, path = _reader(path)
+  meta = read_metadata(path)
+  _check_arch(meta, path)
+  try:
+    return config_from_metadata(
+        meta, **{"tie_embeddings": _ties_head({t.name for t in reader.tensors}),
+                 **overrides})
+  except ValueError as e:  # (its messages do not name the file)
+    raise ValueError(f"{path}: {e}") from None
 
 
 def config_from_metadata(meta: dict[str, Any], **overrides: Any) -> LlamaConfig:
@@ -328,8 +360,7 @@ def load_gguf(
     raise ValueError(f"{path}: llama3-style RoPE frequency factors (rope_freqs) are"
                      " not supported from GGUF; load the Hugging Face directory")
   overrides = dict(dtype=dtype, scan_layers=scan_layers, remat=remat,
-                   loss_chunk=loss_chunk,
-                   tie_embeddings="output.weight" not in tensors)
+                   loss_chunk=loss_chunk, tie_embeddings=_ties_head(tensors))
   if max_seq_len is not None:
     overrides["max_seq_len"] = max_seq_len
   cfg = config_from_metadata(meta, **overrides)

@@ -88,12 +88,8 @@ def _read_config_and_tokenizer(path: str | None) -> tuple[LlamaConfig, Tokenizer
     with open(config_path, encoding="utf-8") as f:
       cfg = hf_lib.config_from_hf(json.load(f), source=config_path)
     return cfg, Tokenizer.from_hf_dir(path)
-  meta = gguf_lib.read_metadata(path)
-  try:
-    cfg = gguf_lib.config_from_metadata(meta)
-  except ValueError as e:  # (its messages do not name the file)
-    raise ValueError(f"{path or gguf_lib.default_gguf_path()}: {e}") from None
-  return cfg, Tokenizer.from_gguf_metadata(meta)
+  return gguf_lib.read_config(path), Tokenizer.from_gguf_metadata(
+      gguf_lib.read_metadata(path))
 
 
 def load_model(

