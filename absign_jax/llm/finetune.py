@@ -236,19 +236,18 @@ def build_step(config: RunConfig, name: str, loaded: Loaded, policy,
   """``(parts, step, state, mesh)``: the pretrained model taken apart for optimizer
   ``name``, its training step, the step's initial state and the device mesh."""
   mesh = run_mesh(config, name)
-  try:
-    model_config, model, _ = loading.load_model(
-        config.model, **load_options(config, policy, mesh, loaded.model_config))
-  except (OSError, ValueError) as e:  # the messages name the file and the problem
-    raise UsageError(f"--model: {e}") from None
-  if (config.train_head and model_config.tie_embeddings
+  if (config.train_head and loaded.model_config.tie_embeddings
       and "train_head" in registry.get(name).options):
-    # (known once the weights are read: a GGUF file ties by omitting output.weight)
     # The head block holds the final norm alone, yet depth-biased selection visits
     # it most often.
     print(f"[{name}] this model's output head is its token embedding: the head block "
           "holds the final norm only, and the head trains with --train-embedding.",
           flush=True)
+  try:
+    _, model, _ = loading.load_model(
+        config.model, **load_options(config, policy, mesh, loaded.model_config))
+  except (OSError, ValueError) as e:  # the messages name the file and the problem
+    raise UsageError(f"--model: {e}") from None
   parts = runs.model_parts(name, model, settings)
   params = policy.cast_params(parts.params)
   tx = registry.make_optimizer(config, name, loaded.family)

@@ -169,12 +169,6 @@ def _check_arch(meta: dict[str, Any], path: str) -> str:
   return arch
 
 
-def _ties_head(tensor_names) -> bool:
-  # A GGUF file says nothing about tying in its metadata: a tied model has no output
-  # tensor and reads the head from the token embedding.
-  return "output.weight" not in tensor_names
-
-
 def read_config(path: str | os.PathLike | None = None, **overrides: Any) -> LlamaConfig:
   """The :class:`LlamaConfig` of a GGUF file without reading its weights.
 
@@ -192,10 +186,11 @@ def read_config(path: str | os.PathLike | None = None, **overrides: Any) -> Llam
   reader, path = _reader(path)
   meta = read_metadata(path)
   _check_arch(meta, path)
+  # The metadata says nothing about tying: a tied model has no output tensor and
+  # reads its head from the token embedding.
+  tied = all(t.name != "output.weight" for t in reader.tensors)
   try:
-    return config_from_metadata(
-        meta, **{"tie_embeddings": _ties_head({t.name for t in reader.tensors}),
-                 **overrides})
+    return config_from_metadata(meta, **{"tie_embeddings": tied, **overrides})
   except ValueError as e:  # (its messages do not name the file)
     raise ValueError(f"{path}: {e}") from None
 
@@ -360,10 +355,10 @@ def load_gguf(
     raise ValueError(f"{path}: llama3-style RoPE frequency factors (rope_freqs) are"
                      " not supported from GGUF; load the Hugging Face directory")
   overrides = dict(dtype=dtype, scan_layers=scan_layers, remat=remat,
-                   loss_chunk=loss_chunk, tie_embeddings=_ties_head(tensors))
+                   loss_chunk=loss_chunk)
   if max_seq_len is not None:
     overrides["max_seq_len"] = max_seq_len
-  cfg = config_from_metadata(meta, **overrides)
+  cfg = read_config(path, **overrides)
   used = set()
 
   def get(p, layer, shape):
